@@ -1,0 +1,3 @@
+from hostwall.cli import main
+
+main(prog_name="hostwall")

@@ -1,0 +1,355 @@
+"""The command line: the only place, with the agent, that builds real adapters."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import wraps
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from hostwall import __version__
+from hostwall.check import AddressError, check_kernel, check_policy
+from hostwall.compile import compile_policy
+from hostwall.engine import Engine, Status
+from hostwall.errors import HostwallError, PermissionDenied, PolicyError
+from hostwall.plan import Plan
+from hostwall.policy import Policy, load_policy
+from hostwall.state import DEFAULT_STATE_DIR, StateDir
+
+DEFAULT_POLICY_DIR = Path("/etc/hostwall/policies")
+EXIT_OK = 0
+EXIT_NEEDS_ATTENTION = 10  # plan: changes pending; status: drift; check: denied
+CAP_NET_ADMIN = 12
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class Options:
+    netns: str | None
+    policy_dir: Path
+    state_dir: Path
+
+    def policy(self) -> Policy:
+        return load_policy(self.policy_dir)
+
+    def engine(self) -> Engine:
+        from hostwall.nft import NftBackend
+
+        return Engine(NftBackend(self.netns), StateDir(self.state_dir))
+
+
+def _has_net_admin() -> bool:
+    if os.geteuid() == 0:
+        return True
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except OSError:
+        pass
+    return False
+
+
+def require_privileges(command: str) -> None:
+    if not _has_net_admin():
+        raise PermissionDenied(
+            f"hostwall {command} changes or reads the kernel firewall and needs root "
+            f"(CAP_NET_ADMIN): run `sudo hostwall {command} ...`"
+        )
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _fail(error: HostwallError, as_json: bool) -> NoReturn:
+    if as_json:
+        payload: dict[str, Any] = {"error": str(error), "kind": type(error).__name__,
+                                   "exit_code": error.exit_code}
+        if isinstance(error, PolicyError):
+            payload["problems"] = [str(p) for p in error.problems]
+        _emit_json(payload)
+    if isinstance(error, PolicyError) and len(error.problems) > 1:
+        for problem in error.problems:
+            click.echo(f"hostwall: {problem}", err=True)
+        click.echo(f"hostwall: policy invalid ({len(error.problems)} problems); nothing was applied", err=True)
+    else:
+        click.echo(f"hostwall: {error}", err=True)
+    sys.exit(error.exit_code)
+
+
+def reports_errors(function: F) -> F:
+    """Translate the project's errors into one line and a documented exit code."""
+
+    @wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except HostwallError as error:
+            _fail(error, bool(kwargs.get("as_json")))
+
+    return wrapper  # type: ignore[return-value]
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="hostwall")
+@click.option("--netns", envvar="HOSTWALL_NETNS", metavar="NAME",
+              help="Make every kernel and netlink call inside network namespace NAME (/run/netns/NAME).")
+@click.option("--policy-dir", envvar="HOSTWALL_POLICY_DIR", type=click.Path(path_type=Path),
+              default=DEFAULT_POLICY_DIR, show_default=True,
+              help="Policy directory (*.yaml, merged) or a single policy file.")
+@click.option("--state-dir", envvar="HOSTWALL_STATE_DIR", type=click.Path(path_type=Path),
+              default=DEFAULT_STATE_DIR, show_default=True, help="Where generations are kept.")
+@click.pass_context
+def main(ctx: click.Context, netns: str | None, policy_dir: Path, state_dir: Path) -> None:
+    """hostwall: protected service ports answer only to allowlisted sources.
+
+    \b
+    Exit codes: 0 ok, 1 unexpected error, 2 usage error, 3 invalid policy,
+    4 kernel error, 5 not permitted, 6 state directory error, 7 lock busy,
+    10 needs attention (plan: changes pending; status: drift; check: denied).
+    """
+    ctx.obj = Options(netns, policy_dir, state_dir)
+
+
+pass_options = click.make_pass_decorator(Options)
+
+
+@main.command()
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+@json_option
+@pass_options
+@reports_errors
+def validate(options: Options, path: Path | None, as_json: bool) -> None:
+    """Parse and lint the policy; needs no root.
+
+    \b
+    Example: hostwall validate /etc/hostwall/policies
+    """
+    policy = load_policy(path or options.policy_dir)
+    ruleset = compile_policy(policy)
+    entries = sum(len(s.entries) for s in policy.services)
+    if as_json:
+        _emit_json({
+            "valid": True,
+            "files": [str(f) for f in policy.files],
+            "services": {s.name: {"ports": [str(p) for p in s.ports], "protocols": list(s.protocols),
+                                  "action": s.action, "entries": len(s.entries)}
+                         for s in policy.services},
+            "entries": entries,
+            "kernel_elements": ruleset.entry_count(),
+            "digest": ruleset.digest,
+            "warnings": policy.warnings(),
+        })
+        return
+    for warning in policy.warnings():
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(
+        f"valid: {len(policy.files)} file(s), {len(policy.services)} services, {entries} entries "
+        f"({ruleset.entry_count()} kernel elements after merging)"
+    )
+
+
+def _interval_json(interval: Any) -> str:
+    return str(interval)
+
+
+def _plan_json(plan: Plan) -> dict[str, Any]:
+    return {
+        "changed": plan.changed,
+        "table_present": plan.table_present,
+        "drift": list(plan.drift.reasons),
+        "summary": plan.summary,
+        "services": [
+            {"name": s.name, "status": s.status, "details": list(s.details),
+             "added": [_interval_json(i) for i in s.added],
+             "removed": [_interval_json(i) for i in s.removed]}
+            for s in plan.services
+        ],
+    }
+
+
+def _print_plan(plan: Plan, limit: int = 20) -> None:
+    for reason in plan.drift.reasons:
+        click.echo(f"drift: {reason}")
+    if not plan.changed:
+        click.echo("no changes: the kernel already holds this policy")
+        return
+    for change in plan.services:
+        detail = f" ({'; '.join(change.details)})" if change.details else ""
+        click.echo(f"service {change.name}: {change.status}{detail}")
+        for sign, items in (("+", change.added), ("-", change.removed)):
+            for interval in items[:limit]:
+                click.echo(f"  {sign} {interval}")
+            if len(items) > limit:
+                click.echo(f"  {sign} ... and {len(items) - limit} more")
+    click.echo(f"plan: {plan.summary}")
+
+
+@main.command()
+@json_option
+@pass_options
+@reports_errors
+def plan(options: Options, as_json: bool) -> None:
+    """Show what apply would change; exit 10 when there are changes.
+
+    \b
+    Example: sudo hostwall plan
+    """
+    require_privileges("plan")
+    policy = options.policy()
+    result = options.engine().plan(compile_policy(policy))
+    if as_json:
+        _emit_json(_plan_json(result))
+    else:
+        for warning in policy.warnings():
+            click.echo(f"warning: {warning}", err=True)
+        _print_plan(result)
+    sys.exit(EXIT_NEEDS_ATTENTION if result.changed else EXIT_OK)
+
+
+def _invoking_user() -> str:
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+@main.command()
+@click.option("--check", "dry_run", is_flag=True, help="Dry run: show the plan, change nothing.")
+@click.option("-m", "--message", default="", help="Why this change is made (kept with the generation).")
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds to wait for another hostwall command holding the lock.")
+@json_option
+@pass_options
+@reports_errors
+def apply(options: Options, dry_run: bool, message: str, wait: float, as_json: bool) -> None:
+    """Validate, compile and load the policy in one atomic transaction.
+
+    \b
+    Example: sudo hostwall apply -m "partner-b migrated (OPS-1234)"
+    """
+    require_privileges("apply")
+    policy = options.policy()
+    result = options.engine().apply(policy, user=_invoking_user(), message=message,
+                                    dry_run=dry_run, wait=wait)
+    if as_json:
+        payload = _plan_json(result.plan)
+        payload.update({"applied": result.applied, "generation": result.generation,
+                        "dry_run": dry_run, "warnings": policy.warnings()})
+        _emit_json(payload)
+        return
+    for warning in policy.warnings():
+        click.echo(f"warning: {warning}", err=True)
+    _print_plan(result.plan)
+    if result.applied:
+        repaired = " (repaired drift)" if result.plan.drift and result.plan.table_present else ""
+        click.echo(f"applied generation {result.generation}{repaired}")
+    elif dry_run and result.plan.changed:
+        click.echo("dry run: nothing was applied")
+
+
+def _status_json(status: Status) -> dict[str, Any]:
+    return {
+        "loaded": status.loaded,
+        "generation": status.generation,
+        "recorded_generation": status.recorded_generation,
+        "drift": list(status.drift.reasons),
+        "services": [
+            {"name": s.name, "ports": s.ports, "action": s.action, "entries": s.entries,
+             "accepted_packets": s.accepted.packets, "accepted_bytes": s.accepted.bytes,
+             "dropped_packets": s.dropped.packets, "dropped_bytes": s.dropped.bytes}
+            for s in status.services
+        ],
+    }
+
+
+@main.command()
+@json_option
+@pass_options
+@reports_errors
+def status(options: Options, as_json: bool) -> None:
+    """Loaded generation, per-service counters, and drift; exit 10 on drift or no table.
+
+    \b
+    Example: sudo hostwall status --json
+    """
+    require_privileges("status")
+    result = options.engine().status()
+    if as_json:
+        _emit_json(_status_json(result))
+    else:
+        if not result.loaded:
+            click.echo("not loaded: the kernel has no hostwall table")
+        else:
+            click.echo(f"generation {result.generation} loaded"
+                       f" (recorded: {result.recorded_generation or 'none'})")
+            click.echo(f"{'service':<14}{'ports':<22}{'action':<8}{'entries':>8}"
+                       f"{'accepted':>12}{'dropped':>12}")
+            for s in result.services:
+                click.echo(f"{s.name:<14}{s.ports:<22}{s.action:<8}{s.entries:>8}"
+                           f"{s.accepted.packets:>12}{s.dropped.packets:>12}")
+        for reason in result.drift.reasons:
+            click.echo(f"drift: {reason}")
+        if result.loaded and not result.drift:
+            click.echo("in sync: the kernel matches what hostwall wrote")
+    sys.exit(EXIT_NEEDS_ATTENTION if result.drift or not result.loaded else EXIT_OK)
+
+
+@main.command()
+@click.argument("address")
+@click.argument("port")
+@click.option("--kernel/--no-kernel", "use_kernel", default=None,
+              help="Also ask the kernel's sets (default: when running as root).")
+@json_option
+@pass_options
+@reports_errors
+def check(options: Options, address: str, port: str, use_kernel: bool | None, as_json: bool) -> None:
+    """Would ADDRESS reach PORT[/PROTO]? Exit 0 allowed, 10 denied.
+
+    \b
+    Example: hostwall check 203.0.113.45 443/tcp
+    """
+    policy = options.policy()
+    try:
+        decision = check_policy(policy, address, port)
+    except AddressError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if use_kernel is None:
+        use_kernel = _has_net_admin()
+    kernel_allowed: bool | None = None
+    if use_kernel and decision.service is not None:
+        require_privileges("check --kernel")
+        table = options.engine().kernel_table()
+        kernel_allowed = check_kernel(table, decision.service, address) if table else None
+    allowed = decision.allowed if kernel_allowed is None else kernel_allowed
+    if as_json:
+        _emit_json({
+            "allowed": allowed, "policy_allowed": decision.allowed, "kernel_allowed": kernel_allowed,
+            "service": decision.service, "reason": decision.reason,
+            "entries": [{"cidr": str(e.network), "file": e.origin.file, "line": e.origin.line,
+                         "owner": e.owner, "reason": e.reason, "review_by": str(e.review_by)}
+                        for e in decision.entries],
+        })
+    else:
+        click.echo(f"{'allowed' if decision.allowed else 'denied'}: {decision.reason}")
+        for entry in decision.entries:
+            click.echo(f"  {entry.network} owner={entry.owner} reason={entry.reason!r} "
+                       f"review_by={entry.review_by} ({entry.origin})")
+        if kernel_allowed is not None:
+            agreement = "agrees" if kernel_allowed == decision.allowed else "DISAGREES (drift?)"
+            click.echo(f"kernel: {'allowed' if kernel_allowed else 'denied'} ({agreement})")
+    sys.exit(EXIT_OK if allowed else EXIT_NEEDS_ATTENTION)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

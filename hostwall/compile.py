@@ -1,0 +1,34 @@
+"""Policy -> Ruleset. Pure and deterministic: same policy, same ruleset, same hash."""
+
+from __future__ import annotations
+
+import math
+
+from hostwall.cidr import Interval, merge_intervals
+from hostwall.policy import Entry, Policy
+from hostwall.ruleset import Ruleset, ServiceRules
+
+
+def _interval(entry: Entry) -> Interval:
+    expires = entry.expires.timestamp() if entry.expires is not None else math.inf
+    return Interval.of(entry.network, expires)
+
+
+def compile_policy(policy: Policy) -> Ruleset:
+    services = []
+    for service in sorted(policy.services, key=lambda s: s.name):
+        merged = merge_intervals(_interval(e) for e in service.entries)
+        services.append(ServiceRules(
+            name=service.name,
+            ports=service.ports,
+            protocols=service.protocols,
+            action=service.action,
+            v4=tuple(i for i in merged if i.family == 4),
+            v6=tuple(i for i in merged if i.family == 6),
+        ))
+    return Ruleset(
+        services=tuple(services),
+        log_group=policy.settings.log_group,
+        log_rate=policy.settings.log_rate,
+        log_burst=policy.settings.log_burst,
+    )

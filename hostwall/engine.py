@@ -1,0 +1,158 @@
+"""Orchestration: plan, apply, status. Every side effect comes in through the constructor."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from hostwall.compile import compile_policy
+from hostwall.errors import KernelError, StateError
+from hostwall.kernel import Backend, Counter, KernelTable
+from hostwall.plan import Drift, Plan, detect_drift, make_plan
+from hostwall.policy import Policy
+from hostwall.ruleset import Ruleset, ServiceRules, render_full_load
+from hostwall.state import Current, StateDir
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    plan: Plan
+    generation: int | None  # None when nothing was applied
+    applied: bool
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    ports: str
+    action: str
+    entries: int
+    accepted: Counter
+    dropped: Counter
+
+
+@dataclass(frozen=True)
+class Status:
+    loaded: bool
+    generation: int | None
+    recorded_generation: int | None
+    drift: Drift
+    services: tuple[ServiceStatus, ...]
+
+
+def policy_sources(policy: Policy) -> dict[str, bytes]:
+    """The files that produced a policy, keyed by a path relative to their common folder."""
+    paths = {Path(p) for p in policy.files}
+    for service in policy.services:
+        paths.update(Path(e.origin.file) for e in service.entries)
+    paths.update(Path(e.origin.file) for e in policy.expired)
+    root = Path(os.path.commonpath([str(p.resolve().parent) for p in paths])) if paths else Path("/")
+    sources = {}
+    for path in sorted(paths):
+        try:
+            sources[str(path.resolve().relative_to(root))] = path.read_bytes()
+        except OSError as exc:
+            raise StateError(f"cannot read {path} to record it: {exc.strerror}") from exc
+    return sources
+
+
+class Engine:
+    def __init__(
+        self,
+        backend: Backend,
+        state: StateDir,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._backend = backend
+        self._state = state
+        self._clock = clock
+
+    def _recorded(self, current: Current | None) -> Ruleset | None:
+        if current is None:
+            return None
+        try:
+            return self._state.generation(current.generation).ruleset()
+        except StateError:
+            return None
+
+    def plan(self, desired: Ruleset) -> Plan:
+        now = self._clock()
+        kernel = self._backend.read_table(elements=True)
+        current = self._state.current()
+        recorded = self._recorded(current)
+        drift = detect_drift(kernel, current, recorded, now)
+        previous = recorded if recorded is not None and kernel is not None and not drift else None
+        return make_plan(desired, kernel, previous, drift, now)
+
+    def apply(
+        self, policy: Policy, *, user: str, message: str, dry_run: bool = False, wait: float = 0.0
+    ) -> ApplyResult:
+        desired = compile_policy(policy)
+        if dry_run:
+            return ApplyResult(self.plan(desired), None, False)
+        with self._state.locked(wait):
+            plan = self.plan(desired)
+            if not plan.changed:
+                return ApplyResult(plan, None, False)
+            number = self._state.next_number()
+            transaction = render_full_load(desired, number, self._clock())
+            self._state.stage(number, desired, transaction, policy_sources(policy), user, message)
+            try:
+                self._backend.submit(transaction)
+            except KernelError:
+                self._state.discard(number)
+                raise
+            self._record_loaded(number, desired)
+            self._state.prune()
+            return ApplyResult(plan, number, True)
+
+    def _record_loaded(self, number: int, ruleset: Ruleset) -> None:
+        loaded = self._backend.read_table(elements=False)
+        if loaded is None or loaded.generation != number:
+            raise KernelError(
+                f"the kernel accepted generation {number} but now lists "
+                f"{loaded.comment if loaded else 'no hostwall table'}; another process changed it"
+            )
+        self._state.set_current(Current(number, ruleset.digest, loaded.structure, self._clock()))
+
+    def status(self) -> Status:
+        kernel = self._backend.read_table(elements=True)
+        current = self._state.current()
+        recorded = self._recorded(current)
+        drift = detect_drift(kernel, current, recorded, self._clock())
+        return Status(
+            loaded=kernel is not None,
+            generation=kernel.generation if kernel else None,
+            recorded_generation=current.generation if current else None,
+            drift=drift,
+            services=_service_status(kernel, recorded),
+        )
+
+    def kernel_table(self) -> KernelTable | None:
+        return self._backend.read_table(elements=True)
+
+
+def _service_status(kernel: KernelTable | None, recorded: Ruleset | None) -> tuple[ServiceStatus, ...]:
+    if kernel is None:
+        return ()
+    names = sorted({name.rsplit("_", 1)[0] for name in kernel.counters})
+    result = []
+    for name in names:
+        service = recorded.service(name) if recorded else None
+        sets = kernel.sets or {}
+        result.append(ServiceStatus(
+            name=name,
+            ports=_ports_text(service) if service else "?",
+            action=service.action if service else "?",
+            entries=len(sets.get(f"{name}_v4", ())) + len(sets.get(f"{name}_v6", ())),
+            accepted=kernel.counters.get(f"{name}_accepted", Counter(0, 0)),
+            dropped=kernel.counters.get(f"{name}_dropped", Counter(0, 0)),
+        ))
+    return tuple(result)
+
+
+def _ports_text(service: ServiceRules) -> str:
+    return ",".join(str(p) for p in service.ports) + "/" + "+".join(service.protocols)

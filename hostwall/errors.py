@@ -1,0 +1,81 @@
+"""The exception tree. Adapters translate foreign errors into these at their boundary;
+the CLI catches only HostwallError and maps each class to a documented exit code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class HostwallError(Exception):
+    """Base of every error hostwall reports to an operator."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in the policy, located precisely enough to fix it."""
+
+    file: str
+    line: int | None
+    entry: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        entry = f" {self.entry}:" if self.entry else ""
+        return f"{where}:{entry} {self.message}"
+
+
+class PolicyError(HostwallError):
+    """The policy is invalid; nothing was sent to the kernel."""
+
+    exit_code = 3
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        first = str(problems[0]) if problems else "invalid policy"
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        super().__init__(first + more)
+
+
+class KernelError(HostwallError):
+    """The kernel or libnftables failed a request."""
+
+    exit_code = 4
+
+
+class KernelRejected(KernelError):
+    """The kernel refused a transaction; by nf_tables semantics nothing of it was applied."""
+
+
+class TableNotFound(KernelError):
+    """The hostwall table is not in the kernel."""
+
+
+class KernelUnavailable(KernelError):
+    """nf_tables, libnftables or the network namespace cannot be reached."""
+
+
+class PermissionDenied(HostwallError):
+    """The command needs privileges the process does not have."""
+
+    exit_code = 5
+
+
+class StateError(HostwallError):
+    """The state directory cannot be read or written, or holds something unexpected."""
+
+    exit_code = 6
+
+
+class LockBusy(StateError):
+    """Another hostwall process holds the lock."""
+
+    exit_code = 7
+
+
+class NetnsNotFound(HostwallError):
+    """--netns names a namespace that does not exist."""
+
+    exit_code = 4

@@ -1,0 +1,97 @@
+"""An in-memory kernel with NftBackend's interface, for unit tests.
+
+It understands the full-load transactions hostwall renders, applies each to a copy
+and keeps the copy only when the whole transaction succeeded, like nf_tables does.
+Tests assert the state it ends in, never the calls made to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+import re
+from dataclasses import dataclass, field
+
+from hostwall.cidr import Interval
+from hostwall.errors import KernelRejected
+from hostwall.kernel import Counter, KernelTable
+
+_SET_OPEN = re.compile(r"^\tset (\w+) \{$")
+_ELEMENTS = re.compile(r"^\t\telements = \{ (.*) \}$")
+_COMMENT = re.compile(r'^\tcomment "(.*)"$')
+_COUNTER = re.compile(r"^\tcounter (\w+) \{\}$")
+
+
+@dataclass
+class _Table:
+    comment: str | None
+    structure_lines: list[str]
+    counters: dict[str, Counter]
+    sets: dict[str, tuple[Interval, ...]]
+
+
+@dataclass
+class FakeBackend:
+    table: _Table | None = None
+    reject_next: str | None = None
+    submitted: int = field(default=0)
+
+    def submit(self, transaction: str) -> None:
+        if self.reject_next is not None:
+            reason, self.reject_next = self.reject_next, None
+            raise KernelRejected(f"the kernel rejected the transaction: {reason}")
+        self.table = _parse_full_load(transaction)
+        self.submitted += 1
+
+    def read_table(self, *, elements: bool) -> KernelTable | None:
+        if self.table is None:
+            return None
+        structure = hashlib.sha256("\n".join(self.table.structure_lines).encode()).hexdigest()
+        return KernelTable(
+            self.table.comment, structure, dict(self.table.counters),
+            dict(self.table.sets) if elements else None,
+        )
+
+    def count(self, counter: str, packets: int, size: int) -> None:
+        """What traffic would do to a counter."""
+        assert self.table is not None
+        old = self.table.counters[counter]
+        self.table.counters[counter] = Counter(old.packets + packets, old.bytes + size)
+
+
+def _parse_full_load(text: str) -> _Table:
+    lines = text.splitlines()
+    expected_head = ["table inet hostwall {}", "delete table inet hostwall", "table inet hostwall {"]
+    if lines[:3] != expected_head or lines[-1] != "}":
+        raise KernelRejected("the kernel rejected the transaction: not a hostwall full load")
+    table = _Table(None, [], {}, {})
+    current_set: str | None = None
+    for line in lines[3:-1]:
+        if match := _COMMENT.match(line):
+            table.comment = match[1]
+            continue
+        if match := _COUNTER.match(line):
+            table.counters[match[1]] = Counter(0, 0)
+        elif match := _SET_OPEN.match(line):
+            current_set = match[1]
+            table.sets[current_set] = ()
+        elif current_set and (match := _ELEMENTS.match(line)):
+            family = 4 if current_set.endswith("_v4") else 6
+            table.sets[current_set] = tuple(
+                sorted(_element(family, item) for item in match[1].split(", "))
+            )
+            continue
+        elif line == "\t}":
+            current_set = None
+        table.structure_lines.append(line)
+    return table
+
+
+def _element(family: int, text: str) -> Interval:
+    value, _, timeout = text.partition(" timeout ")
+    expires = float(timeout.rstrip("s")) if timeout else math.inf
+    if "-" in value:
+        first, last = value.split("-")
+        return Interval(family, int(ipaddress.ip_address(first)), int(ipaddress.ip_address(last)), expires)
+    return Interval.of(ipaddress.ip_network(value), expires)

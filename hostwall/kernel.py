@@ -1,0 +1,52 @@
+"""What the adapters report about the kernel's hostwall table, as plain data."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from hostwall.cidr import Interval
+
+COMMENT_PATTERN = re.compile(r"hostwall generation=(\d+) sha256=([0-9a-f]{64})")
+
+
+@dataclass(frozen=True)
+class Counter:
+    packets: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class KernelTable:
+    """The hostwall table as listed from the kernel.
+
+    ``structure`` is a fingerprint of everything but set elements and counter values;
+    it is recorded after each apply and compared later to detect edits made behind
+    hostwall's back. ``sets`` is None when elements were not read.
+    """
+
+    comment: str | None
+    structure: str
+    counters: dict[str, Counter] = field(default_factory=dict)
+    sets: dict[str, tuple[Interval, ...]] | None = None
+
+    @property
+    def generation(self) -> int | None:
+        match = COMMENT_PATTERN.fullmatch(self.comment or "")
+        return int(match[1]) if match else None
+
+    @property
+    def digest(self) -> str | None:
+        match = COMMENT_PATTERN.fullmatch(self.comment or "")
+        return match[2] if match else None
+
+
+class Backend(Protocol):
+    """The kernel as hostwall sees it: one table, replaced by whole transactions."""
+
+    def submit(self, transaction: str) -> None:
+        """Run one transaction; on any error nothing of it is applied."""
+
+    def read_table(self, *, elements: bool) -> KernelTable | None:
+        """The hostwall table, or None when the kernel has none."""

@@ -1,0 +1,159 @@
+"""Desired ruleset vs what the kernel holds -> what apply would do. Pure."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from hostwall.cidr import Interval
+from hostwall.kernel import KernelTable
+from hostwall.ruleset import Ruleset, ServiceRules
+from hostwall.state import Current
+
+
+def _key(interval: Interval) -> tuple[int, int, int]:
+    return (interval.family, interval.first, interval.last)
+
+
+@dataclass(frozen=True)
+class ServiceChange:
+    name: str
+    status: str  # "added", "removed", "changed" (ports/protocols/action) or "entries"
+    added: tuple[Interval, ...] = ()
+    removed: tuple[Interval, ...] = ()
+    details: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Drift:
+    """Ways the kernel differs from what hostwall last wrote."""
+
+    reasons: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.reasons)
+
+
+@dataclass(frozen=True)
+class Plan:
+    changed: bool
+    table_present: bool
+    drift: Drift
+    services: tuple[ServiceChange, ...] = field(default_factory=tuple)
+
+    @property
+    def summary(self) -> str:
+        if not self.changed:
+            return "no changes"
+        added = sum(len(s.added) for s in self.services)
+        removed = sum(len(s.removed) for s in self.services)
+        parts = [f"{added} entries to add", f"{removed} to remove"]
+        structural = [s.name for s in self.services if s.status != "entries"]
+        if structural:
+            parts.append("services changed: " + ", ".join(structural))
+        if not self.table_present:
+            parts.insert(0, "table not loaded yet")
+        elif self.drift:
+            parts.insert(0, "repairs drift")
+        return "; ".join(parts)
+
+
+def detect_drift(
+    kernel: KernelTable | None, current: Current | None, recorded: Ruleset | None, now: float
+) -> Drift:
+    if kernel is None:
+        return Drift(("the hostwall table is missing from the kernel",)) if current else Drift()
+    reasons = []
+    if current is None:
+        reasons.append(
+            f"the kernel holds a hostwall table ({kernel.comment or 'no comment'}) "
+            "that this state directory has no record of"
+        )
+    else:
+        if kernel.generation != current.generation or kernel.digest != current.digest:
+            reasons.append(
+                f"the kernel's table is {kernel.comment or 'unlabelled'}, "
+                f"not generation {current.generation} as recorded"
+            )
+        if kernel.structure != current.structure:
+            reasons.append("the table's chains, rules, sets or counters were modified outside hostwall")
+    if recorded is not None and kernel.sets is not None and not reasons:
+        for service in recorded.services:
+            for family in (4, 6):
+                name = service.set_name(family)
+                expected = {_key(i) for i in service.intervals(family) if i.expires > now}
+                actual = {_key(i) for i in kernel.sets.get(name, ())}
+                # An element may expire between our clock and the kernel's listing.
+                missing = {k for k in expected - actual if not _expiring_soon(service, k, now)}
+                if missing or actual - expected:
+                    reasons.append(
+                        f"set {name} differs from generation {current.generation if current else '?'}: "
+                        f"{len(missing)} missing, {len(actual - expected)} unexpected"
+                    )
+    return Drift(tuple(reasons))
+
+
+def _expiring_soon(service: ServiceRules, key: tuple[int, int, int], now: float) -> bool:
+    return any(_key(i) == key and i.expires - now < 2 for i in service.intervals(key[0]))
+
+
+def make_plan(
+    desired: Ruleset, kernel: KernelTable | None, previous: Ruleset | None, drift: Drift, now: float
+) -> Plan:
+    """previous is the recorded ruleset the kernel's table was built from, when known."""
+    if kernel is not None and not drift and kernel.digest == desired.digest:
+        return Plan(changed=False, table_present=True, drift=drift)
+    changes = []
+    old_names = {s.name for s in previous.services} if previous else set()
+    for service in desired.services:
+        before = previous.service(service.name) if previous else None
+        kernel_sets = kernel.sets if kernel is not None and kernel.sets is not None else {}
+        added: list[Interval] = []
+        removed: list[Interval] = []
+        for family in (4, 6):
+            have = {_key(i): i for i in kernel_sets.get(service.set_name(family), ())}
+            want = {_key(i): i for i in service.intervals(family) if i.expires > now}
+            added.extend(want[k] for k in sorted(want.keys() - have.keys()))
+            removed.extend(have[k] for k in sorted(have.keys() - want.keys()))
+            if before is not None:
+                old = {_key(i): i.expires for i in before.intervals(family)}
+                added.extend(
+                    want[k] for k in sorted(want.keys() & have.keys())
+                    if old.get(k, want[k].expires) != want[k].expires
+                )
+        if before is None and (previous is not None or kernel is None):
+            status = "added"
+        elif before is not None and before.structure() != service.structure():
+            status = "changed"
+        else:
+            status = "entries"
+        details = _structure_details(before, service) if status == "changed" else ()
+        if status != "entries" or added or removed:
+            changes.append(ServiceChange(service.name, status, tuple(added), tuple(removed), details))
+    for name in sorted(old_names - {s.name for s in desired.services}):
+        changes.append(ServiceChange(name, "removed"))
+    return Plan(changed=True, table_present=kernel is not None, drift=drift, services=tuple(changes))
+
+
+def _structure_details(before: ServiceRules | None, after: ServiceRules) -> tuple[str, ...]:
+    if before is None:
+        return ()
+    details = []
+    if before.ports != after.ports:
+        details.append(f"ports {_ports(before)} -> {_ports(after)}")
+    if before.protocols != after.protocols:
+        details.append(f"protocols {','.join(before.protocols)} -> {','.join(after.protocols)}")
+    if before.action != after.action:
+        details.append(f"action {before.action} -> {after.action}")
+    for family in (4, 6):
+        if before.has_timeouts(family) != after.has_timeouts(family):
+            details.append(f"IPv{family} set {'gains' if after.has_timeouts(family) else 'loses'} timeouts")
+    return tuple(details)
+
+
+def _ports(service: ServiceRules) -> str:
+    return ",".join(str(p) for p in service.ports)
+
+
+def is_permanent(interval: Interval) -> bool:
+    return interval.expires == math.inf

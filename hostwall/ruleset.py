@@ -1,0 +1,225 @@
+"""What hostwall puts in the kernel, as frozen data, and its rendering.
+
+The rendering is nft's native syntax rather than libnftables JSON: nft 1.0.6's JSON
+parser silently drops a table's comment, which is where the generation and content
+hash live, and native input loads a 100k-element set faster (see README, "Why native
+syntax"). Every value that reaches the text is an integer-derived address, a number,
+or a name matched against a strict pattern, so nothing an operator writes is
+interpreted by nft's own parser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from hostwall.cidr import Interval
+from hostwall.policy import PortRange
+
+TABLE_FAMILY = "inet"
+TABLE_NAME = "hostwall"
+INGRESS_CHAIN = "ingress"
+# raw priority: after defragmentation (-400), before conntrack (-200) and before DNAT
+# (-100), so fragments cannot hide a port, floods create no conntrack entries and
+# ports DNATed by Docker are covered too.
+INGRESS_PRIORITY = -300
+LOG_PREFIX = "hostwall:"
+
+
+@dataclass(frozen=True)
+class ServiceRules:
+    name: str
+    ports: tuple[PortRange, ...]
+    protocols: tuple[str, ...]
+    action: Literal["drop", "reject"]
+    v4: tuple[Interval, ...] = ()
+    v6: tuple[Interval, ...] = ()
+
+    @property
+    def chain(self) -> str:
+        return f"svc_{self.name}"
+
+    def set_name(self, family: int) -> str:
+        return f"{self.name}_v{family}"
+
+    def intervals(self, family: int) -> tuple[Interval, ...]:
+        return self.v4 if family == 4 else self.v6
+
+    @property
+    def accepted_counter(self) -> str:
+        return f"{self.name}_accepted"
+
+    @property
+    def dropped_counter(self) -> str:
+        return f"{self.name}_dropped"
+
+    def structure(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "ports": [[p.first, p.last] for p in self.ports],
+            "protocols": list(self.protocols),
+            "action": self.action,
+            "timeouts": [self.has_timeouts(4), self.has_timeouts(6)],
+        }
+
+    def has_timeouts(self, family: int) -> bool:
+        return any(i.expires != math.inf for i in self.intervals(family))
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    services: tuple[ServiceRules, ...]
+    log_group: int = 100
+    log_rate: int = 10
+    log_burst: int = 20
+    _digest: list[str] = field(default_factory=list, compare=False, repr=False)
+
+    def service(self, name: str) -> ServiceRules | None:
+        return next((s for s in self.services if s.name == name), None)
+
+    def structure(self) -> dict[str, object]:
+        return {
+            "services": [s.structure() for s in self.services],
+            "log": [self.log_group, self.log_rate, self.log_burst],
+        }
+
+    def to_data(self) -> dict[str, object]:
+        """Canonical plain data: the content hash is taken over this, and state stores it."""
+        data = self.structure()
+        data["elements"] = {
+            s.set_name(family): [
+                [i.first, i.last, None if i.expires == math.inf else int(i.expires)]
+                for i in s.intervals(family)
+            ]
+            for s in self.services
+            for family in (4, 6)
+        }
+        return data
+
+    @classmethod
+    def from_data(cls, data: dict[str, object]) -> Ruleset:
+        services_data = data["services"]
+        elements = data["elements"]
+        log = data["log"]
+        assert isinstance(services_data, list) and isinstance(elements, dict)
+        assert isinstance(log, list)
+        services = []
+        for item in services_data:
+            name = item["name"]
+
+            def intervals(family: int, name: str = name) -> tuple[Interval, ...]:
+                return tuple(
+                    Interval(family, first, last, math.inf if expires is None else float(expires))
+                    for first, last, expires in elements[f"{name}_v{family}"]
+                )
+
+            services.append(ServiceRules(
+                name=name,
+                ports=tuple(PortRange(first, last) for first, last in item["ports"]),
+                protocols=tuple(item["protocols"]),
+                action=item["action"],
+                v4=intervals(4),
+                v6=intervals(6),
+            ))
+        return cls(tuple(services), int(log[0]), int(log[1]), int(log[2]))
+
+    @property
+    def digest(self) -> str:
+        if not self._digest:
+            canonical = json.dumps(self.to_data(), sort_keys=True, separators=(",", ":"))
+            self._digest.append(hashlib.sha256(canonical.encode()).hexdigest())
+        return self._digest[0]
+
+    def entry_count(self) -> int:
+        return sum(len(s.v4) + len(s.v6) for s in self.services)
+
+
+def table_comment(generation: int, digest: str) -> str:
+    return f"hostwall generation={generation} sha256={digest}"
+
+
+def render_full_load(ruleset: Ruleset, generation: int, now: float) -> str:
+    """One transaction that replaces the hostwall table and nothing else.
+
+    ``table ... {}`` first makes the delete valid when the table does not exist yet;
+    the kernel applies the whole batch or none of it, so there is no moment without
+    the table.
+    """
+    return "".join(_full_load_lines(ruleset, generation, now))
+
+
+def _full_load_lines(ruleset: Ruleset, generation: int, now: float) -> Iterator[str]:
+    table = f"{TABLE_FAMILY} {TABLE_NAME}"
+    yield f"table {table} {{}}\n"
+    yield f"delete table {table}\n"
+    yield f"table {table} {{\n"
+    yield f'\tcomment "{table_comment(generation, ruleset.digest)}"\n'
+    for service in ruleset.services:
+        yield f"\tcounter {service.accepted_counter} {{}}\n"
+        yield f"\tcounter {service.dropped_counter} {{}}\n"
+        for family in (4, 6):
+            yield from _set_lines(service, family, now)
+    yield f"\tchain {INGRESS_CHAIN} {{\n"
+    yield f"\t\ttype filter hook prerouting priority {INGRESS_PRIORITY}; policy accept;\n"
+    yield '\t\tiif "lo" accept\n'
+    dispatch = ", ".join(
+        f"{protocol} . {ports} : jump {service.chain}"
+        for service in ruleset.services
+        for protocol in service.protocols
+        for ports in service.ports
+    )
+    if dispatch:
+        yield f"\t\tmeta l4proto . th dport vmap {{ {dispatch} }}\n"
+    yield "\t}\n"
+    for service in ruleset.services:
+        yield from _service_chain_lines(ruleset, service)
+    yield "}\n"
+
+
+def _set_lines(service: ServiceRules, family: int, now: float) -> Iterator[str]:
+    timeouts = service.has_timeouts(family)
+    # auto-merge would join an expiring element with a permanent neighbour and lose
+    # its timeout; the compiler already merged, so it is only a safety net anyway.
+    flags = "interval, timeout" if timeouts else "interval"
+    yield f"\tset {service.set_name(family)} {{\n"
+    yield f"\t\ttype ipv{family}_addr\n"
+    yield f"\t\tflags {flags}\n"
+    if not timeouts:
+        yield "\t\tauto-merge\n"
+    intervals = service.intervals(family)
+    if intervals:
+        yield "\t\telements = { "
+        yield ", ".join(render_element(i, now) for i in intervals)
+        yield " }\n"
+    yield "\t}\n"
+
+
+def render_element(interval: Interval, now: float) -> str:
+    text = str(interval)
+    if interval.expires != math.inf:
+        # The kernel counts whole seconds; round up so an entry never leaves early.
+        text += f" timeout {max(1, math.ceil(interval.expires - now))}s"
+    return text
+
+
+def _service_chain_lines(ruleset: Ruleset, service: ServiceRules) -> Iterator[str]:
+    yield f"\tchain {service.chain} {{\n"
+    # Only traffic to the host itself; forwarded traffic is none of hostwall's business.
+    yield "\t\tfib daddr type != local return\n"
+    yield f'\t\tip saddr @{service.set_name(4)} counter name "{service.accepted_counter}" accept\n'
+    yield f'\t\tip6 saddr @{service.set_name(6)} counter name "{service.accepted_counter}" accept\n'
+    yield (
+        f"\t\tlimit rate {ruleset.log_rate}/second burst {ruleset.log_burst} packets "
+        f'log prefix "{LOG_PREFIX}{service.name}" group {ruleset.log_group}\n'
+    )
+    dropped = f'counter name "{service.dropped_counter}"'
+    if service.action == "reject":
+        yield f"\t\tmeta l4proto tcp {dropped} reject with tcp reset\n"
+        yield f"\t\t{dropped} reject with icmpx type port-unreachable\n"
+    else:
+        yield f"\t\t{dropped} drop\n"
+    yield "\t}\n"
