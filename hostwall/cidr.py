@@ -39,7 +39,7 @@ def parse_cidr(text: str) -> IPNetwork:
             f"{raw!r} has a zone id; zone ids are interface-local and cannot be filtered on, "
             "write the address without %zone"
         )
-    addr_part, slash, len_part = raw.partition("/")
+    _, slash, len_part = raw.partition("/")
     if slash and not len_part.isdigit():
         raise CidrError(f"{raw!r} has a bad prefix length; write e.g. /24 or /32")
     try:

@@ -353,3 +353,20 @@ def check(options: Options, address: str, port: str, use_kernel: bool | None, as
 
 def now_utc() -> datetime:
     return datetime.now(UTC)
+
+
+@main.command()
+@reports_errors
+def demo() -> None:
+    """Run the built-in namespace lab: allowed and denied clients against 443 and 5432.
+
+    Creates three network namespaces, loads a policy into the lab server's namespace
+    only, probes every port from both clients, prints the results and removes the lab.
+
+    \b
+    Example: sudo hostwall demo
+    """
+    require_privileges("demo")
+    from hostwall.demo import run_demo
+
+    sys.exit(EXIT_OK if run_demo(click.echo) else 1)

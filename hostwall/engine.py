@@ -99,7 +99,10 @@ class Engine:
                 return ApplyResult(plan, None, False)
             number = self._state.next_number()
             transaction = render_full_load(desired, number, self._clock())
-            self._state.stage(number, desired, transaction, policy_sources(policy), user, message)
+            self._state.stage(
+                number, ruleset=desired, transaction=transaction,
+                policy_files=policy_sources(policy), user=user, message=message,
+            )
             try:
                 self._backend.submit(transaction)
             except KernelError:

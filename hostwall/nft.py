@@ -12,6 +12,7 @@ from typing import Any
 from hostwall import netns
 from hostwall.cidr import Interval
 from hostwall.errors import (
+    HostwallError,
     KernelError,
     KernelRejected,
     KernelUnavailable,
@@ -25,7 +26,7 @@ _TABLE = f"{TABLE_FAMILY} {TABLE_NAME}"
 _COMMENT_LINE = re.compile(r'^\s*comment "([^"]*)"\s*$', re.MULTILINE)
 
 
-def _classify(message: str) -> KernelError:
+def _classify(message: str) -> HostwallError:
     text = message.strip().splitlines()[0] if message.strip() else "libnftables failed"
     lowered = message.lower()
     if "operation not permitted" in lowered:

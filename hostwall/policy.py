@@ -294,7 +294,7 @@ def load_policy(path: Path, now: datetime | None = None) -> Policy:
             else:
                 settings = Settings(**model.settings.model_dump())
                 settings_file = name
-        for service_name, service in model.services.items():
+        for service_name, declared in model.services.items():
             service_line = located.line_of(("services", service_name))
             if not SERVICE_NAME.match(service_name):
                 problems.append(
@@ -303,7 +303,7 @@ def load_policy(path: Path, now: datetime | None = None) -> Policy:
                             "starting with a letter")
                 )
                 continue
-            service = service or ServiceModel()
+            service = declared or ServiceModel()
             draft = drafts.setdefault(service_name, _ServiceDraft(service_name, None, None, []))
             defines = service.ports is not None or service.protocols is not None or service.action is not None
             if defines:

@@ -203,6 +203,7 @@ class StateDir:
     def stage(
         self,
         number: int,
+        *,
         ruleset: Ruleset,
         transaction: str,
         policy_files: dict[str, bytes],
