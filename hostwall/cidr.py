@@ -115,7 +115,11 @@ class Interval:
             return None
         bits = 32 if self.family == 4 else 128
         prefixlen = bits - (size.bit_length() - 1)
-        return ipaddress.ip_network((self.first, prefixlen))
+        # ip_network() guesses the family from the integer and would turn ::/16 into
+        # 0.0.0.0/16, so the family is chosen explicitly.
+        if self.family == 4:
+            return ipaddress.IPv4Network((self.first, prefixlen))
+        return ipaddress.IPv6Network((self.first, prefixlen))
 
     def first_address(self) -> str:
         return str(ipaddress.ip_address(self.first) if self.family == 4 else _v6(self.first))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,9 +22,9 @@ from hostwall.check import AddressError, check_kernel, check_policy
 from hostwall.compile import compile_policy
 from hostwall.engine import Engine, Status
 from hostwall.errors import HostwallError, PermissionDenied, PolicyError
-from hostwall.plan import Plan
+from hostwall.plan import Plan, ServiceChange, diff_rulesets
 from hostwall.policy import Policy, load_policy
-from hostwall.state import DEFAULT_STATE_DIR, StateDir
+from hostwall.state import DEFAULT_STATE_DIR, Pending, StateDir
 
 DEFAULT_POLICY_DIR = Path("/etc/hostwall/policies")
 EXIT_OK = 0
@@ -44,7 +46,19 @@ class Options:
     def engine(self) -> Engine:
         from hostwall.nft import NftBackend
 
-        return Engine(NftBackend(self.netns), StateDir(self.state_dir))
+        return Engine(NftBackend(self.netns), StateDir(self.state_dir), spawn_reverter=self.spawn_reverter)
+
+    def spawn_reverter(self, pending: Pending) -> None:
+        """A detached process that enforces the confirm deadline even if this one, its
+        terminal or the SSH session dies right after apply returns."""
+        command = [sys.executable, "-m", "hostwall", "--state-dir", str(self.state_dir)]
+        if self.netns:
+            command += ["--netns", self.netns]
+        command += ["revert-unconfirmed", str(pending.generation)]
+        subprocess.Popen(
+            command, start_new_session=True, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+        )
 
 
 def _has_net_admin() -> bool:
@@ -101,6 +115,11 @@ def reports_errors(function: F) -> F:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+wait_option = click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                           help="Seconds to wait for another hostwall command holding the lock.")
+confirm_option = click.option(
+    "--confirm-within", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
+    help="Revert to the last confirmed generation unless `hostwall confirm` runs within SECONDS.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -227,12 +246,13 @@ def _invoking_user() -> str:
 @main.command()
 @click.option("--check", "dry_run", is_flag=True, help="Dry run: show the plan, change nothing.")
 @click.option("-m", "--message", default="", help="Why this change is made (kept with the generation).")
-@click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Seconds to wait for another hostwall command holding the lock.")
+@wait_option
+@confirm_option
 @json_option
 @pass_options
 @reports_errors
-def apply(options: Options, dry_run: bool, message: str, wait: float, as_json: bool) -> None:
+def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_within: float | None,
+          as_json: bool) -> None:
     """Validate, compile and load the policy in one atomic transaction.
 
     \b
@@ -241,11 +261,12 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, as_json: b
     require_privileges("apply")
     policy = options.policy()
     result = options.engine().apply(policy, user=_invoking_user(), message=message,
-                                    dry_run=dry_run, wait=wait)
+                                    dry_run=dry_run, wait=wait, confirm_within=confirm_within)
     if as_json:
         payload = _plan_json(result.plan)
         payload.update({"applied": result.applied, "generation": result.generation,
-                        "dry_run": dry_run, "warnings": policy.warnings()})
+                        "dry_run": dry_run, "warnings": policy.warnings(),
+                        "pending": _pending_json(result.pending)})
         _emit_json(payload)
         return
     for warning in policy.warnings():
@@ -254,12 +275,31 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, as_json: b
     if result.applied:
         repaired = " (repaired drift)" if result.plan.drift and result.plan.table_present else ""
         click.echo(f"applied generation {result.generation}{repaired}")
+    if result.pending:
+        click.echo(_pending_text(result.pending))
     elif dry_run and result.plan.changed:
         click.echo("dry run: nothing was applied")
 
 
+def _pending_json(pending: Pending | None) -> dict[str, Any] | None:
+    if pending is None:
+        return None
+    return {"generation": pending.generation, "revert_to": pending.revert_to,
+            "deadline": datetime.fromtimestamp(pending.deadline, UTC).isoformat(),
+            "seconds_left": max(0.0, round(pending.deadline - time.time(), 1))}
+
+
+def _pending_text(pending: Pending) -> str:
+    deadline = datetime.fromtimestamp(pending.deadline, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    target = f"generation {pending.revert_to}" if pending.revert_to else "no hostwall table"
+    left = max(0, round(pending.deadline - time.time()))
+    return (f"pending confirmation: generation {pending.generation} reverts to {target} "
+            f"at {deadline} (in {left} s) unless `hostwall confirm` runs")
+
+
 def _status_json(status: Status) -> dict[str, Any]:
     return {
+        "pending": _pending_json(status.pending),
         "loaded": status.loaded,
         "generation": status.generation,
         "recorded_generation": status.recorded_generation,
@@ -298,6 +338,8 @@ def status(options: Options, as_json: bool) -> None:
             for s in result.services:
                 click.echo(f"{s.name:<14}{s.ports:<22}{s.action:<8}{s.entries:>8}"
                            f"{s.accepted.packets:>12}{s.dropped.packets:>12}")
+        if result.pending:
+            click.echo(_pending_text(result.pending))
         for reason in result.drift.reasons:
             click.echo(f"drift: {reason}")
         if result.loaded and not result.drift:
@@ -370,3 +412,131 @@ def demo() -> None:
     from hostwall.demo import run_demo
 
     sys.exit(EXIT_OK if run_demo(click.echo) else 1)
+
+
+@main.command()
+@json_option
+@pass_options
+@reports_errors
+def generations(options: Options, as_json: bool) -> None:
+    """List the recorded generations, newest last; * marks the loaded one.
+
+    \b
+    Example: sudo hostwall generations
+    """
+    state = StateDir(options.state_dir)
+    current = state.current()
+    items = state.generations()
+    if as_json:
+        _emit_json([{"generation": g.meta.number, "created": datetime.fromtimestamp(g.meta.created, UTC).isoformat(),
+                     "user": g.meta.user, "message": g.meta.message, "entries": g.meta.entries,
+                     "digest": g.meta.digest, "current": bool(current and current.generation == g.meta.number)}
+                    for g in items])
+        return
+    if not items:
+        click.echo(f"no generations recorded in {options.state_dir}")
+    for g in items:
+        mark = "*" if current and current.generation == g.meta.number else " "
+        created = datetime.fromtimestamp(g.meta.created, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        click.echo(f"{mark}{g.meta.number:>6}  {created}  {g.meta.user:<10} {g.meta.entries:>7} entries  "
+                   f"{g.meta.digest[:12]}  {g.meta.message}")
+
+
+@main.command()
+@click.option("--to", "target", type=click.IntRange(min=1), default=None,
+              help="Generation to load (default: the one before the loaded one).")
+@wait_option
+@confirm_option
+@json_option
+@pass_options
+@reports_errors
+def rollback(options: Options, target: int | None, wait: float, confirm_within: float | None,
+             as_json: bool) -> None:
+    """Load an earlier generation atomically, exactly as it was submitted.
+
+    \b
+    Example: sudo hostwall rollback --to 41 --confirm-within 120
+    """
+    require_privileges("rollback")
+    result = options.engine().rollback(target, wait=wait, confirm_within=confirm_within)
+    if as_json:
+        _emit_json({"generation": result.generation, "previous": result.previous,
+                    "replayed": result.replayed, "pending": _pending_json(result.pending)})
+        return
+    how = "stored transaction replayed" if result.replayed else "re-rendered for expiring entries"
+    click.echo(f"rolled back from generation {result.previous} to {result.generation} ({how})")
+    if result.pending:
+        click.echo(_pending_text(result.pending))
+
+
+@main.command()
+@wait_option
+@json_option
+@pass_options
+@reports_errors
+def confirm(options: Options, wait: float, as_json: bool) -> None:
+    """Keep the change applied with --confirm-within (stops the automatic revert).
+
+    \b
+    Example: sudo hostwall confirm
+    """
+    require_privileges("confirm")
+    pending = StateDir(options.state_dir)
+    from hostwall.nft import NftBackend
+
+    confirmed = Engine(NftBackend(options.netns), pending).confirm(wait=wait)
+    if as_json:
+        _emit_json({"confirmed": confirmed.generation if confirmed else None})
+    elif confirmed:
+        click.echo(f"generation {confirmed.generation} confirmed")
+    else:
+        click.echo("nothing to confirm")
+
+
+def _changes_text(changes: tuple[ServiceChange, ...], limit: int = 50) -> list[str]:
+    lines = []
+    for change in changes:
+        detail = f" ({'; '.join(change.details)})" if change.details else ""
+        lines.append(f"service {change.name}: {change.status}{detail}")
+        for sign, items in (("+", change.added), ("-", change.removed)):
+            lines.extend(f"  {sign} {interval}" for interval in items[:limit])
+            if len(items) > limit:
+                lines.append(f"  {sign} ... and {len(items) - limit} more")
+    return lines
+
+
+@main.command()
+@click.argument("old", type=click.IntRange(min=1))
+@click.argument("new", type=click.IntRange(min=1))
+@json_option
+@pass_options
+@reports_errors
+def diff(options: Options, old: int, new: int, as_json: bool) -> None:
+    """What changed between two generations.
+
+    \b
+    Example: sudo hostwall diff 41 42
+    """
+    state = StateDir(options.state_dir)
+    changes = diff_rulesets(state.generation(old).ruleset(), state.generation(new).ruleset())
+    if as_json:
+        _emit_json({"old": old, "new": new, "services": [
+            {"name": c.name, "status": c.status, "details": list(c.details),
+             "added": [str(i) for i in c.added], "removed": [str(i) for i in c.removed]} for c in changes]})
+        return
+    click.echo("\n".join(_changes_text(changes)) or f"generations {old} and {new} load the same ruleset")
+
+
+@main.command("revert-unconfirmed", hidden=True)
+@click.argument("generation", type=int)
+@pass_options
+@reports_errors
+def revert_unconfirmed(options: Options, generation: int) -> None:
+    """The detached reverter behind --confirm-within: waits for the deadline, then reverts."""
+    state = StateDir(options.state_dir)
+    while (pending := state.pending()) is not None and pending.generation == generation:
+        remaining = pending.deadline - time.time()
+        if remaining <= 0:
+            options.engine().revert_if_unconfirmed(generation)
+            return
+        time.sleep(min(remaining, 1.0))

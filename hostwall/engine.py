@@ -13,8 +13,8 @@ from hostwall.errors import KernelError, StateError
 from hostwall.kernel import Backend, Counter, KernelTable
 from hostwall.plan import Drift, Plan, detect_drift, make_plan
 from hostwall.policy import Policy
-from hostwall.ruleset import Ruleset, ServiceRules, render_full_load
-from hostwall.state import Current, StateDir
+from hostwall.ruleset import Ruleset, ServiceRules, render_full_load, render_removal
+from hostwall.state import Current, Pending, StateDir
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,15 @@ class ApplyResult:
     plan: Plan
     generation: int | None  # None when nothing was applied
     applied: bool
+    pending: Pending | None = None
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    generation: int
+    previous: int | None
+    replayed: bool  # True: the stored text byte for byte; False: re-rendered for timeouts
+    pending: Pending | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class Status:
     recorded_generation: int | None
     drift: Drift
     services: tuple[ServiceStatus, ...]
+    pending: Pending | None = None
 
 
 def policy_sources(policy: Policy) -> dict[str, bytes]:
@@ -65,10 +75,12 @@ class Engine:
         backend: Backend,
         state: StateDir,
         clock: Callable[[], float] = time.time,
+        spawn_reverter: Callable[[Pending], None] | None = None,
     ) -> None:
         self._backend = backend
         self._state = state
         self._clock = clock
+        self._spawn_reverter = spawn_reverter
 
     def _recorded(self, current: Current | None) -> Ruleset | None:
         if current is None:
@@ -88,7 +100,14 @@ class Engine:
         return make_plan(desired, kernel, previous, drift, now)
 
     def apply(
-        self, policy: Policy, *, user: str, message: str, dry_run: bool = False, wait: float = 0.0
+        self,
+        policy: Policy,
+        *,
+        user: str,
+        message: str,
+        dry_run: bool = False,
+        wait: float = 0.0,
+        confirm_within: float | None = None,
     ) -> ApplyResult:
         desired = compile_policy(policy)
         if dry_run:
@@ -97,6 +116,7 @@ class Engine:
             plan = self.plan(desired)
             if not plan.changed:
                 return ApplyResult(plan, None, False)
+            before = self._state.current()
             number = self._state.next_number()
             transaction = render_full_load(desired, number, self._clock())
             self._state.stage(
@@ -109,8 +129,85 @@ class Engine:
                 self._state.discard(number)
                 raise
             self._record_loaded(number, desired)
+            pending = self._arm_or_clear_confirmation(number, before, confirm_within)
             self._state.prune()
-            return ApplyResult(plan, number, True)
+            return ApplyResult(plan, number, True, pending)
+
+    def _arm_or_clear_confirmation(
+        self, number: int, before: Current | None, confirm_within: float | None
+    ) -> Pending | None:
+        """A plain change while one is pending confirms it (the operator is evidently still
+        there); a new confirm-within change keeps reverting to the last confirmed one."""
+        earlier = self._state.pending()
+        if confirm_within is None:
+            if earlier is not None:
+                self._state.clear_pending()
+            return None
+        revert_to = earlier.revert_to if earlier else (before.generation if before else None)
+        pending = Pending(number, revert_to, self._clock() + confirm_within)
+        self._state.set_pending(pending)
+        if self._spawn_reverter is not None:
+            self._spawn_reverter(pending)
+        return pending
+
+    def rollback(
+        self,
+        to: int | None,
+        *,
+        wait: float = 0.0,
+        confirm_within: float | None = None,
+    ) -> RollbackResult:
+        with self._state.locked(wait):
+            current = self._state.current()
+            target = to if to is not None else self._previous_number(current)
+            replayed = self._load_generation(target)
+            pending = self._arm_or_clear_confirmation(target, current, confirm_within)
+            return RollbackResult(target, current.generation if current else None, replayed, pending)
+
+    def _load_generation(self, number: int) -> bool:
+        """Load a recorded generation; True when its stored text was replayed byte for byte."""
+        generation = self._state.generation(number)
+        ruleset = generation.ruleset()
+        replayed = not any(s.has_timeouts(4) or s.has_timeouts(6) for s in ruleset.services)
+        # Stored timeouts are relative to the original load; replaying them would
+        # extend expiring entries, so those rulesets are rendered again for now.
+        text = generation.transaction() if replayed else render_full_load(ruleset, number, self._clock())
+        self._backend.submit(text)
+        self._record_loaded(number, ruleset)
+        return replayed
+
+    def _previous_number(self, current: Current | None) -> int:
+        if current is None:
+            raise StateError("nothing to roll back to: no generation is recorded as loaded")
+        earlier = [n for n in self._state.numbers() if n < current.generation]
+        if not earlier:
+            raise StateError(
+                f"generation {current.generation} is the oldest kept; there is nothing before it"
+            )
+        return earlier[-1]
+
+    def confirm(self, *, wait: float = 0.0) -> Pending | None:
+        with self._state.locked(wait):
+            pending = self._state.pending()
+            if pending is not None:
+                self._state.clear_pending()
+            return pending
+
+    def revert_if_unconfirmed(self, generation: int, *, wait: float = 30.0) -> bool:
+        """Called at the deadline by the detached reverter (and by the agent): roll back
+        to the last confirmed generation unless the change was confirmed or superseded."""
+        with self._state.locked(wait):
+            pending = self._state.pending()
+            if pending is None or pending.generation != generation or self._clock() < pending.deadline:
+                return False
+            if pending.revert_to is None:
+                # The table did not exist before the unconfirmed change: restore that.
+                self._backend.submit(render_removal())
+                self._state.clear_current()
+            else:
+                self._load_generation(pending.revert_to)
+            self._state.clear_pending()
+            return True
 
     def _record_loaded(self, number: int, ruleset: Ruleset) -> None:
         loaded = self._backend.read_table(elements=False)
@@ -132,6 +229,7 @@ class Engine:
             recorded_generation=current.generation if current else None,
             drift=drift,
             services=_service_status(kernel, recorded),
+            pending=self._state.pending(),
         )
 
     def kernel_table(self) -> KernelTable | None:

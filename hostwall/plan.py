@@ -157,3 +157,27 @@ def _ports(service: ServiceRules) -> str:
 
 def is_permanent(interval: Interval) -> bool:
     return interval.expires == math.inf
+
+
+def diff_rulesets(old: Ruleset, new: Ruleset) -> tuple[ServiceChange, ...]:
+    """What changed from one recorded ruleset to another (for `hostwall diff`)."""
+    changes = []
+    for service in new.services:
+        before = old.service(service.name)
+        if before is None:
+            changes.append(ServiceChange(service.name, "added", service.v4 + service.v6))
+            continue
+        old_keys = {(_key(i), i.expires) for i in before.v4 + before.v6}
+        new_keys = {(_key(i), i.expires) for i in service.v4 + service.v6}
+        added = tuple(i for i in service.v4 + service.v6 if (_key(i), i.expires) not in old_keys)
+        removed = tuple(i for i in before.v4 + before.v6 if (_key(i), i.expires) not in new_keys)
+        structural = before.structure() != service.structure()
+        if structural or added or removed:
+            changes.append(ServiceChange(
+                service.name, "changed" if structural else "entries", added, removed,
+                _structure_details(before, service) if structural else (),
+            ))
+    for before in old.services:
+        if new.service(before.name) is None:
+            changes.append(ServiceChange(before.name, "removed", (), before.v4 + before.v6))
+    return tuple(changes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -234,7 +235,7 @@ def _pydantic_problems(
         loc = tuple(part for part in loc if part not in ("ServiceModel", "none"))
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            message = f"unknown key {loc[-1]!r}; check the spelling (see the README's policy format)"
+            message = _unknown_key_message(loc)
         elif error["type"] == "missing":
             message = f"required key {loc[-1]!r} is missing"
         elif error["type"] == "literal_error":
@@ -245,6 +246,26 @@ def _pydantic_problems(
             entry += f" (cidr {cidr})"
         problems.append(Problem(filename, located.line_of(loc), entry, message))
     return problems
+
+
+def _unknown_key_message(loc: tuple[str | int, ...]) -> str:
+    key = str(loc[-1])
+    parent = loc[:-1]
+    model: type[BaseModel] | None = None
+    if not parent:
+        model = PolicyFileModel
+    elif parent == ("settings",):
+        model = SettingsModel
+    elif len(parent) == 2 and parent[0] == "services":
+        model = ServiceModel
+    elif len(parent) == 4 and parent[0] == "services" and parent[2] == "allow":
+        model = AllowEntryModel
+    if model is None:
+        return f"unknown key {key!r}; check the spelling"
+    known = list(model.model_fields)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key {key!r}; {hint}valid keys here: {', '.join(known)}"
 
 
 def _cidr_at(data: Any, loc: tuple[str | int, ...]) -> str | None:
@@ -267,6 +288,7 @@ class _ServiceDraft:
     definition: ServiceModel | None
     defined_in: str | None
     entries: list[Entry]
+    first_seen: str = "?"
 
 
 def load_policy(path: Path, now: datetime | None = None) -> Policy:
@@ -304,7 +326,9 @@ def load_policy(path: Path, now: datetime | None = None) -> Policy:
                 )
                 continue
             service = declared or ServiceModel()
-            draft = drafts.setdefault(service_name, _ServiceDraft(service_name, None, None, []))
+            draft = drafts.setdefault(
+                service_name, _ServiceDraft(service_name, None, None, [], f"{name}:{service_line}")
+            )
             defines = service.ports is not None or service.protocols is not None or service.action is not None
             if defines:
                 if draft.defined_in is not None:
@@ -385,7 +409,7 @@ def _expand_entry(
         text = list_path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        problems.append(Problem(str(origin), None if origin.line is None else origin.line,
+        problems.append(Problem(origin.file, origin.line,
                                 origin.entry, f"cannot read list file {list_path}: {reason}"))
         return []
     entries = []
@@ -414,9 +438,7 @@ def _finish_services(drafts: dict[str, _ServiceDraft], problems: list[Problem]) 
         if builtin is not None:
             ports = ports or builtin.ports
             protocols = protocols or builtin.protocols
-        where = draft.defined_in or (
-            "built-in" if builtin else next((str(e.origin) for e in draft.entries), "?")
-        )
+        where = draft.defined_in or ("built-in" if builtin else draft.first_seen)
         if ports is None:
             problems.append(Problem(where, None, f"services.{name}",
                                     f"service {name!r} is not built-in, so it needs ports: [...] "
@@ -436,7 +458,9 @@ def _finish_services(drafts: dict[str, _ServiceDraft], problems: list[Problem]) 
 
 def _check_port_claims(services: list[Service], problems: list[Problem]) -> None:
     claims: list[tuple[Protocol, PortRange, Service]] = []
-    for service in services:
+    # Built-ins claim first, so a clash is reported at the custom service that the
+    # operator can change, not at a built-in that has no file.
+    for service in sorted(services, key=lambda s: s.name not in BUILTIN_SERVICES):
         for protocol in service.protocols:
             for ports in service.ports:
                 for other_protocol, other_ports, other in claims:

@@ -152,6 +152,12 @@ def render_full_load(ruleset: Ruleset, generation: int, now: float) -> str:
     return "".join(_full_load_lines(ruleset, generation, now))
 
 
+def render_removal() -> str:
+    """Remove the hostwall table, whether or not it exists, in one transaction."""
+    table = f"{TABLE_FAMILY} {TABLE_NAME}"
+    return f"table {table} {{}}\ndelete table {table}\n"
+
+
 def _full_load_lines(ruleset: Ruleset, generation: int, now: float) -> Iterator[str]:
     table = f"{TABLE_FAMILY} {TABLE_NAME}"
     yield f"table {table} {{}}\n"

@@ -46,6 +46,15 @@ class GenerationMeta:
 
 
 @dataclass(frozen=True)
+class Pending:
+    """A generation applied with --confirm-within that reverts unless confirmed in time."""
+
+    generation: int
+    revert_to: int | None  # None: the table did not exist before; revert removes it
+    deadline: float
+
+
+@dataclass(frozen=True)
 class Current:
     generation: int
     digest: str
@@ -163,6 +172,26 @@ class StateDir:
 
     def set_current(self, current: Current) -> None:
         self._write_or_fail(self.path / "current.json", json.dumps(asdict(current), indent=1).encode())
+
+    def clear_current(self) -> None:
+        (self.path / "current.json").unlink(missing_ok=True)
+        _fsync_dir(self.path)
+
+    def pending(self) -> Pending | None:
+        path = self.path / "pending.json"
+        try:
+            return Pending(**json.loads(path.read_bytes()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            raise StateError(f"{path} is unreadable or corrupt: {exc}") from exc
+
+    def set_pending(self, pending: Pending) -> None:
+        self._write_or_fail(self.path / "pending.json", json.dumps(asdict(pending), indent=1).encode())
+
+    def clear_pending(self) -> None:
+        (self.path / "pending.json").unlink(missing_ok=True)
+        _fsync_dir(self.path)
 
     def _write_or_fail(self, path: Path, data: bytes) -> None:
         try:
