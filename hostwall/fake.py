@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from hostwall.cidr import Interval
 from hostwall.errors import KernelRejected
 from hostwall.kernel import Counter, KernelTable
+from hostwall.ruleset import GENERATION_SET, Delta, timeout_seconds
 
 _SET_OPEN = re.compile(r"^\tset (\w+) \{$")
 _ELEMENTS = re.compile(r"^\t\telements = \{ (.*) \}$")
@@ -29,6 +30,7 @@ class _Table:
     structure_lines: list[str]
     counters: dict[str, Counter]
     sets: dict[str, tuple[Interval, ...]]
+    marker: int | None = None
 
 
 @dataclass
@@ -50,8 +52,32 @@ class FakeBackend:
         structure = hashlib.sha256("\n".join(self.table.structure_lines).encode()).hexdigest()
         return KernelTable(
             self.table.comment, structure, dict(self.table.counters),
-            dict(self.table.sets) if elements else None,
+            dict(self.table.sets) if elements else None, marker=self.table.marker,
         )
+
+    def apply_delta(self, delta: Delta, now: float) -> None:
+        if self.reject_next is not None:
+            reason, self.reject_next = self.reject_next, None
+            raise KernelRejected(f"the kernel rejected the element batch: {reason}")
+        if self.table is None or self.table.marker != delta.from_generation:
+            raise KernelRejected("the kernel rejected the element batch: No such file or directory")
+        sets = dict(self.table.sets)
+        for change in delta.sets:
+            # Like the kernel: elements are keyed by their addresses, a timeout is an attribute.
+            elements = {(i.family, i.first, i.last): i for i in sets[change.set_name]}
+            for interval in change.remove:
+                if elements.pop((interval.family, interval.first, interval.last), None) is None:
+                    raise KernelRejected("the kernel rejected the element batch: No such file or directory")
+            for interval in change.add:
+                key = (interval.family, interval.first, interval.last)
+                if key in elements:
+                    raise KernelRejected("the kernel rejected the element batch: File exists")
+                expires = interval.expires if interval.expires == math.inf else float(timeout_seconds(interval, now))
+                elements[key] = Interval(interval.family, interval.first, interval.last, expires)
+            sets[change.set_name] = tuple(sorted(elements.values()))
+        self.table.sets = sets
+        self.table.marker = delta.to_generation
+        self.submitted += 1
 
     def count(self, counter: str, packets: int, size: int) -> None:
         """What traffic would do to a counter."""
@@ -76,6 +102,9 @@ def _parse_full_load(text: str) -> _Table:
         elif match := _SET_OPEN.match(line):
             current_set = match[1]
             table.sets[current_set] = ()
+        elif current_set == GENERATION_SET and (match := _ELEMENTS.match(line)):
+            table.marker = int(match[1])
+            continue
         elif current_set and (match := _ELEMENTS.match(line)):
             family = 4 if current_set.endswith("_v4") else 6
             table.sets[current_set] = tuple(

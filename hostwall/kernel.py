@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from hostwall.cidr import Interval
+from hostwall.ruleset import Delta
 
 COMMENT_PATTERN = re.compile(r"hostwall generation=(\d+) sha256=([0-9a-f]{64})")
 
@@ -30,9 +31,16 @@ class KernelTable:
     structure: str
     counters: dict[str, Counter] = field(default_factory=dict)
     sets: dict[str, tuple[Interval, ...]] | None = None
+    marker: int | None = None
 
     @property
     def generation(self) -> int | None:
+        """The generation loaded: the marker element, which deltas move forward."""
+        return self.marker if self.marker is not None else self.base_generation
+
+    @property
+    def base_generation(self) -> int | None:
+        """The generation whose full load created the table (the comment cannot change later)."""
         match = COMMENT_PATTERN.fullmatch(self.comment or "")
         return int(match[1]) if match else None
 
@@ -49,4 +57,7 @@ class Backend(Protocol):
         """Run one transaction; on any error nothing of it is applied."""
 
     def read_table(self, *, elements: bool) -> KernelTable | None:
-        """The hostwall table, or None when the kernel has none."""
+        """The hostwall table, or None when the kernel has none. Without elements it is cheap."""
+
+    def apply_delta(self, delta: Delta, now: float) -> None:
+        """Change set elements in one batch, only if the kernel holds delta.from_generation."""

@@ -1,12 +1,12 @@
-"""The libnftables adapter: the only module that imports the nftables binding."""
+"""The kernel adapter: full loads and listings through libnftables (the only importer of
+the nftables binding), cheap snapshots and element deltas through nftnl's netlink."""
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import ipaddress
 import json
 import math
-import re
 from typing import Any
 
 from hostwall import netns
@@ -20,10 +20,10 @@ from hostwall.errors import (
     TableNotFound,
 )
 from hostwall.kernel import Counter, KernelTable
-from hostwall.ruleset import TABLE_FAMILY, TABLE_NAME
+from hostwall.nftnl import NetlinkTable
+from hostwall.ruleset import TABLE_FAMILY, TABLE_NAME, Delta
 
 _TABLE = f"{TABLE_FAMILY} {TABLE_NAME}"
-_COMMENT_LINE = re.compile(r'^\s*comment "([^"]*)"\s*$', re.MULTILINE)
 
 
 def _classify(message: str) -> HostwallError:
@@ -56,6 +56,7 @@ class NftBackend:
                 ) from exc
         self._nft.set_handle_output(False)
         self._nft.set_stateless_output(False)
+        self._netlink = NetlinkTable(netns_name)
 
     def _run(self, command: str, *, json_output: bool = False, terse: bool = False) -> str:
         with netns.entered(self._netns):
@@ -69,47 +70,36 @@ class NftBackend:
     def submit(self, transaction: str) -> None:
         self._run(transaction)
 
+    def apply_delta(self, delta: Delta, now: float) -> None:
+        self._netlink.apply_delta(delta, now)
+
     def read_table(self, *, elements: bool) -> KernelTable | None:
+        snapshot = self._netlink.snapshot()
+        if snapshot is None:
+            return None
+        table = KernelTable(snapshot.comment, snapshot.structure, marker=snapshot.generation)
+        if not elements:
+            return table
         try:
-            text = self._run(f"list table {_TABLE}", terse=True)
-            listing = self._run(f"list table {_TABLE}", json_output=True, terse=not elements)
+            listing = self._run(f"list table {_TABLE}", json_output=True)
         except TableNotFound:
             return None
-        match = _COMMENT_LINE.search(text)
-        return parse_listing(
-            json.loads(listing), comment=match[1] if match else None, with_elements=elements
-        )
+        counters, sets = parse_listing(json.loads(listing))
+        return dataclasses.replace(table, counters=counters, sets=sets)
 
 
-def parse_listing(document: dict[str, Any], *, comment: str | None, with_elements: bool) -> KernelTable:
+def parse_listing(document: dict[str, Any]) -> tuple[dict[str, Counter], dict[str, tuple[Interval, ...]]]:
+    """Counters and address sets from libnftables' JSON listing of the hostwall table."""
     counters: dict[str, Counter] = {}
     sets: dict[str, tuple[Interval, ...]] = {}
-    structure: list[Any] = []
     for item in document.get("nftables", []):
         kind, body = next(iter(item.items()))
-        if kind == "metainfo":
-            continue
-        body = dict(body)
-        body.pop("handle", None)
         if kind == "counter":
-            counters[body["name"]] = Counter(body.pop("packets", 0), body.pop("bytes", 0))
-        elif kind == "set":
-            elems = body.pop("elem", [])
+            counters[body["name"]] = Counter(body.get("packets", 0), body.get("bytes", 0))
+        elif kind == "set" and body["type"] in ("ipv4_addr", "ipv6_addr"):
             family = 4 if body["type"] == "ipv4_addr" else 6
-            sets[body["name"]] = tuple(sorted(_interval(family, e) for e in elems))
-        elif kind == "rule":
-            body["expr"] = [_without_counter_values(e) for e in body.get("expr", [])]
-        structure.append({kind: body})
-    fingerprint = hashlib.sha256(
-        json.dumps(structure, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()
-    return KernelTable(comment, fingerprint, counters, sets if with_elements else None)
-
-
-def _without_counter_values(expression: Any) -> Any:
-    if isinstance(expression, dict) and isinstance(expression.get("counter"), dict):
-        return {"counter": None}
-    return expression
+            sets[body["name"]] = tuple(sorted(_interval(family, e) for e in body.get("elem", [])))
+    return counters, sets
 
 
 def _interval(family: int, element: Any) -> Interval:

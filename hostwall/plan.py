@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from hostwall.cidr import Interval
 from hostwall.kernel import KernelTable
-from hostwall.ruleset import Ruleset, ServiceRules
+from hostwall.ruleset import Ruleset, ServiceRules, table_comment
 from hostwall.state import Current
 
 
@@ -70,10 +70,11 @@ def detect_drift(
             "that this state directory has no record of"
         )
     else:
-        if kernel.generation != current.generation or kernel.digest != current.digest:
+        expected_comment = current.comment or table_comment(current.generation, current.digest)
+        if kernel.generation != current.generation or kernel.comment != expected_comment:
             reasons.append(
-                f"the kernel's table is {kernel.comment or 'unlabelled'}, "
-                f"not generation {current.generation} as recorded"
+                f"the kernel's table is {kernel.comment or 'unlabelled'} with generation marker "
+                f"{kernel.marker}, not generation {current.generation} as recorded"
             )
         if kernel.structure != current.structure:
             reasons.append("the table's chains, rules, sets or counters were modified outside hostwall")
@@ -101,7 +102,7 @@ def make_plan(
     desired: Ruleset, kernel: KernelTable | None, previous: Ruleset | None, drift: Drift, now: float
 ) -> Plan:
     """previous is the recorded ruleset the kernel's table was built from, when known."""
-    if kernel is not None and not drift and kernel.digest == desired.digest:
+    if kernel is not None and not drift and previous is not None and previous.digest == desired.digest:
         return Plan(changed=False, table_present=True, drift=drift)
     changes = []
     old_names = {s.name for s in previous.services} if previous else set()

@@ -196,8 +196,9 @@ class Policy:
     def warnings(self) -> list[str]:
         return [
             f"{entry.origin}: {entry.origin.entry}: {entry.network} expired at "
-            f"{entry.expires:%Y-%m-%dT%H:%M:%SZ}; not loaded (remove it from the file)"
+            f"{entry.expires.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}; not loaded (remove it from the file)"
             for entry in self.expired
+            if entry.expires is not None
         ]
 
 

@@ -28,6 +28,10 @@ INGRESS_CHAIN = "ingress"
 # ports DNATed by Docker are covered too.
 INGRESS_PRIORITY = -300
 LOG_PREFIX = "hostwall:"
+# Holds one element, the number of the generation loaded. A table comment cannot be
+# changed after creation, but an element can, in the same batch as an element delta;
+# deleting the old marker also guards a delta against a concurrent change.
+GENERATION_SET = "generation"
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,45 @@ class Ruleset:
         return sum(len(s.v4) + len(s.v6) for s in self.services)
 
 
+@dataclass(frozen=True)
+class SetDelta:
+    set_name: str
+    add: tuple[Interval, ...]
+    remove: tuple[Interval, ...]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One atomic element change, valid only while the kernel holds from_generation."""
+
+    from_generation: int
+    to_generation: int
+    sets: tuple[SetDelta, ...]
+
+    def size(self) -> int:
+        return sum(len(s.add) + len(s.remove) for s in self.sets)
+
+
+def element_delta(old: Ruleset, new: Ruleset, from_generation: int, to_generation: int, now: float) -> Delta:
+    """The element changes that turn old's sets into new's; the structures must be equal.
+
+    An element whose expiry changed is removed and added again: re-adding an existing
+    element does not move its timeout. Elements that have already expired are gone from
+    the kernel, so they are not removed again.
+    """
+    assert old.structure() == new.structure()
+    changes = []
+    for before, after in zip(old.services, new.services, strict=True):
+        for family in (4, 6):
+            old_set = set(before.intervals(family))
+            new_set = set(after.intervals(family))
+            add = tuple(sorted(i for i in new_set - old_set if i.expires > now))
+            remove = tuple(sorted(i for i in old_set - new_set if i.expires > now))
+            if add or remove:
+                changes.append(SetDelta(after.set_name(family), add, remove))
+    return Delta(from_generation, to_generation, tuple(changes))
+
+
 def table_comment(generation: int, digest: str) -> str:
     return f"hostwall generation={generation} sha256={digest}"
 
@@ -164,6 +207,7 @@ def _full_load_lines(ruleset: Ruleset, generation: int, now: float) -> Iterator[
     yield f"delete table {table}\n"
     yield f"table {table} {{\n"
     yield f'\tcomment "{table_comment(generation, ruleset.digest)}"\n'
+    yield f"\tset {GENERATION_SET} {{\n\t\ttype mark\n\t\telements = {{ {generation} }}\n\t}}\n"
     for service in ruleset.services:
         yield f"\tcounter {service.accepted_counter} {{}}\n"
         yield f"\tcounter {service.dropped_counter} {{}}\n"
@@ -204,11 +248,15 @@ def _set_lines(service: ServiceRules, family: int, now: float) -> Iterator[str]:
     yield "\t}\n"
 
 
+def timeout_seconds(interval: Interval, now: float) -> int:
+    # Whole seconds, rounded up, so that an entry never leaves the kernel early.
+    return max(1, math.ceil(interval.expires - now))
+
+
 def render_element(interval: Interval, now: float) -> str:
     text = str(interval)
     if interval.expires != math.inf:
-        # The kernel counts whole seconds; round up so an entry never leaves early.
-        text += f" timeout {max(1, math.ceil(interval.expires - now))}s"
+        text += f" timeout {timeout_seconds(interval, now)}s"
     return text
 
 

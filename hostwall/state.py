@@ -60,6 +60,9 @@ class Current:
     digest: str
     structure: str
     applied: float
+    # The table's comment, written by the last full load; element deltas leave it as it is.
+    comment: str | None = None
+    loaded_by: str = "full"  # "full" or "delta"
 
 
 def _sha256(data: bytes) -> str:

@@ -1,0 +1,229 @@
+"""Strict CIDR parsing and the interval arithmetic the compiler relies on."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hostwall.cidr import PERMANENT, CidrError, Interval, merge_intervals, parse_cidr
+
+
+def v4(first: str, last: str | None = None, expires: float = PERMANENT) -> Interval:
+    start = int(ipaddress.IPv4Address(first))
+    end = int(ipaddress.IPv4Address(last)) if last else start
+    return Interval(4, start, end, expires)
+
+
+def net(text: str, expires: float = PERMANENT) -> Interval:
+    return Interval.of(ipaddress.ip_network(text), expires)
+
+
+# --- parse_cidr -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("203.0.113.45/32", "203.0.113.45/32"),
+        ("203.0.113.45", "203.0.113.45/32"),
+        ("10.0.0.0/8", "10.0.0.0/8"),
+        ("0.0.0.0/1", "0.0.0.0/1"),
+        ("2001:db8::/32", "2001:db8::/32"),
+        ("2001:DB8:0:0::1", "2001:db8::1/128"),
+        ("::1", "::1/128"),
+        ("::/16", "::/16"),
+    ],
+)
+def test_parse_cidr_accepts(text: str, expected: str) -> None:
+    assert parse_cidr(text) == ipaddress.ip_network(expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("300.1.2.3", "is not an IPv4 or IPv6 address"),
+        ("1.2.3", "is not an IPv4 or IPv6 address"),
+        ("010.0.0.1", "without leading zeros"),
+        ("10.0.0.0/33", "is not an IPv4 or IPv6 address"),
+        ("2001:db8::/129", "is not an IPv4 or IPv6 address"),
+        ("example.com", "is not an IPv4 or IPv6 address"),
+        ("", "is not an IPv4 or IPv6 address"),
+        ("10.0.0.0/8/8", "bad prefix length"),
+        ("10.0.0.0/", "bad prefix length"),
+        ("10.0.0.0/x", "bad prefix length"),
+        ("10.0.0.0/-8", "bad prefix length"),
+        ("fe80::1%eth0", "zone id"),
+        (" 10.0.0.0/8", "white space"),
+        ("10.0.0.0/8\n", "white space"),
+        ("10.0.0.0 /8", "white space"),
+        ("10.0.0.0/\u20038", "white space"),
+        ("203.0.113.5/24", "write 203.0.113.5/32 for the single address or 203.0.113.0/24"),
+        ("0.0.0.0/0", "allows every address"),
+        ("::/0", "allows every address"),
+        ("::ffff:192.0.2.1", "write 192.0.2.1/32 instead"),
+        ("::ffff:0:0/96", "IPv4-mapped"),
+        ("::192.0.2.1", "IPv4-compatible"),
+    ],
+)
+def test_parse_cidr_rejects(text: str, fragment: str) -> None:
+    with pytest.raises(CidrError) as caught:
+        parse_cidr(text)
+    assert fragment in str(caught.value)
+
+
+def test_parse_cidr_rejects_non_strings() -> None:
+    with pytest.raises(CidrError, match="expected a CIDR string"):
+        parse_cidr(167772160)  # type: ignore[arg-type]
+
+
+# --- Interval rendering -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("interval", "prefix", "text"),
+    [
+        (net("10.0.0.0/8"), "10.0.0.0/8", "10.0.0.0/8"),
+        (v4("192.0.2.7"), "192.0.2.7/32", "192.0.2.7/32"),
+        (v4("192.0.2.1", "192.0.2.3"), None, "192.0.2.1-192.0.2.3"),
+        (v4("192.0.2.2", "192.0.2.5"), None, "192.0.2.2-192.0.2.5"),
+        (v4("192.0.2.0", "192.0.2.2"), None, "192.0.2.0-192.0.2.2"),
+        (net("2001:db8:10::/48"), "2001:db8:10::/48", "2001:db8:10::/48"),
+        (net("::/16"), "::/16", "::/16"),
+        (net("::1/128"), "::1/128", "::1/128"),
+        (Interval(6, 1, 2), None, "::1-::2"),
+        (Interval(6, 0, (1 << 32) - 1), "::/96", "::/96"),
+    ],
+)
+def test_interval_renders_as_prefix_when_it_is_one(
+    interval: Interval, prefix: str | None, text: str
+) -> None:
+    expected = None if prefix is None else ipaddress.ip_network(prefix)
+    assert interval.as_prefix() == expected
+    if expected is not None:
+        # An IPv6 interval must never come out as an IPv4 network, whatever its integer.
+        assert interval.as_prefix().version == interval.family  # type: ignore[union-attr]
+    assert str(interval) == text
+
+
+def test_interval_contains_is_inclusive() -> None:
+    interval = v4("192.0.2.1", "192.0.2.3")
+    inside = [int(ipaddress.IPv4Address(f"192.0.2.{n}")) for n in (1, 2, 3)]
+    outside = [int(ipaddress.IPv4Address(f"192.0.2.{n}")) for n in (0, 4)]
+    assert all(interval.contains(a) for a in inside)
+    assert not any(interval.contains(a) for a in outside)
+
+
+# --- merge_intervals --------------------------------------------------------------------
+
+
+def test_overlapping_intervals_merge() -> None:
+    merged = merge_intervals([net("10.0.0.0/24"), net("10.0.0.128/25"), v4("10.0.0.200", "10.0.1.5")])
+    assert [str(i) for i in merged] == ["10.0.0.0-10.0.1.5"]
+
+
+def test_adjacent_intervals_merge_into_a_prefix() -> None:
+    merged = merge_intervals([net("198.51.100.128/25"), net("198.51.100.0/25")])
+    assert [str(i) for i in merged] == ["198.51.100.0/24"]
+
+
+def test_disjoint_intervals_stay_apart_and_sorted() -> None:
+    merged = merge_intervals([net("192.0.2.8/32"), net("10.0.0.0/8"), net("192.0.2.6/32")])
+    assert [str(i) for i in merged] == ["10.0.0.0/8", "192.0.2.6/32", "192.0.2.8/32"]
+
+
+def test_families_stay_separate() -> None:
+    # ::/96 and 0.0.0.0/0 have the same integers; they must not meet.
+    merged = merge_intervals([net("2001:db8::/32"), Interval(6, 0, 10), net("0.0.0.0/1"),
+                              Interval(4, 11, 20)])
+    assert [(i.family, str(i)) for i in merged] == [
+        (4, "0.0.0.0/1"),
+        (6, "::-::a"),
+        (6, "2001:db8::/32"),
+    ]
+
+
+def test_expiring_entry_inside_a_permanent_one_disappears() -> None:
+    merged = merge_intervals([net("10.0.0.0/8"), net("10.1.2.0/24", expires=1000.0)])
+    assert merged == [net("10.0.0.0/8")]
+
+
+def test_partially_overlapping_expiring_entry_is_trimmed() -> None:
+    merged = merge_intervals([net("10.0.0.0/25"), net("10.0.0.64/26", 500.0),
+                              v4("10.0.0.100", "10.0.0.200", 1000.0)])
+    assert [(str(i), i.expires) for i in merged] == [
+        ("10.0.0.0/25", PERMANENT),
+        ("10.0.0.128-10.0.0.200", 1000.0),
+    ]
+
+
+def test_longest_lived_entry_wins_the_shared_addresses() -> None:
+    merged = merge_intervals([v4("10.0.0.0", "10.0.0.9", 100.0), v4("10.0.0.5", "10.0.0.19", 200.0)])
+    assert [(str(i), i.expires) for i in merged] == [
+        ("10.0.0.0-10.0.0.4", 100.0),
+        ("10.0.0.5-10.0.0.19", 200.0),
+    ]
+
+
+def test_adjacent_entries_with_different_expiry_stay_apart() -> None:
+    merged = merge_intervals([net("10.0.0.0/25"), net("10.0.0.128/25", 100.0)])
+    assert [(str(i), i.expires) for i in merged] == [
+        ("10.0.0.0/25", PERMANENT),
+        ("10.0.0.128/25", 100.0),
+    ]
+
+
+def test_permanent_entry_splits_an_expiring_one() -> None:
+    merged = merge_intervals([net("10.0.0.0/24", 100.0), net("10.0.0.64/26")])
+    assert [(str(i), i.expires) for i in merged] == [
+        ("10.0.0.0/26", 100.0),
+        ("10.0.0.64/26", PERMANENT),
+        ("10.0.0.128/25", 100.0),
+    ]
+
+
+def test_merge_of_nothing_is_nothing() -> None:
+    assert merge_intervals([]) == []
+
+
+# --- merge_intervals, by property ---------------------------------------------------------
+
+EXPIRIES = st.sampled_from([PERMANENT, 100.0, 200.0, 300.0])
+
+
+@st.composite
+def small_intervals(draw: st.DrawFn) -> Interval:
+    family = draw(st.sampled_from([4, 6]))
+    first = draw(st.integers(0, 60))
+    length = draw(st.integers(0, 12))
+    return Interval(family, first, first + length, draw(EXPIRIES))
+
+
+def coverage(intervals: list[Interval]) -> dict[tuple[int, int], float]:
+    """Each (family, address) covered, with the longest expiry of the entries covering it."""
+    covered: dict[tuple[int, int], float] = {}
+    for interval in intervals:
+        for address in range(interval.first, interval.last + 1):
+            key = (interval.family, address)
+            covered[key] = max(covered.get(key, -math.inf), interval.expires)
+    return covered
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.lists(small_intervals(), max_size=12))
+def test_merge_covers_exactly_the_input_with_the_longest_expiry(intervals: list[Interval]) -> None:
+    merged = merge_intervals(intervals)
+
+    assert coverage(merged) == coverage(intervals)
+    # Canonical: sorted, disjoint, and nothing left that could have been joined.
+    assert merged == sorted(merged)
+    for before, after in itertools.pairwise(merged):
+        if before.family != after.family:
+            continue
+        assert before.last < after.first, (before, after)
+        if before.expires == after.expires:
+            assert before.last + 1 < after.first, (before, after)
