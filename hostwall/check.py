@@ -55,7 +55,10 @@ def check_policy(policy: Policy, address: str, port_spec: str) -> Decision:
     mapped = parsed.ipv4_mapped if isinstance(parsed, ipaddress.IPv6Address) else None
     if mapped is not None:
         return Decision(False, "IPv4-mapped IPv6 sources are never on an allowlist", service.name)
-    matches = tuple(e for e in service.entries if parsed in e.network)
+    value = int(parsed)
+    matches = tuple(
+        e for e in service.entries if e.interval.family == parsed.version and e.interval.contains(value)
+    )
     if matches:
         return Decision(True, f"allowed by service {service.name}", service.name, matches)
     return Decision(False, f"no allow entry of service {service.name} covers {parsed}", service.name)

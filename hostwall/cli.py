@@ -264,7 +264,7 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
                                     dry_run=dry_run, wait=wait, confirm_within=confirm_within)
     if as_json:
         payload = _plan_json(result.plan)
-        payload.update({"applied": result.applied, "generation": result.generation,
+        payload.update({"applied": result.applied, "generation": result.generation, "method": result.method,
                         "dry_run": dry_run, "warnings": policy.warnings(),
                         "pending": _pending_json(result.pending)})
         _emit_json(payload)
@@ -274,7 +274,8 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
     _print_plan(result.plan)
     if result.applied:
         repaired = " (repaired drift)" if result.plan.drift and result.plan.table_present else ""
-        click.echo(f"applied generation {result.generation}{repaired}")
+        how = "element delta" if result.method == "delta" else "full load"
+        click.echo(f"applied generation {result.generation} ({how}){repaired}")
     if result.pending:
         click.echo(_pending_text(result.pending))
     elif dry_run and result.plan.changed:

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
-from hostwall.cidr import Interval, merge_intervals
-from hostwall.policy import Entry, Policy
+from hostwall.cidr import merge_intervals
+from hostwall.policy import Policy
 from hostwall.ruleset import Ruleset, ServiceRules
-
-
-def _interval(entry: Entry) -> Interval:
-    expires = entry.expires.timestamp() if entry.expires is not None else math.inf
-    return Interval.of(entry.network, expires)
 
 
 def compile_policy(policy: Policy) -> Ruleset:
     services = []
     for service in sorted(policy.services, key=lambda s: s.name):
-        merged = merge_intervals(_interval(e) for e in service.entries)
+        merged = merge_intervals(e.interval for e in service.entries)
         services.append(ServiceRules(
             name=service.name,
             ports=service.ports,

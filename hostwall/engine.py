@@ -71,10 +71,11 @@ class Status:
 
 def policy_sources(policy: Policy) -> dict[str, bytes]:
     """The files that produced a policy, keyed by a path relative to their common folder."""
-    paths = {Path(p) for p in policy.files}
+    names = {str(p) for p in policy.files}
     for service in policy.services:
-        paths.update(Path(e.origin.file) for e in service.entries)
-    paths.update(Path(e.origin.file) for e in policy.expired)
+        names.update(e.origin.file for e in service.entries)
+    names.update(e.origin.file for e in policy.expired)
+    paths = {Path(name) for name in names}
     root = Path(os.path.commonpath([str(p.resolve().parent) for p in paths])) if paths else Path("/")
     sources = {}
     for path in sorted(paths):

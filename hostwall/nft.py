@@ -58,6 +58,10 @@ class NftBackend:
         self._nft.set_stateless_output(False)
         self._netlink = NetlinkTable(netns_name)
 
+    def close(self) -> None:
+        """Release the netlink sockets; a long-lived process (agent, tests) must call it."""
+        self._netlink.close()
+
     def _run(self, command: str, *, json_output: bool = False, terse: bool = False) -> str:
         with netns.entered(self._netns):
             self._nft.set_json_output(json_output)

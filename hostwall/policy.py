@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,7 +21,7 @@ from pydantic import (
 )
 
 from hostwall import yamlsource
-from hostwall.cidr import CidrError, IPNetwork, parse_cidr
+from hostwall.cidr import PERMANENT, CidrError, Interval, IPNetwork, parse_cidr, parse_interval
 from hostwall.errors import PolicyError, Problem
 
 SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,23}$")
@@ -158,12 +159,18 @@ class Origin:
 
 @dataclass(frozen=True)
 class Entry:
-    network: IPNetwork
+    interval: Interval
     owner: str
     reason: str
     review_by: date
     expires: datetime | None
     origin: Origin
+
+    @cached_property
+    def network(self) -> IPNetwork:
+        network = self.interval.as_prefix()
+        assert network is not None  # every entry is parsed from one CIDR
+        return network
 
 
 @dataclass(frozen=True)
@@ -399,11 +406,14 @@ def _parse_file(
 def _expand_entry(
     allow: AllowEntryModel, origin: Origin, policy_file: Path, problems: list[Problem]
 ) -> list[Entry]:
-    def make(network: IPNetwork, where: Origin) -> Entry:
-        return Entry(network, allow.owner, allow.reason, allow.review_by, allow.expires, where)
+    expires = allow.expires.timestamp() if allow.expires is not None else PERMANENT
+
+    def make(text: str, where: Origin) -> Entry:
+        return Entry(parse_interval(text, expires), allow.owner, allow.reason, allow.review_by,
+                     allow.expires, where)
 
     if allow.cidr is not None:
-        return [make(parse_cidr(allow.cidr), origin)]
+        return [make(allow.cidr, origin)]
     assert allow.file is not None
     list_path = (policy_file.parent / allow.file)
     try:
@@ -414,13 +424,14 @@ def _expand_entry(
                                 origin.entry, f"cannot read list file {list_path}: {reason}"))
         return []
     entries = []
+    list_name = str(list_path)
+    label = f"{origin.entry} (file: {allow.file}, from {origin})"  # one string shared by every line
     for number, line in enumerate(text.splitlines(), start=1):
         content = line.split("#", 1)[0].strip()
         if not content:
             continue
-        where = Origin(str(list_path), number, f"{origin.entry} (file: {allow.file}, from {origin})")
         try:
-            entries.append(make(parse_cidr(content), where))
+            entries.append(make(content, Origin(list_name, number, label)))
         except CidrError as exc:
             problems.append(Problem(str(list_path), number, f"{origin.entry} file: {allow.file}", str(exc)))
     return entries
