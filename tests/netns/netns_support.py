@@ -1,0 +1,170 @@
+"""Helpers shared by the namespace tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostwall import netns
+from hostwall.lab import Lab, probe_tcp, probe_udp
+from hostwall.nft import NftBackend
+
+# A denied probe costs its whole timeout, so it is short; an allowed one returns as
+# soon as the echo comes back, so a generous timeout costs nothing and absorbs load.
+DENY_TIMEOUT = 1.0
+OPEN_TIMEOUT = 3.0
+COMMAND_TIMEOUT = 60
+
+# Accepted by nft's parser, refused by the kernel while it processes the batch: a set
+# that holds at most one element gets two, and nf_tables answers ENFILE to the NEWSETELEM
+# message (strace shows NLMSG_ERROR error=-ENFILE from the kernel). The whole batch,
+# including the delete and re-creation of the hostwall table before it, is aborted.
+KERNEL_ONLY_FAILURE = (
+    "add set inet hostwall kernel_rejects { type ipv4_addr; size 1; }\n"
+    "add element inet hostwall kernel_rejects { 192.0.2.1, 192.0.2.2 }\n"
+)
+KERNEL_ENFILE = "Too many open files in system"  # strerror(ENFILE)
+
+# (client role, IP version, "port/proto") -> "open" | "timeout" | "refused"
+Expected = dict[tuple[str, int, str], str]
+
+# What the conftest fixtures hand to tests.
+Cli = Callable[..., "subprocess.CompletedProcess[str]"]  # hostwall(*args)
+CliJson = Callable[..., tuple[int, Any]]  # cli_json(*args) -> (exit code, --json document)
+Nft = Callable[..., "subprocess.CompletedProcess[str]"]  # nft(*args) in the server namespace
+PolicyWriter = Callable[..., Path]  # write_policy({service: [cidr, ...]}, action=..., ports=...)
+
+
+class RejectingBackend(NftBackend):
+    """The real backend, with a command appended that only the kernel refuses."""
+
+    def submit(self, transaction: str) -> None:
+        super().submit(transaction + KERNEL_ONLY_FAILURE)
+
+
+def run_nft(namespace: str, *args: str, stdin: str | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+    """nft inside a namespace the test created; never called for the root namespace."""
+    result = subprocess.run(["ip", "netns", "exec", namespace, "nft", *args], input=stdin,
+                            capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
+    if check and result.returncode != 0:
+        pytest.fail(f"nft {' '.join(args)} in {namespace} failed: {result.stderr}")
+    return result
+
+
+def output(result: subprocess.CompletedProcess[str]) -> Any:
+    """The --json document of a CLI run; the failure message carries stdout and stderr."""
+    try:
+        return json.loads(result.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"no JSON from {result.args[9:]}: rc={result.returncode}\n"
+                    f"stdout: {result.stdout}\nstderr: {result.stderr}")
+
+
+def _probe(lab: Lab, role: str, family: int, target: str, timeout: float) -> str:
+    host = lab.allowed if role == "allowed" else lab.denied
+    address = host.server_ipv4 if family == 4 else host.server_ipv6
+    port, _, protocol = target.partition("/")
+    probe = probe_udp if protocol == "udp" else probe_tcp
+    return probe(host.namespace, address, int(port), timeout)
+
+
+def reach(lab: Lab, expected: Expected) -> Expected:
+    """Probe every key of expected at once and return what actually happened.
+
+    A test asserts ``reach(lab, expected) == expected`` so that a failure shows every
+    difference. The probes run in parallel (setns() moves only the probing thread), so
+    a test with many denied probes still takes about one DENY_TIMEOUT.
+    """
+    with ThreadPoolExecutor(max_workers=len(expected)) as pool:
+        futures = {
+            key: pool.submit(_probe, lab, *key, DENY_TIMEOUT if want == "timeout" else OPEN_TIMEOUT)
+            for key, want in expected.items()
+        }
+        return {key: future.result() for key, future in futures.items()}
+
+
+def matrix(results: dict[str, str], families: tuple[int, ...], targets: tuple[str, ...]) -> Expected:
+    """results maps a client role ("allowed", "denied") to the result for every target."""
+    return {(role, family, target): want
+            for role, want in results.items() for family in families for target in targets}
+
+
+def probe_tcp_scoped(namespace: str, address: str, port: int, ifindex: int,
+                     timeout: float) -> tuple[str, str | None]:
+    """A TCP probe to a link-local address: (result, local source address when connected)."""
+    with netns.entered(namespace):
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    with sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect((address, port, 0, ifindex))
+            source = str(sock.getsockname()[0])
+            sock.sendall(b"ping")
+            return ("open" if sock.recv(16) == b"ping" else "closed"), source
+        except (ConnectionRefusedError, ConnectionResetError):
+            return "refused", None
+        except TimeoutError:
+            return "timeout", None
+
+
+def probe_udp_large(namespace: str, address: str, port: int, size: int, timeout: float) -> str:
+    """A UDP datagram larger than the link MTU, so it travels as IP fragments."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with netns.entered(namespace):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    with sock:
+        sock.settimeout(timeout)
+        sock.connect((address, port))
+        sock.send(b"f" * size)
+        try:
+            return "open" if sock.recv(size + 1) == b"f" * size else "closed"
+        except TimeoutError:
+            return "timeout"
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def ping(namespace: str, address: str, timeout: float) -> bool:
+    """One ICMP/ICMPv6 echo over a raw socket (the image has no ping binary)."""
+    v6 = ":" in address
+    family, protocol = ((socket.AF_INET6, socket.IPPROTO_ICMPV6) if v6
+                        else (socket.AF_INET, socket.IPPROTO_ICMP))
+    request, reply = (128, 129) if v6 else (8, 0)
+    ident = os.getpid() & 0xFFFF
+    header = struct.pack("!BBHHH", request, 0, 0, ident, 1) + b"hostwall"
+    # The kernel fills in the ICMPv6 checksum of raw sockets itself (RFC 3542).
+    packet = header if v6 else header[:2] + _checksum(header).to_bytes(2, "big") + header[4:]
+    with netns.entered(namespace):
+        sock = socket.socket(family, socket.SOCK_RAW, protocol)
+    with sock:
+        sock.sendto(packet, (address, 0))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                data = sock.recv(2048)
+            except TimeoutError:
+                return False
+            body = data if v6 else data[(data[0] & 0x0F) * 4:]  # IPv4 raw reads include the IP header
+            kind, _, _, got_ident, _ = struct.unpack("!BBHHH", body[:8])
+            if kind == reply and got_ident == ident:
+                return True
+        return False
