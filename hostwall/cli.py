@@ -23,7 +23,7 @@ from hostwall.compile import compile_policy
 from hostwall.engine import Engine, Status
 from hostwall.errors import HostwallError, PermissionDenied, PolicyError
 from hostwall.plan import Plan, ServiceChange, diff_rulesets
-from hostwall.policy import Policy, load_policy
+from hostwall.policy import Policy, Settings, load_policy
 from hostwall.state import DEFAULT_STATE_DIR, Pending, StateDir
 
 DEFAULT_POLICY_DIR = Path("/etc/hostwall/policies")
@@ -541,3 +541,144 @@ def revert_unconfirmed(options: Options, generation: int) -> None:
             options.engine().revert_if_unconfirmed(generation)
             return
         time.sleep(min(remaining, 1.0))
+
+
+def _log_group(options: Options) -> int:
+    """The group the loaded ruleset logs to: the recorded generation's, else the policy's."""
+    state = StateDir(options.state_dir)
+    current = state.current()
+    if current is not None:
+        try:
+            return state.generation(current.generation).ruleset().log_group
+        except HostwallError:
+            pass
+    try:
+        return options.policy().settings.log_group
+    except HostwallError:
+        return Settings().log_group
+
+
+@main.command()
+@click.option("--log-group", type=click.IntRange(0, 65535), default=None,
+              help="NFLOG group to read (default: the loaded ruleset's).")
+@click.option("--flood-window", type=click.FloatRange(min=1), default=10.0, show_default=True,
+              help="Seconds per flood-control window.")
+@click.option("--flood-records", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Records per source and window before it is summarised.")
+@click.option("--recon-per-minute", type=click.IntRange(min=1), default=60, show_default=True,
+              help="Drops per minute from one source that raise a reconnaissance warning.")
+@pass_options
+@reports_errors
+def agent(options: Options, log_group: int | None, flood_window: float, flood_records: int,
+          recon_per_minute: int) -> None:
+    """Run in the foreground: stream the kernel's drop logs into journald.
+
+    Stops on SIGTERM or SIGINT, leaving the firewall in place.
+
+    \b
+    Example: sudo hostwall agent
+    """
+    require_privileges("agent")
+    import signal
+    import threading
+
+    from hostwall.agent import DropStreamer, InterfaceNames, run_streamer
+    from hostwall.drops import MESSAGE_ID_AGENT, PRIORITY_INFO, DropReporter, FloodControl, Record
+    from hostwall.journal import JournalSink
+    from hostwall.nflog import NflogReader, NflogSettings
+
+    group = log_group if log_group is not None else _log_group(options)
+    state = StateDir(options.state_dir)
+    reader = NflogReader(NflogSettings(group=group), options.netns)
+    sink = JournalSink({"HOSTWALL_NETNS": options.netns} if options.netns else None)
+    reporter = DropReporter(FloodControl(flood_window, flood_records, recon_per_minute), time.monotonic)
+
+    def generation() -> int | None:
+        try:
+            current = state.current()
+        except HostwallError:
+            return None
+        return current.generation if current else None
+
+    streamer = DropStreamer(reader, sink, reporter, InterfaceNames(options.netns), generation)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    sink.send(Record(f"agent started: streaming drop logs of NFLOG group {group} to the journal",
+                     MESSAGE_ID_AGENT, PRIORITY_INFO, {"HOSTWALL_LOG_GROUP": str(group)}))
+    try:
+        run_streamer(streamer, stop)
+    finally:
+        reader.close()
+        stats = streamer.stats
+        sink.send(Record(f"agent stopped: {stats.packets} drops read, {stats.records} records, "
+                         f"{stats.lost} lost; the firewall stays in place",
+                         MESSAGE_ID_AGENT, PRIORITY_INFO, {"HOSTWALL_LOST_TOTAL": str(stats.lost)}))
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """'10m', '2h', '1d', '30s' ago, or an ISO 8601 timestamp."""
+    now = time.time() if now is None else now
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return now - int(text[:-1]) * units[text[-1]]
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: use e.g. 10m, 2h, 1d or 2026-11-28T12:00:00Z") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+@main.command()
+@click.option("--service", help="Only this service.")
+@click.option("--source", "source_address", metavar="ADDRESS", help="Only this source address.")
+@click.option("--since", "since_text", metavar="WHEN", help="e.g. 10m, 2h, 1d or an ISO timestamp.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new drops as they come.")
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Show the N sources with most drops.")
+@json_option
+@pass_options
+@reports_errors
+def drops(options: Options, service: str | None, source_address: str | None, since_text: str | None,
+          follow: bool, top: int | None, as_json: bool) -> None:
+    """Drop records from the journal, filtered; --top N ranks sources.
+
+    \b
+    Example: hostwall drops --since 1h --service postgres --top 10
+    """
+    from collections import Counter
+
+    from hostwall.drops import MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY
+    from hostwall.journal import read_entries
+
+    matches = {}
+    if service:
+        matches["HOSTWALL_SERVICE"] = service
+    if source_address:
+        matches["HOSTWALL_SRC"] = source_address
+    if options.netns:
+        matches["HOSTWALL_NETNS"] = options.netns
+    entries = read_entries(
+        message_ids=(MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY), matches=matches,
+        since=parse_since(since_text) if since_text else None, follow=follow and top is None,
+    )
+    if top is not None:
+        totals: Counter[tuple[str, str]] = Counter()
+        for entry in entries:
+            totals[(entry.fields.get("HOSTWALL_SRC", "?"), entry.fields.get("HOSTWALL_SERVICE", "?"))] += int(
+                entry.fields.get("HOSTWALL_COUNT", "1"))
+        ranked = totals.most_common(top)
+        if as_json:
+            _emit_json([{"source": s, "service": svc, "drops": n} for (s, svc), n in ranked])
+        else:
+            for (address, name), count in ranked:
+                click.echo(f"{count:>8}  {address:<40} {name}")
+        return
+    for entry in entries:
+        if as_json:
+            click.echo(json.dumps({"time": datetime.fromtimestamp(entry.timestamp, UTC).isoformat(),
+                                   "message": entry.message, **entry.fields}, sort_keys=True))
+        else:
+            stamp = datetime.fromtimestamp(entry.timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
+            click.echo(f"{stamp}  {entry.message}")

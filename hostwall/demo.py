@@ -7,15 +7,22 @@ The host's own firewall is never touched: every kernel call goes to the lab's na
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import textwrap
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from hostwall import lab
+from hostwall.agent import DropStreamer, InterfaceNames, run_streamer
 from hostwall.check import check_policy
+from hostwall.drops import MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY, DropReporter, FloodControl
 from hostwall.engine import Engine
+from hostwall.journal import JournalSink, read_entries
+from hostwall.nflog import NflogReader, NflogSettings
 from hostwall.nft import NftBackend
 from hostwall.policy import Policy, load_policy
 from hostwall.state import StateDir
@@ -57,7 +64,10 @@ class Attempt:
 
 
 def run_demo(echo: Callable[[str], None] = print) -> bool:
-    with lab.running_lab() as net, tempfile.TemporaryDirectory(prefix="hostwall-demo-") as tmp:
+    with lab.journald() as started_journald, lab.running_lab() as net, \
+            tempfile.TemporaryDirectory(prefix="hostwall-demo-") as tmp:
+        if started_journald is not None:
+            echo("journald was not running (no systemd as PID 1): started it for the demo\n")
         policy_dir = Path(tmp) / "policies"
         policy_dir.mkdir()
         ok = net.allowed
@@ -72,7 +82,10 @@ def run_demo(echo: Callable[[str], None] = print) -> bool:
         result = engine.apply(policy, user="demo", message="demo")
         echo(f"applied generation {result.generation}: {result.plan.summary}\n")
 
-        attempts = _attempts(net, policy)
+        began = time.time()
+        with _streaming_drops(net.server, StateDir(Path(tmp) / "state"), policy.settings.log_group):
+            attempts = _attempts(net, policy)
+            time.sleep(0.3)  # the kernel flushes a partial batch of logs within 100 ms
         echo("expected = what `hostwall check` says from the policy; result = real connections")
         echo(f"{'client':<8} {'source':<14} {'target':<24} {'result':<8} expected")
         for attempt in attempts:
@@ -85,10 +98,42 @@ def run_demo(echo: Callable[[str], None] = print) -> bool:
         for service in status.services:
             echo(f"  {service.name:<10} accepted {service.accepted.packets:>4} packets, "
                  f"dropped {service.dropped.packets:>4} packets")
-        good = all(a.as_expected for a in attempts)
+        records = list(read_entries(message_ids=(MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY),
+                                    matches={"HOSTWALL_NETNS": net.server}, since=began))
+        echo(f"\ndrops in the journal ({len(records)} records; `journalctl -o verbose "
+             f"HOSTWALL_NETNS={net.server}` shows every field):")
+        for record in records:
+            echo(f"  {record.message}")
+        denied = sum(1 for a in attempts if a.expected == "timeout")
+        if len(records) < denied:
+            echo(f"  expected at least {denied} drop records, one per denied attempt")
+        good = all(a.as_expected for a in attempts) and len(records) >= denied
         echo("\ndemo " + ("passed: every connection did what the policy says"
                           if good else "FAILED: see UNEXPECTED lines"))
         return good
+
+
+@contextlib.contextmanager
+def _streaming_drops(namespace: str, state: StateDir, group: int) -> Iterator[None]:
+    """The agent's drop streamer, in a thread, for the lab's server namespace."""
+    reader = NflogReader(NflogSettings(group=group), namespace)
+    sink = JournalSink({"HOSTWALL_NETNS": namespace})
+
+    def generation() -> int | None:
+        current = state.current()
+        return current.generation if current else None
+
+    streamer = DropStreamer(reader, sink, DropReporter(FloodControl(), time.monotonic),
+                            InterfaceNames(namespace), generation)
+    stop = threading.Event()
+    thread = threading.Thread(target=run_streamer, args=(streamer, stop), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        reader.close()
 
 
 def _attempts(net: lab.Lab, policy: Policy) -> list[Attempt]:

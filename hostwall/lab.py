@@ -210,3 +210,46 @@ def echo(sock: socket.socket, payload: bytes = b"ping") -> bool:
         return sock.recv(len(payload)) == payload
     except (TimeoutError, ConnectionError):
         return False
+
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+JOURNALD = "/lib/systemd/systemd-journald"
+
+
+def journald_running() -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(JOURNAL_SOCKET)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+@contextlib.contextmanager
+def journald() -> Iterator[subprocess.Popen[bytes] | None]:
+    """Make sure journald is listening: on a systemd host it already is; on a machine
+    without systemd as PID 1 (containers, CI) start it by hand and stop it afterwards.
+    Yields the process it started, or None when journald was already there."""
+    if journald_running():
+        yield None
+        return
+    os.makedirs("/run/systemd/journal", exist_ok=True)
+    process = subprocess.Popen([JOURNALD], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(100):  # at most 5 s
+            if journald_running():
+                break
+            if process.poll() is not None:
+                raise RuntimeError(f"{JOURNALD} exited with {process.returncode}")
+            threading.Event().wait(0.05)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)

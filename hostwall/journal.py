@@ -1,0 +1,100 @@
+"""The journald adapter: the only module that imports systemd.journal."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from hostwall.drops import Record
+from hostwall.errors import HostwallError
+
+SYSLOG_IDENTIFIER = "hostwall"
+
+
+class JournalUnavailable(HostwallError):
+    exit_code = 1
+
+
+class JournalSink:
+    """Writes records to journald; while it is unreachable, writes one line per record
+    to stderr instead (under systemd that is the journal again) and retries journald
+    every few seconds. Nothing is buffered, so memory stays bounded."""
+
+    def __init__(self, extra_fields: dict[str, str] | None = None, fallback: TextIO | None = None,
+                 clock: Callable[[], float] = time.monotonic, retry_seconds: float = 2.0) -> None:
+        from systemd import journal
+
+        self._send = journal.send
+        self._extra = dict(extra_fields or {})
+        self._fallback = fallback or sys.stderr
+        self._clock = clock
+        self._retry_seconds = retry_seconds
+        self._down_since: float | None = None
+        self.fallback_records = 0
+
+    @property
+    def available(self) -> bool:
+        return self._down_since is None
+
+    def send(self, record: Record) -> None:
+        now = self._clock()
+        if self._down_since is None or now - self._down_since >= self._retry_seconds:
+            try:
+                self._send(
+                    MESSAGE=record.message, MESSAGE_ID=record.message_id, PRIORITY=str(record.priority),
+                    SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER, **self._extra, **record.fields,
+                )
+                self._down_since = None
+                return
+            except OSError:
+                self._down_since = now
+        self.fallback_records += 1
+        print(f"hostwall: {record.message}", file=self._fallback, flush=True)
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    timestamp: float
+    message_id: str
+    message: str
+    fields: dict[str, str]
+
+
+def read_entries(
+    *, message_ids: tuple[str, ...], since: float | None = None, matches: dict[str, str] | None = None,
+    follow: bool = False, poll_seconds: float = 1.0, stop: Callable[[], bool] = lambda: False,
+) -> Iterator[JournalEntry]:
+    from systemd import journal
+
+    try:
+        reader = journal.Reader()
+    except OSError as exc:
+        raise JournalUnavailable(f"cannot open the journal: {exc}") from exc
+    reader.add_match(SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER)
+    for key, value in (matches or {}).items():
+        reader.add_match(**{key: value})
+    # Matches on different fields are ANDed, values of the same field ORed.
+    for message_id in message_ids:
+        reader.add_match(MESSAGE_ID=message_id)
+    if since is not None:
+        reader.seek_realtime(since)
+    while True:
+        entry = reader.get_next()
+        if entry:
+            yield _entry(entry)
+            continue
+        if not follow or stop():
+            return
+        reader.wait(int(poll_seconds * 1_000_000))
+
+
+def _entry(raw: dict[str, Any]) -> JournalEntry:
+    stamp = raw.get("__REALTIME_TIMESTAMP")
+    timestamp = stamp.timestamp() if stamp is not None else 0.0
+    fields = {k: str(v) for k, v in raw.items() if k.startswith("HOSTWALL_")}
+    message_id = raw.get("MESSAGE_ID")
+    return JournalEntry(timestamp, str(getattr(message_id, "hex", message_id)),
+                        str(raw.get("MESSAGE", "")), fields)
