@@ -567,10 +567,14 @@ def _log_group(options: Options) -> int:
               help="Records per source and window before it is summarised.")
 @click.option("--recon-per-minute", type=click.IntRange(min=1), default=60, show_default=True,
               help="Drops per minute from one source that raise a reconnaissance warning.")
+@click.option("--nflog-buffer", type=click.IntRange(min=1024), default=16 << 20, show_default=True,
+              help="Receive buffer for drop logs, in bytes.")
+@click.option("--nflog-queue-threshold", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Drop logs the kernel batches into one message.")
 @pass_options
 @reports_errors
 def agent(options: Options, log_group: int | None, flood_window: float, flood_records: int,
-          recon_per_minute: int) -> None:
+          recon_per_minute: int, nflog_buffer: int, nflog_queue_threshold: int) -> None:
     """Run in the foreground: stream the kernel's drop logs into journald.
 
     Stops on SIGTERM or SIGINT, leaving the firewall in place.
@@ -589,7 +593,8 @@ def agent(options: Options, log_group: int | None, flood_window: float, flood_re
 
     group = log_group if log_group is not None else _log_group(options)
     state = StateDir(options.state_dir)
-    reader = NflogReader(NflogSettings(group=group), options.netns)
+    reader = NflogReader(NflogSettings(group=group, receive_buffer=nflog_buffer,
+                                       queue_threshold=nflog_queue_threshold), options.netns)
     sink = JournalSink({"HOSTWALL_NETNS": options.netns} if options.netns else None)
     reporter = DropReporter(FloodControl(flood_window, flood_records, recon_per_minute), time.monotonic)
 
@@ -613,7 +618,8 @@ def agent(options: Options, log_group: int | None, flood_window: float, flood_re
         stats = streamer.stats
         sink.send(Record(f"agent stopped: {stats.packets} drops read, {stats.records} records, "
                          f"{stats.lost} lost; the firewall stays in place",
-                         MESSAGE_ID_AGENT, PRIORITY_INFO, {"HOSTWALL_LOST_TOTAL": str(stats.lost)}))
+                         MESSAGE_ID_AGENT, PRIORITY_INFO,
+                         {"HOSTWALL_LOST_TOTAL": str(stats.lost), "HOSTWALL_DROPS_READ": str(stats.packets)}))
 
 
 def parse_since(text: str, now: float | None = None) -> float:

@@ -66,7 +66,7 @@ class Attempt:
 def run_demo(echo: Callable[[str], None] = print) -> bool:
     with lab.journald() as started_journald, lab.running_lab() as net, \
             tempfile.TemporaryDirectory(prefix="hostwall-demo-") as tmp:
-        if started_journald is not None:
+        if started_journald.process is not None:
             echo("journald was not running (no systemd as PID 1): started it for the demo\n")
         policy_dir = Path(tmp) / "policies"
         policy_dir.mkdir()

@@ -227,29 +227,48 @@ def journald_running() -> bool:
         probe.close()
 
 
-@contextlib.contextmanager
-def journald() -> Iterator[subprocess.Popen[bytes] | None]:
-    """Make sure journald is listening: on a systemd host it already is; on a machine
-    without systemd as PID 1 (containers, CI) start it by hand and stop it afterwards.
-    Yields the process it started, or None when journald was already there."""
-    if journald_running():
-        yield None
-        return
-    os.makedirs("/run/systemd/journal", exist_ok=True)
-    process = subprocess.Popen([JOURNALD], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        for _ in range(100):  # at most 5 s
+class JournaldProcess:
+    """journald started by hand, for machines without systemd as PID 1 (containers, CI).
+    It owns only what it started: start() is a no-op while a journald listens."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        self.owned = not journald_running()
+
+    def start(self) -> None:
+        if journald_running():
+            return
+        os.makedirs("/run/systemd/journal", exist_ok=True)
+        self.process = subprocess.Popen([JOURNALD], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        for _ in range(200):  # at most 10 s
             if journald_running():
+                return
+            if self.process.poll() is not None:
                 break
-            if process.poll() is not None:
-                raise RuntimeError(f"{JOURNALD} exited with {process.returncode}")
             threading.Event().wait(0.05)
-        yield process
-    finally:
-        process.terminate()
+        self.stop()
+        raise RuntimeError(f"{JOURNALD} did not start listening on {JOURNAL_SOCKET}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
         try:
-            process.wait(timeout=10)
+            self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@contextlib.contextmanager
+def journald() -> Iterator[JournaldProcess]:
+    """Make sure journald is listening for the duration: on a systemd host it already
+    is; elsewhere it is started by hand and stopped afterwards."""
+    controller = JournaldProcess()
+    controller.start()
+    try:
+        yield controller
+    finally:
+        controller.stop()

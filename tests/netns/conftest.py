@@ -22,6 +22,7 @@ from netns_support import (
     COMMAND_TIMEOUT,
     Cli,
     CliJson,
+    Journald,
     Nft,
     PolicyWriter,
     RejectingBackend,
@@ -187,3 +188,12 @@ def rejecting_engine(lab: Lab, state_dir: Path) -> Iterator[Engine]:
     rejecting = RejectingBackend(lab.server)
     yield Engine(rejecting, StateDir(state_dir))
     rejecting.close()
+
+
+@pytest.fixture(scope="session")
+def journald(privileges: None) -> Iterator[Journald]:
+    """A listening journald for the session (started here on machines without systemd)."""
+    controller = Journald()
+    controller.start()
+    yield controller
+    controller.stop()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from hostwall import netns
-from hostwall.lab import Lab, probe_tcp, probe_udp
+from hostwall.lab import JournaldProcess, Lab, probe_tcp, probe_udp
 from hostwall.nft import NftBackend
 
 # A denied probe costs its whole timeout, so it is short; an allowed one returns as
@@ -168,3 +168,40 @@ def ping(namespace: str, address: str, timeout: float) -> bool:
             if kind == reply and got_ident == ident:
                 return True
         return False
+
+
+class Journald(JournaldProcess):
+    """journald for the test session; a start failure fails the test."""
+
+    def start(self) -> None:
+        try:
+            super().start()
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
+
+
+def journal_records(namespace: str, *matches: str) -> list[dict[str, Any]]:
+    """The journal's records about one lab namespace, as journalctl -o json gives them."""
+    result = subprocess.run(["journalctl", "-o", "json", "--no-pager", f"HOSTWALL_NETNS={namespace}", *matches],
+                            capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def wait_for_records(namespace: str, predicate: Callable[[list[dict[str, Any]]], bool],
+                     *matches: str, seconds: float = 10.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + seconds
+    while True:
+        records = journal_records(namespace, *matches)
+        if predicate(records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def send_udp(namespace: str, address: str, port: int, count: int) -> None:
+    """count datagrams as fast as the socket takes them (bounded by count)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with netns.entered(namespace):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    with sock:
+        for _ in range(count):
+            sock.sendto(b"x", (address, port))
