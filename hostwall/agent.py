@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from hostwall import netns
-from hostwall.drops import Drop, DropReporter, Record, lost_record, service_of
+from hostwall.compile import compile_policy
+from hostwall.drops import (
+    MESSAGE_ID_CHANGE,
+    MESSAGE_ID_DRIFT,
+    MESSAGE_ID_POLICY,
+    PRIORITY_NOTICE,
+    PRIORITY_WARNING,
+    Drop,
+    DropReporter,
+    Record,
+    lost_record,
+    service_of,
+)
+from hostwall.engine import Engine
+from hostwall.errors import HostwallError, PolicyError
+from hostwall.kernel import Counter
 from hostwall.nflog import ReadResult
 from hostwall.packet import PacketError, decode
+from hostwall.policy import BUILTIN_SERVICES, Policy, Service, Settings
+from hostwall.state import StateDir, atomic_write
 
 
 class PacketSource(Protocol):
@@ -114,3 +134,302 @@ def run_streamer(streamer: DropStreamer, stop: threading.Event, poll: float = 0.
             streamer.step(poll)
     finally:
         streamer.finish()
+
+
+# --- the agent as a service ----------------------------------------------------------------
+
+
+def closed_policy() -> Policy:
+    """Built-in services with no allow entry: what fail-closed means. Loopback still passes."""
+    services = tuple(
+        Service(name, builtin.ports, builtin.protocols, "drop", (), "built-in")
+        for name, builtin in sorted(BUILTIN_SERVICES.items())
+    )
+    return Policy(services=services, settings=Settings(), files=(), expired=())
+
+
+REVERTED_MARKER = "reverted.json"
+
+
+def note_reverted(state: StateDir, generation: int) -> None:
+    """Remember the digest of a generation that was rolled back for want of confirmation,
+    so that an automatic start does not load the same policy again from disk."""
+    try:
+        digest = state.generation(generation).meta.digest
+    except HostwallError:
+        return
+    atomic_write(state.path / REVERTED_MARKER, json.dumps({"generation": generation, "digest": digest}).encode())
+
+
+def reverted_digest(state: StateDir) -> str | None:
+    try:
+        return str(json.loads((state.path / REVERTED_MARKER).read_bytes())["digest"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def clear_reverted(state: StateDir) -> None:
+    (state.path / REVERTED_MARKER).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    full_check_seconds: float = 60.0  # every element compared with the record
+    metrics_file: Path | None = None
+    metrics_seconds: float = 15.0
+    stall_watchdog_after: float | None = None  # test hook: stop pinging the watchdog
+
+
+class Notifications(Protocol):
+    watchdog_interval: float | None
+
+    def ready(self, status: str) -> None: ...
+    def reloading(self) -> None: ...
+    def stopping(self) -> None: ...
+    def status(self, text: str) -> None: ...
+    def watchdog(self) -> None: ...
+
+
+class ChangeEvents(Protocol):
+    def changed(self, timeout: float = 0.0) -> bool: ...
+
+
+@dataclass
+class AgentCounters:
+    drift_repairs: int = 0
+    last_apply: float | None = None
+    last_apply_ok: bool = True
+
+
+class Agent:
+    """Keeps the kernel on the policy: converges at start and on reload, enforces
+    confirmation deadlines, repairs drift, and streams drop logs. Never removes the
+    table when it stops."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        state: StateDir,
+        load: Callable[[], Policy],
+        notifier: Notifications,
+        sink: RecordSink,
+        *,
+        streamer: DropStreamer | None = None,
+        events: ChangeEvents | None = None,
+        counters: Callable[[], dict[str, Counter]] | None = None,
+        settings: AgentSettings = AgentSettings(),
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        boot_time: float = 0.0,
+    ) -> None:
+        self._engine = engine
+        self._state = state
+        self._load = load
+        self._notifier = notifier
+        self._sink = sink
+        self._streamer = streamer
+        self._events = events
+        self._counters = counters
+        self._settings = settings
+        self._clock = clock
+        self._wall = wall_clock
+        self._boot_time = boot_time
+        self._started = clock()
+        self._next_watchdog = clock()
+        self._next_full_check = clock() + settings.full_check_seconds
+        self._next_metrics = clock()
+        self.counters = AgentCounters()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        reverted_now = self._revert_unconfirmed_from_before_boot()
+        self._converge("start", respect_reverted=True, skip_policy=reverted_now)
+        self._notifier.ready(self.status_text())
+
+    def reload(self) -> None:
+        self._notifier.reloading()
+        self._converge("reload", respect_reverted=False, skip_policy=False)
+        self._notifier.ready(self.status_text())
+
+    def stop(self) -> None:
+        self._notifier.stopping()
+        if self._streamer is not None:
+            self._streamer.finish()
+
+    def tick(self, poll: float = 0.2) -> None:
+        """One turn of the main loop: at most about poll seconds."""
+        if self._streamer is not None:
+            self._streamer.step(poll)
+        elif self._events is None:
+            time.sleep(poll)
+        now = self._clock()
+        self._ping_watchdog(now)
+        self._enforce_deadline()
+        if self._events is not None and self._events.changed(0.0 if self._streamer else poll):
+            self._check_drift(full=False)
+        if now >= self._next_full_check:
+            self._next_full_check = now + self._settings.full_check_seconds
+            self._check_drift(full=True)
+        if self._settings.metrics_file is not None and now >= self._next_metrics:
+            self._next_metrics = now + self._settings.metrics_seconds
+            self.write_metrics()
+
+    # -- converging --------------------------------------------------------------------
+
+    def _revert_unconfirmed_from_before_boot(self) -> bool:
+        """A change still unconfirmed when the machine booted is not trusted."""
+        pending = self._state.pending()
+        if pending is None:
+            return False
+        if self._state.pending_since() >= self._boot_time:
+            return False  # this boot's change: the deadline still applies
+        self._state.set_pending(dataclasses.replace(pending, deadline=0.0))
+        return self._enforce_deadline()
+
+    def _enforce_deadline(self) -> bool:
+        pending = self._state.pending()
+        if pending is None or self._wall() < pending.deadline:
+            return False
+        if not self._engine.revert_if_unconfirmed(pending.generation):
+            return False
+        note_reverted(self._state, pending.generation)
+        target = f"generation {pending.revert_to}" if pending.revert_to else "no hostwall table"
+        self._record(f"generation {pending.generation} was not confirmed in time; rolled back to {target}",
+                     MESSAGE_ID_CHANGE, PRIORITY_WARNING, generation=pending.revert_to)
+        return True
+
+    def _converge(self, reason: str, *, respect_reverted: bool, skip_policy: bool) -> None:
+        try:
+            policy = None if skip_policy else self._load()
+        except PolicyError as error:
+            policy = None
+            self._record(f"policy invalid on {reason}, keeping the running firewall: {error}",
+                         MESSAGE_ID_POLICY, PRIORITY_WARNING)
+        if policy is not None and respect_reverted and reverted_digest(self._state) == compile_policy(policy).digest:
+            self._record("the policy on disk is the one whose unconfirmed change was rolled back; not loading "
+                         "it again automatically (run `hostwall apply` to try again)",
+                         MESSAGE_ID_POLICY, PRIORITY_WARNING)
+            policy = None
+        if policy is not None:
+            self._apply(policy, f"agent {reason}")
+            return
+        current = self._state.current()
+        if current is None:
+            self._apply(closed_policy(), "fail closed: no valid policy and no recorded generation")
+            return
+        if self._engine.status().drift:
+            self._reassert(current.generation)
+
+    def _apply(self, policy: Policy, message: str) -> None:
+        self.counters.last_apply = self._wall()
+        try:
+            result = self._engine.apply(policy, user="hostwall-agent", message=message, wait=30)
+        except HostwallError as error:
+            self.counters.last_apply_ok = False
+            self._record(f"{message}: apply failed, the previous ruleset stays: {error}",
+                         MESSAGE_ID_CHANGE, PRIORITY_WARNING)
+            return
+        self.counters.last_apply_ok = True
+        if result.applied:
+            if result.plan.drift and result.plan.table_present:
+                self.counters.drift_repairs += 1
+            self._record(f"{message}: loaded generation {result.generation} ({result.method}); "
+                         f"{result.plan.summary}", MESSAGE_ID_CHANGE, PRIORITY_NOTICE,
+                         generation=result.generation)
+
+    def _reassert(self, generation: int) -> None:
+        self._engine.rollback(generation, wait=30)
+        self.counters.drift_repairs += 1
+        self._record(f"the kernel's table drifted from generation {generation}; loaded it again",
+                     MESSAGE_ID_DRIFT, PRIORITY_WARNING, generation=generation)
+
+    def _check_drift(self, *, full: bool) -> None:
+        try:
+            drift = self._engine.status().drift if full else self._engine.quick_drift()
+            current = self._state.current()
+            if not drift or (self._state.pending() is not None and current is None):
+                return
+            if current is None:
+                self._apply(closed_policy(), "fail closed: the table is gone and nothing is recorded")
+                return
+            self._record(f"drift: {'; '.join(drift.reasons)}", MESSAGE_ID_DRIFT, PRIORITY_WARNING,
+                         generation=current.generation)
+            self._reassert(current.generation)
+        except HostwallError as error:
+            # Another command may hold the lock for a while; the next check tries again.
+            self._record(f"drift check failed: {error}", MESSAGE_ID_DRIFT, PRIORITY_WARNING)
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def _ping_watchdog(self, now: float) -> None:
+        interval = self._notifier.watchdog_interval
+        stall = self._settings.stall_watchdog_after
+        if interval is None or now < self._next_watchdog:
+            return
+        if stall is not None and now - self._started > stall:
+            return
+        self._next_watchdog = now + interval
+        self._notifier.watchdog()
+        self._notifier.status(self.status_text())
+
+    def _loaded(self) -> int | None:
+        current = self._state.current()
+        return current.generation if current else None
+
+    def status_text(self) -> str:
+        current = self._state.current()
+        if current is None:
+            return "no generation loaded"
+        try:
+            entries = self._state.generation(current.generation).meta.entries
+        except HostwallError:
+            entries = 0
+        pending = self._state.pending()
+        waiting = f", generation {pending.generation} awaits confirmation" if pending else ""
+        return f"generation {current.generation} loaded, {entries} entries{waiting}"
+
+    def _record(self, message: str, message_id: str, priority: int, generation: int | None = None) -> None:
+        fields = {"HOSTWALL_GENERATION": str(generation)} if generation is not None else {}
+        self._sink.send(Record(message, message_id, priority, fields))
+
+    def write_metrics(self) -> None:
+        path = self._settings.metrics_file
+        if path is None:
+            return
+        counters = self._counters() if self._counters is not None else {}
+        current = self._state.current()
+        recorded = self._state.generation(current.generation) if current else None
+        lines = [
+            "# HELP hostwall_packets_total Packets to protected services, by verdict.",
+            "# TYPE hostwall_packets_total counter",
+        ]
+        samples = sorted(counters.items())
+        lines += [f'hostwall_packets_total{{service="{n.rsplit("_", 1)[0]}",verdict="{n.rsplit("_", 1)[1]}"}} '
+                  f"{c.packets}" for n, c in samples]
+        lines += ["# HELP hostwall_bytes_total Bytes to protected services, by verdict.",
+                  "# TYPE hostwall_bytes_total counter"]
+        lines += [f'hostwall_bytes_total{{service="{n.rsplit("_", 1)[0]}",verdict="{n.rsplit("_", 1)[1]}"}} '
+                  f"{c.bytes}" for n, c in samples]
+        if recorded is not None:
+            ruleset = recorded.ruleset()
+            lines += ["# HELP hostwall_entries Kernel set elements per service.", "# TYPE hostwall_entries gauge"]
+            lines += [f'hostwall_entries{{service="{s.name}"}} {len(s.v4) + len(s.v6)}' for s in ruleset.services]
+        stats = self._streamer.stats if self._streamer is not None else StreamStats()
+        lines += [
+            "# HELP hostwall_generation Generation loaded.", "# TYPE hostwall_generation gauge",
+            f"hostwall_generation {current.generation if current else 0}",
+            "# HELP hostwall_last_apply_timestamp_seconds When the agent last applied.",
+            "# TYPE hostwall_last_apply_timestamp_seconds gauge",
+            f"hostwall_last_apply_timestamp_seconds {self.counters.last_apply or 0}",
+            "# HELP hostwall_last_apply_success Whether the agent's last apply succeeded.",
+            "# TYPE hostwall_last_apply_success gauge",
+            f"hostwall_last_apply_success {int(self.counters.last_apply_ok)}",
+            "# HELP hostwall_drift_repairs_total Times the agent restored its table.",
+            "# TYPE hostwall_drift_repairs_total counter",
+            f"hostwall_drift_repairs_total {self.counters.drift_repairs}",
+            "# HELP hostwall_log_events_lost_total Drop log events the kernel could not deliver.",
+            "# TYPE hostwall_log_events_lost_total counter",
+            f"hostwall_log_events_lost_total {stats.lost}",
+        ]
+        atomic_write(path, ("\n".join(lines) + "\n").encode())

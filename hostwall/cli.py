@@ -262,6 +262,10 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
     policy = options.policy()
     result = options.engine().apply(policy, user=_invoking_user(), message=message,
                                     dry_run=dry_run, wait=wait, confirm_within=confirm_within)
+    if result.applied:
+        from hostwall.agent import clear_reverted
+
+        clear_reverted(StateDir(options.state_dir))  # an explicit apply overrides a past rollback
     if as_json:
         payload = _plan_json(result.plan)
         payload.update({"applied": result.applied, "generation": result.generation, "method": result.method,
@@ -538,7 +542,10 @@ def revert_unconfirmed(options: Options, generation: int) -> None:
     while (pending := state.pending()) is not None and pending.generation == generation:
         remaining = pending.deadline - time.time()
         if remaining <= 0:
-            options.engine().revert_if_unconfirmed(generation)
+            from hostwall.agent import note_reverted
+
+            if options.engine().revert_if_unconfirmed(generation):
+                note_reverted(state, generation)
             return
         time.sleep(min(remaining, 1.0))
 
@@ -558,6 +565,13 @@ def _log_group(options: Options) -> int:
         return Settings().log_group
 
 
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    return 0.0
+
+
 @main.command()
 @click.option("--log-group", type=click.IntRange(0, 65535), default=None,
               help="NFLOG group to read (default: the loaded ruleset's).")
@@ -571,32 +585,48 @@ def _log_group(options: Options) -> int:
               help="Receive buffer for drop logs, in bytes.")
 @click.option("--nflog-queue-threshold", type=click.IntRange(min=1), default=64, show_default=True,
               help="Drop logs the kernel batches into one message.")
+@click.option("--full-check-interval", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="Seconds between full comparisons of the kernel's sets with the record.")
+@click.option("--metrics-file", type=click.Path(path_type=Path), default=None,
+              help="Write Prometheus metrics here (node_exporter textfile collector).")
+@click.option("--metrics-interval", type=click.FloatRange(min=1), default=15.0, show_default=True)
+@click.option("--test-stall-watchdog-after", type=float, default=None, hidden=True)
 @pass_options
 @reports_errors
 def agent(options: Options, log_group: int | None, flood_window: float, flood_records: int,
-          recon_per_minute: int, nflog_buffer: int, nflog_queue_threshold: int) -> None:
-    """Run in the foreground: stream the kernel's drop logs into journald.
+          recon_per_minute: int, nflog_buffer: int, nflog_queue_threshold: int, full_check_interval: float,
+          metrics_file: Path | None, metrics_interval: float, test_stall_watchdog_after: float | None) -> None:
+    """Run the agent in the foreground (systemd Type=notify service).
 
-    Stops on SIGTERM or SIGINT, leaving the firewall in place.
+    On start it loads the policy (or keeps the last generation when the policy is
+    invalid; with neither, it closes the protected ports to all but loopback), then
+    reports READY. SIGHUP reloads the policy. It rolls back unconfirmed changes at
+    their deadline, and any left unconfirmed from before a reboot. It restores its
+    table when something changes it, and streams drop logs into journald. SIGTERM
+    stops it and leaves the firewall in place.
 
     \b
-    Example: sudo hostwall agent
+    Example: sudo hostwall agent --metrics-file /var/lib/node_exporter/hostwall.prom
     """
     require_privileges("agent")
     import signal
-    import threading
 
-    from hostwall.agent import DropStreamer, InterfaceNames, run_streamer
+    from hostwall.agent import Agent, AgentSettings, DropStreamer, InterfaceNames
     from hostwall.drops import MESSAGE_ID_AGENT, PRIORITY_INFO, DropReporter, FloodControl, Record
     from hostwall.journal import JournalSink
+    from hostwall.nfevents import RulesetEvents
     from hostwall.nflog import NflogReader, NflogSettings
+    from hostwall.nft import NftBackend
+    from hostwall.notify import Notifier
 
-    group = log_group if log_group is not None else _log_group(options)
     state = StateDir(options.state_dir)
+    backend = NftBackend(options.netns)
+    # The agent enforces confirmation deadlines itself; no detached reverter is needed.
+    engine = Engine(backend, state)
+    sink = JournalSink({"HOSTWALL_NETNS": options.netns} if options.netns else None)
+    group = log_group if log_group is not None else _log_group(options)
     reader = NflogReader(NflogSettings(group=group, receive_buffer=nflog_buffer,
                                        queue_threshold=nflog_queue_threshold), options.netns)
-    sink = JournalSink({"HOSTWALL_NETNS": options.netns} if options.netns else None)
-    reporter = DropReporter(FloodControl(flood_window, flood_records, recon_per_minute), time.monotonic)
 
     def generation() -> int | None:
         try:
@@ -605,15 +635,33 @@ def agent(options: Options, log_group: int | None, flood_window: float, flood_re
             return None
         return current.generation if current else None
 
-    streamer = DropStreamer(reader, sink, reporter, InterfaceNames(options.netns), generation)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    sink.send(Record(f"agent started: streaming drop logs of NFLOG group {group} to the journal",
-                     MESSAGE_ID_AGENT, PRIORITY_INFO, {"HOSTWALL_LOG_GROUP": str(group)}))
+    streamer = DropStreamer(reader, sink, DropReporter(
+        FloodControl(flood_window, flood_records, recon_per_minute), time.monotonic),
+        InterfaceNames(options.netns), generation)
+    service = Agent(
+        engine, state, options.policy, Notifier(), sink, streamer=streamer,
+        events=RulesetEvents(options.netns), counters=backend.counters,
+        settings=AgentSettings(full_check_interval, metrics_file, metrics_interval, test_stall_watchdog_after),
+        boot_time=_boot_time(),
+    )
+    requests = {"reload": False, "stop": False}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        requests["reload" if signum == signal.SIGHUP else "stop"] = True
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    sink.send(Record(f"agent starting: drop logs from NFLOG group {group}", MESSAGE_ID_AGENT, PRIORITY_INFO,
+                     {"HOSTWALL_LOG_GROUP": str(group)}))
+    service.start()
     try:
-        run_streamer(streamer, stop)
+        while not requests["stop"]:
+            if requests["reload"]:
+                requests["reload"] = False
+                service.reload()
+            service.tick()
     finally:
+        service.stop()
         reader.close()
         stats = streamer.stats
         sink.send(Record(f"agent stopped: {stats.packets} drops read, {stats.records} records, "

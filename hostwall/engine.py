@@ -301,6 +301,12 @@ class Engine:
             pending=self._state.pending(),
         )
 
+    def quick_drift(self) -> Drift:
+        """Drift visible in the table's labels (comment, structure, generation marker) and
+        its absence; cheap, because no set element is read."""
+        snapshot = self._backend.read_table(elements=False)
+        return detect_drift(snapshot, self._state.current(), None, self._clock())
+
     def kernel_table(self) -> KernelTable | None:
         return self._backend.read_table(elements=True)
 

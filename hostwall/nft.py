@@ -77,6 +77,14 @@ class NftBackend:
     def apply_delta(self, delta: Delta, now: float) -> None:
         self._netlink.apply_delta(delta, now)
 
+    def counters(self) -> dict[str, Counter]:
+        """The table's named counters, without reading any set element."""
+        try:
+            listing = self._run(f"list counters table {_TABLE}", json_output=True)
+        except TableNotFound:
+            return {}
+        return parse_listing(json.loads(listing))[0]
+
     def read_table(self, *, elements: bool) -> KernelTable | None:
         snapshot = self._netlink.snapshot()
         if snapshot is None:

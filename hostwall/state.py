@@ -192,6 +192,13 @@ class StateDir:
     def set_pending(self, pending: Pending) -> None:
         self._write_or_fail(self.path / "pending.json", json.dumps(asdict(pending), indent=1).encode())
 
+    def pending_since(self) -> float:
+        """When the pending confirmation was recorded (wall clock), or inf when none is."""
+        try:
+            return (self.path / "pending.json").stat().st_mtime
+        except FileNotFoundError:
+            return float("inf")
+
     def clear_pending(self) -> None:
         (self.path / "pending.json").unlink(missing_ok=True)
         _fsync_dir(self.path)

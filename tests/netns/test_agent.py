@@ -1,0 +1,276 @@
+"""The agent under a harness that plays systemd: NOTIFY_SOCKET, WATCHDOG_USEC, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from netns_support import COMMAND_TIMEOUT, Cli, Journald, Nft, output, reach, wait_for_records
+
+from hostwall.drops import MESSAGE_ID_DRIFT, MESSAGE_ID_POLICY
+from hostwall.engine import Engine
+from hostwall.lab import Lab
+from hostwall.nft import NftBackend
+from hostwall.policy import load_policy
+from hostwall.state import StateDir
+
+pytestmark = pytest.mark.root
+
+ALLOWED_ONLY = {("allowed", 4, "5432/tcp"): "open", ("denied", 4, "5432/tcp"): "timeout"}
+NOBODY = {("allowed", 4, "5432/tcp"): "timeout", ("denied", 4, "5432/tcp"): "timeout"}
+
+
+def _policy(policy_dir: Path, cidrs: list[str]) -> None:
+    allow = [{"cidr": c, "owner": "t", "reason": "t", "review_by": "2099-01-01"} for c in cidrs]
+    (policy_dir / "policy.yaml").write_text(yaml.safe_dump({"services": {"postgres": {"allow": allow}}}))
+
+
+class Harness:
+    """Starts `hostwall agent` the way systemd would and collects what it notifies.
+
+    Like systemd, it reads the notification socket all the time: an AF_UNIX datagram
+    queue holds only a few messages, and a full one would block the agent's sd_notify.
+    """
+
+    def __init__(self, lab: Lab, policy_dir: Path, state_dir: Path, tmp: Path, *args: str,
+                 watchdog_usec: int = 1_000_000) -> None:
+        self.socket_path = str(tmp / f"notify-{time.monotonic_ns()}")
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(self.socket_path)
+        self.socket.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+        self._closing = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(("HOSTWALL_", "NOTIFY_"))}
+        environment.update(NOTIFY_SOCKET=self.socket_path, WATCHDOG_USEC=str(watchdog_usec))
+        command = [sys.executable, "-m", "hostwall", "--netns", lab.server, "--policy-dir", str(policy_dir),
+                   "--state-dir", str(state_dir), "agent", *args]
+        self.process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+
+    def _read(self) -> None:
+        while not self._closing.is_set():
+            try:
+                message = self.socket.recv(4096).decode()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), message))
+
+    def wait_for(self, text: str, seconds: float = 15.0, occurrence: int = 1) -> float:
+        """Time (monotonic) the occurrence-th notification containing text arrived."""
+        deadline = time.monotonic() + seconds
+        while True:
+            seen = [stamp for stamp, message in list(self.messages) if text in message]
+            if len(seen) >= occurrence:
+                return seen[occurrence - 1]
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        stderr = ""
+        if self.process.poll() is not None and self.process.stderr:
+            stderr = self.process.stderr.read()
+        pytest.fail(f"no {text!r} notification; got {[m for _, m in self.messages]}; agent stderr: {stderr}")
+
+    def collect(self, seconds: float) -> None:
+        """Let notifications arrive for seconds (the reader thread stores them)."""
+        time.sleep(seconds + 0.15)
+
+    def count(self, text: str) -> int:
+        return sum(text in m for _, m in list(self.messages))
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        self.process.communicate(timeout=COMMAND_TIMEOUT)
+        return self.process.returncode
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=COMMAND_TIMEOUT)
+        self._closing.set()
+        self._reader.join(timeout=5)
+        self.socket.close()
+
+
+@pytest.fixture
+def harness(lab: Lab, policy_dir: Path, state_dir: Path, tmp_path: Path, journald: Journald) -> Iterator[Any]:
+    started: list[Harness] = []
+
+    def start(*args: str, **kwargs: Any) -> Harness:
+        agent = Harness(lab, policy_dir, state_dir, tmp_path, *args, **kwargs)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.close()
+
+
+def _table_exists(nft: Nft) -> bool:
+    return nft("list", "table", "inet", "hostwall", check=False).returncode == 0
+
+
+def test_ready_only_after_the_table_exists_then_reload_watchdog_and_stop(
+    lab: Lab, policy_dir: Path, nft: Nft, hostwall: Cli, harness: Any
+) -> None:
+    _policy(policy_dir, [f"{lab.allowed.ipv4}/32"])
+    assert not _table_exists(nft)
+    agent = harness()
+    agent.wait_for("READY=1")
+    assert _table_exists(nft), "READY=1 was sent before the kernel held the ruleset"
+    assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
+    ready = next(m for _, m in agent.messages if "READY=1" in m)
+    assert "STATUS=generation 1 loaded, 1 entries" in ready
+
+    agent.collect(0.0)
+    pings_before = agent.count("WATCHDOG=1")
+    agent.collect(3.0)
+    pings = agent.count("WATCHDOG=1") - pings_before
+    assert 3 <= pings <= 12, f"{pings} watchdog pings in 3 s; expected about one per 0.5 s (WATCHDOG_USEC/2)"
+
+    _policy(policy_dir, ["192.0.2.0/24"])
+    readies = agent.count("READY=1")
+    agent.process.send_signal(signal.SIGHUP)
+    reloading = agent.wait_for("RELOADING=1")
+    reloading_message = next(m for s, m in agent.messages if s == reloading)
+    assert "MONOTONIC_USEC=" in reloading_message
+    assert agent.wait_for("READY=1", occurrence=readies + 1) > reloading
+    assert output(hostwall("status", "--json"))["generation"] == 2
+    assert reach(lab, NOBODY) == NOBODY
+
+    assert agent.stop() == 0
+    agent.collect(0.0)
+    assert any("STOPPING=1" in m for _, m in agent.messages)
+    assert _table_exists(nft), "stopping the agent must leave the firewall in place"
+    assert reach(lab, NOBODY) == NOBODY
+
+
+def test_restart_with_an_invalid_policy_keeps_the_last_good_generation(
+    lab: Lab, policy_dir: Path, hostwall: Cli, harness: Any
+) -> None:
+    _policy(policy_dir, [f"{lab.allowed.ipv4}/32"])
+    assert hostwall("apply").returncode == 0
+    (policy_dir / "policy.yaml").write_text("services:\n  postgres:\n    allow:\n      - cidr: 10.0.0.1/8\n")
+    agent = harness()
+    agent.wait_for("READY=1")
+    assert output(hostwall("status", "--json"))["generation"] == 1
+    assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
+    records = wait_for_records(lab.server, lambda r: len(r) > 0, f"MESSAGE_ID={MESSAGE_ID_POLICY}")
+    assert records and "policy invalid on start" in records[-1]["MESSAGE"]
+    assert agent.stop() == 0
+
+
+def test_fail_closed_without_policy_or_generation(
+    lab: Lab, policy_dir: Path, nft: Nft, harness: Any
+) -> None:
+    (policy_dir / "policy.yaml").write_text("services: [this is not a mapping]\n")
+    agent = harness()
+    agent.wait_for("READY=1")
+    assert _table_exists(nft)
+    assert reach(lab, NOBODY) == NOBODY
+    loopback = {("allowed", 4, "8080/tcp"): "open"}
+    assert reach(lab, loopback) == loopback  # unprotected ports stay open
+    from hostwall.lab import probe_tcp
+    assert probe_tcp(lab.server, "127.0.0.1", 5432, 3.0) == "open"  # loopback always allowed
+    assert agent.stop() == 0
+
+
+def test_drift_is_repaired_quickly_and_reported(
+    lab: Lab, policy_dir: Path, nft: Nft, hostwall: Cli, harness: Any
+) -> None:
+    _policy(policy_dir, [f"{lab.allowed.ipv4}/32"])
+    agent = harness("--full-check-interval", "2")
+    agent.wait_for("READY=1")
+
+    nft("delete", "table", "inet", "hostwall")
+    deadline = time.monotonic() + 5
+    while not _table_exists(nft) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _table_exists(nft), "the deleted table was not restored within 5 s"
+    assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
+
+    # An element added by hand changes no label: the periodic full check finds it.
+    nft("add", "element", "inet", "hostwall", "postgres_v4", f"{{ {lab.denied.ipv4} }}")
+    assert reach(lab, {("denied", 4, "5432/tcp"): "open"}) == {("denied", 4, "5432/tcp"): "open"}
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        if reach(lab, {("denied", 4, "5432/tcp"): "timeout"}) == {("denied", 4, "5432/tcp"): "timeout"}:
+            break
+    assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
+    records = wait_for_records(lab.server, lambda r: len(r) >= 2, f"MESSAGE_ID={MESSAGE_ID_DRIFT}")
+    assert len(records) >= 2
+    assert output(hostwall("status", "--json"))["drift"] == []
+    assert agent.stop() == 0
+
+
+def test_agent_enforces_confirmation_deadlines_and_distrusts_them_after_boot(
+    lab: Lab, policy_dir: Path, state_dir: Path, hostwall: Cli, harness: Any
+) -> None:
+    _policy(policy_dir, [f"{lab.allowed.ipv4}/32"])
+    assert hostwall("apply").returncode == 0
+    backend = NftBackend(lab.server)
+    try:
+        engine = Engine(backend, StateDir(state_dir))  # no detached reverter: only the agent can revert
+        _policy(policy_dir, ["192.0.2.0/24"])
+        engine.apply(load_policy(policy_dir), user="t", message="risky", confirm_within=3)
+    finally:
+        backend.close()
+    assert reach(lab, NOBODY) == NOBODY
+    agent = harness()
+    agent.wait_for("READY=1")
+    deadline = time.monotonic() + 10
+    while output(hostwall("status", "--json"))["generation"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert output(hostwall("status", "--json"))["generation"] == 1
+    assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
+    assert agent.stop() == 0
+
+    # A change still unconfirmed at boot is rolled back at once, deadline or not, and the
+    # policy on disk that produced it is not loaded again by the agent on its own.
+    backend = NftBackend(lab.server)
+    try:
+        Engine(backend, StateDir(state_dir)).apply(load_policy(policy_dir), user="t", message="risky again",
+                                                   confirm_within=3600)
+    finally:
+        backend.close()
+    before_boot = float(Path("/proc/stat").read_text().split("btime ")[1].split()[0]) - 60
+    os.utime(state_dir / "pending.json", (before_boot, before_boot))
+    agent = harness()
+    agent.wait_for("READY=1")
+    status = output(hostwall("status", "--json"))
+    assert (status["generation"], status["pending"]) == (1, None)
+    assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
+    assert agent.stop() == 0
+
+
+def test_metrics_textfile(lab: Lab, policy_dir: Path, tmp_path: Path, harness: Any) -> None:
+    _policy(policy_dir, [f"{lab.allowed.ipv4}/32"])
+    metrics = tmp_path / "hostwall.prom"
+    agent = harness("--metrics-file", str(metrics), "--metrics-interval", "1")
+    agent.wait_for("READY=1")
+    assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
+    time.sleep(2.5)
+    text = metrics.read_text()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+              for line in text.splitlines() if line and not line.startswith("#")}
+    assert values['hostwall_packets_total{service="postgres",verdict="accepted"}'] > 0
+    assert values['hostwall_packets_total{service="postgres",verdict="dropped"}'] > 0
+    assert values['hostwall_entries{service="postgres"}'] == 1
+    assert values["hostwall_generation"] == 1
+    assert values["hostwall_last_apply_success"] == 1
+    assert "hostwall_drift_repairs_total" in text and "hostwall_log_events_lost_total" in text
+    assert agent.stop() == 0
