@@ -3,7 +3,12 @@
 VENV ?= .venv
 export VENV
 
-.PHONY: setup demo test lint unit netns clean
+PREFIX ?= /usr/local
+INSTALL_VENV ?= /opt/hostwall
+UNITDIR ?= /etc/systemd/system
+CATALOGDIR ?= /usr/lib/systemd/catalog
+
+.PHONY: setup demo test lint unit netns clean install
 
 setup:
 	./scripts/setup.sh
@@ -26,3 +31,21 @@ test: lint
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+# Installs hostwall on this host: a private virtual environment, the command in
+# $(PREFIX)/bin, the systemd unit, the journald catalog, /etc/hostwall (policies
+# directory, with the examples beside it, not active) and /var/lib/hostwall.
+install: setup
+	python3 -m venv $(INSTALL_VENV)
+	$(INSTALL_VENV)/bin/python -m pip install -q .
+	install -d $(PREFIX)/bin
+	ln -sf $(INSTALL_VENV)/bin/hostwall $(PREFIX)/bin/hostwall
+	install -D -m 0644 units/hostwall.service $(UNITDIR)/hostwall.service
+	install -D -m 0644 units/hostwall.catalog $(CATALOGDIR)/hostwall.catalog
+	install -d -m 0755 /etc/hostwall/policies /etc/hostwall/examples
+	install -m 0644 policies/*.yaml policies/*.txt /etc/hostwall/examples/
+	install -D -m 0644 units/sudoers.hostwall $(INSTALL_VENV)/share/sudoers.hostwall
+	install -d -m 0700 /var/lib/hostwall
+	-journalctl --update-catalog
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed: write policies to /etc/hostwall/policies, then: systemctl enable --now hostwall"

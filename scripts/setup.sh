@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 packages=(nftables libnftables1 iproute2 libsystemd-dev pkg-config gcc python3-venv python3-dev
-          systemd make)
+          systemd make sudo)
 
 missing=()
 for package in "${packages[@]}"; do
