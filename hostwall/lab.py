@@ -160,38 +160,29 @@ def _family(address: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
-def probe_tcp(namespace: str, address: str, port: int, timeout: float = 1.0) -> str:
-    """'open' (connected and echoed), 'timeout' (silently dropped) or 'refused' (reset)."""
+def _probe(kind: socket.SocketKind, namespace: str, address: str, port: int, timeout: float) -> str:
     with netns.entered(namespace):
-        sock = socket.socket(_family(address), socket.SOCK_STREAM)
+        sock = socket.socket(_family(address), kind)
     with sock:
         sock.settimeout(timeout)
         try:
             sock.connect((address, port))
             sock.sendall(b"ping")
             return "open" if sock.recv(16) == b"ping" else "closed"
-        except ConnectionRefusedError:
-            return "refused"
-        except ConnectionResetError:
+        except (ConnectionRefusedError, ConnectionResetError):
             return "refused"
         except TimeoutError:
             return "timeout"
+
+
+def probe_tcp(namespace: str, address: str, port: int, timeout: float = 1.0) -> str:
+    """'open' (connected and echoed), 'timeout' (silently dropped) or 'refused' (reset)."""
+    return _probe(socket.SOCK_STREAM, namespace, address, port, timeout)
 
 
 def probe_udp(namespace: str, address: str, port: int, timeout: float = 1.0) -> str:
     """'open' (echo came back), 'timeout' or 'refused' (ICMP port unreachable)."""
-    with netns.entered(namespace):
-        sock = socket.socket(_family(address), socket.SOCK_DGRAM)
-    with sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect((address, port))
-            sock.send(b"ping")
-            return "open" if sock.recv(16) == b"ping" else "closed"
-        except ConnectionRefusedError:
-            return "refused"
-        except TimeoutError:
-            return "timeout"
+    return _probe(socket.SOCK_DGRAM, namespace, address, port, timeout)
 
 
 def connect(namespace: str, address: str, port: int, timeout: float = 1.0) -> socket.socket:
