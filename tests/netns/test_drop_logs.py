@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import selectors
 import signal
 import subprocess
 import sys
@@ -124,7 +126,6 @@ def test_a_flood_is_summarised_and_every_drop_is_counted(
     status = subprocess.run([sys.executable, "-m", "hostwall", "--netns", lab.server, "--policy-dir",
                              str(policy_dir), "--state-dir", str(policy_dir.parent / "state"), "status", "--json"],
                             capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
-    import json
     https = next(s for s in json.loads(status.stdout)["services"] if s["name"] == "https")
     assert https["dropped_packets"] == sent  # the kernel dropped every datagram
     assert read + lost == sent
@@ -189,3 +190,30 @@ def test_agent_survives_journald_restart_and_records_resume(
     returncode, stderr = agent.stop()
     assert returncode == 0
     assert "hostwall: dropped tcp" in stderr  # the record made while journald was away
+
+
+def test_drops_follow_prints_new_records_as_json(
+    lab: Lab, policy_dir: Path, hostwall: Cli, start_agent: Any
+) -> None:
+    _policy(policy_dir, lab)
+    assert hostwall("apply").returncode == 0
+    start_agent()
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "hostwall", "--netns", lab.server, "drops", "--follow", "--json",
+         "--service", "postgres", "--since", "1s"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # the follower is waiting on the journal by now
+        probe = {("denied", 6, "5432/tcp"): "timeout"}
+        assert reach(lab, probe) == probe
+        assert follower.stdout is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(follower.stdout, selectors.EVENT_READ)
+            assert selector.select(timeout=10), "drops --follow printed nothing within 10 s"
+        record = json.loads(follower.stdout.readline())
+        assert (record["HOSTWALL_SRC"], record["HOSTWALL_DPORT"], record["HOSTWALL_SERVICE"]) == (
+            lab.denied.ipv6, "5432", "postgres")
+        assert record["message"].startswith("dropped tcp [")
+    finally:
+        follower.terminate()
+        follower.communicate(timeout=COMMAND_TIMEOUT)
