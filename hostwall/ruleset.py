@@ -23,9 +23,10 @@ from hostwall.policy import PortRange
 TABLE_FAMILY = "inet"
 TABLE_NAME = "hostwall"
 INGRESS_CHAIN = "ingress"
-# raw priority: after defragmentation (-400), before conntrack (-200) and before DNAT
-# (-100), so fragments cannot hide a port, floods create no conntrack entries and
-# ports DNATed by Docker are covered too.
+# raw priority: before conntrack (-200), so floods create no conntrack entries, and
+# before DNAT (-100), so ports DNATed by Docker are covered too. Defragmentation (-400)
+# runs first while conntrack is active; without it a first fragment still carries the
+# ports (README, "Fragments").
 INGRESS_PRIORITY = -300
 LOG_PREFIX = "hostwall:"
 # Holds one element, the number of the generation loaded. A table comment cannot be
