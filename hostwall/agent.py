@@ -64,7 +64,7 @@ class InterfaceNames:
         try:
             with netns.entered(self._netns):
                 name = socket.if_indextoname(ifindex)
-        except OSError:
+        except (OSError, HostwallError):  # interface or namespace gone: keep streaming
             name = f"if{ifindex}"
         if len(self._cache) > 4096:
             self._cache.clear()

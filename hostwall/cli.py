@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -126,10 +127,12 @@ confirm_option = click.option(
 @click.version_option(__version__, prog_name="hostwall")
 @click.option("--netns", envvar="HOSTWALL_NETNS", metavar="NAME",
               help="Make every kernel and netlink call inside network namespace NAME (/run/netns/NAME).")
-@click.option("--policy-dir", envvar="HOSTWALL_POLICY_DIR", type=click.Path(path_type=Path),
+# readable=False: hostwall reports unreadable paths itself, after the privilege check,
+# so that a user without root learns what is needed rather than a permission detail.
+@click.option("--policy-dir", envvar="HOSTWALL_POLICY_DIR", type=click.Path(path_type=Path, readable=False),
               default=DEFAULT_POLICY_DIR, show_default=True,
               help="Policy directory (*.yaml, merged) or a single policy file.")
-@click.option("--state-dir", envvar="HOSTWALL_STATE_DIR", type=click.Path(path_type=Path),
+@click.option("--state-dir", envvar="HOSTWALL_STATE_DIR", type=click.Path(path_type=Path, readable=False),
               default=DEFAULT_STATE_DIR, show_default=True, help="Where generations are kept.")
 @click.pass_context
 def main(ctx: click.Context, netns: str | None, policy_dir: Path, state_dir: Path) -> None:
@@ -674,8 +677,9 @@ def parse_since(text: str, now: float | None = None) -> float:
     """'10m', '2h', '1d', '30s' ago, or an ISO 8601 timestamp."""
     now = time.time() if now is None else now
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text[:-1].isdigit() and text[-1:] in units:
-        return now - int(text[:-1]) * units[text[-1]]
+    relative = re.fullmatch(r"([0-9]{1,9})([smhd])", text)
+    if relative:
+        return now - int(relative[1]) * units[relative[2]]
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

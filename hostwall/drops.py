@@ -82,8 +82,10 @@ def drop_fields(drop: Drop) -> dict[str, str]:
 class _Source:
     window_start: float
     in_window: int = 0
-    suppressed: int = 0
-    last_drop: Drop | None = None
+    # Suppressed drops by service, each with the latest drop as the summary's example:
+    # `hostwall drops --top/--service` add HOSTWALL_COUNT up by source and service, so a
+    # summary must not count one service's drops under another's name.
+    suppressed: dict[str, tuple[int, Drop]] = field(default_factory=dict)
     minute_start: float = 0.0
     in_minute: int = 0
     warned_minute: float | None = None
@@ -109,12 +111,12 @@ class DropReporter:
                 records.extend(_summary(oldest))
             source = self._sources[key] = _Source(window_start=now, minute_start=now)
         self._sources.move_to_end(key)
-        source.last_drop = drop
         source.in_window += 1
         if source.in_window <= self._control.records_per_source_per_window:
             records.append(self._drop_record(drop))
         else:
-            source.suppressed += 1
+            count, _ = source.suppressed.get(drop.service, (0, drop))
+            source.suppressed[drop.service] = (count + 1, drop)
         if now - source.minute_start >= 60:
             source.minute_start, source.in_minute = now, 0
         source.in_minute += 1
@@ -132,7 +134,7 @@ class DropReporter:
         records = []
         for source in self._sources.values():
             records.extend(_summary(source))
-            source.suppressed = 0
+            source.suppressed = {}
         return records
 
     def _roll(self, now: float) -> list[Record]:
@@ -140,7 +142,7 @@ class DropReporter:
         for source in self._sources.values():
             if now - source.window_start >= self._control.window_seconds:
                 records.extend(_summary(source))
-                source.window_start, source.in_window, source.suppressed = now, 0, 0
+                source.window_start, source.in_window, source.suppressed = now, 0, {}
         return records
 
     @staticmethod
@@ -158,20 +160,21 @@ class DropReporter:
 
 
 def _summary(source: _Source) -> list[Record]:
-    if not source.suppressed or source.last_drop is None:
-        return []
-    drop = source.last_drop
+    return [_summary_record(count, drop) for count, drop in source.suppressed.values()]
+
+
+def _summary_record(count: int, drop: Drop) -> Record:
     fields = drop_fields(drop)
-    fields["HOSTWALL_COUNT"] = str(source.suppressed)
+    fields["HOSTWALL_COUNT"] = str(count)
     fields.pop("HOSTWALL_SRC_PORT", None)  # the ports vary within a summary
-    return [Record(
-        message=(f"dropped {source.suppressed} more packets from {drop.packet.src} "
+    return Record(
+        message=(f"dropped {count} more packets from {drop.packet.src} "
                  f"(service={drop.service}, iface={drop.interface}); records for this source "
                  "are summarised while it floods"),
         message_id=MESSAGE_ID_DROP_SUMMARY,
         priority=PRIORITY_NOTICE,
         fields=fields,
-    )]
+    )
 
 
 def _recon(drop: Drop, per_minute: int) -> Record:

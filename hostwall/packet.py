@@ -56,6 +56,9 @@ def _decode_ipv4(data: bytes) -> PacketSummary:
     header_length = (data[0] & 0x0F) * 4
     if header_length < 20:
         raise PacketError("bad IPv4 header length")
+    if len(data) < header_length:
+        # ip_rcv() drops such packets before netfilter sees them: these bytes are not a packet.
+        raise PacketError("truncated IPv4 options")
     fragment_field = struct.unpack_from("!H", data, 6)[0]
     offset_in_units = fragment_field & 0x1FFF
     protocol = data[9]
