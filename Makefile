@@ -17,7 +17,7 @@ demo: setup
 	$(VENV)/bin/hostwall demo
 
 lint: setup
-	$(VENV)/bin/ruff check hostwall tests
+	$(VENV)/bin/ruff check hostwall tests vagrant/library
 	$(VENV)/bin/mypy
 
 unit: setup
