@@ -569,10 +569,8 @@ def _log_group(options: Options) -> int:
 
 
 def _boot_time() -> float:
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith("btime "):
-            return float(line.split()[1])
-    return 0.0
+    # From the clocks, not /proc/stat: the unit's ProcSubset=pid hides /proc/stat.
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 @main.command()

@@ -49,7 +49,8 @@ def test_unit_exposure_is_at_most_the_target(tmp_path: Path) -> None:
 def test_unit_is_a_notify_service_ordered_before_the_network() -> None:
     text = (UNITS / "hostwall.service").read_text()
     for line in ("Type=notify", "Before=network-pre.target shutdown.target", "Wants=network-pre.target",
-                 "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure", "CapabilityBoundingSet=CAP_NET_ADMIN",
+                 "ExecReload=/bin/sh -c 'kill -HUP \"$$MAINPID\"'", "Restart=on-failure",
+                 "CapabilityBoundingSet=CAP_NET_ADMIN",
                  "RestrictAddressFamilies=AF_NETLINK AF_UNIX", "SystemCallFilter=@system-service",
                  "StateDirectory=hostwall", "ProtectSystem=strict", "NoNewPrivileges=yes"):
         assert line in text.splitlines(), line
