@@ -8,7 +8,7 @@ INSTALL_VENV ?= /opt/hostwall
 UNITDIR ?= /etc/systemd/system
 CATALOGDIR ?= /usr/lib/systemd/catalog
 
-.PHONY: setup demo test lint unit netns clean install
+.PHONY: setup demo test lint unit netns bench clean install
 
 setup:
 	./scripts/setup.sh
@@ -28,6 +28,10 @@ netns: setup
 
 test: lint
 	$(VENV)/bin/python -m pytest
+
+# Changing one entry of a 100k allowlist vs a full reload and vs nft (root; own namespace).
+bench: setup
+	$(VENV)/bin/python tests/bench/bench_delta.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -8,11 +8,16 @@ ruleset only as an integer interval produced here.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import ipaddress
+import itertools
 import math
 import socket
-from collections.abc import Iterable
+import struct
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -170,7 +175,8 @@ def format_address(family: int, value: int) -> str:
     return str(ipaddress.IPv6Address(value))  # RFC 5952 form, as nft and operators write it
 
 
-def _merge_same_expiry(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def merge_same_expiry(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, with overlapping and adjacent ranges joined (sorts intervals in place)."""
     intervals.sort()
     merged: list[tuple[int, int]] = []
     for first, last in intervals:
@@ -222,13 +228,452 @@ def merge_intervals(intervals: Iterable[Interval]) -> list[Interval]:
         covered: list[tuple[int, int]] = []
         expiries = sorted((e for f, e in by_family_expiry if f == family), reverse=True)
         for expires in expiries:
-            merged = _merge_same_expiry(by_family_expiry[(family, expires)])
+            merged = merge_same_expiry(by_family_expiry[(family, expires)])
             remaining = _subtract(merged, covered) if covered else merged
             result.extend(Interval(family, first, last, expires) for first, last in remaining)
-            covered = _merge_same_expiry(covered + remaining)
+            covered = merge_same_expiry(covered + remaining)
     result.sort()
     return result
 
 
 def family_max(family: int) -> int:
     return _V4_MAX if family == 4 else _V6_MAX
+
+
+_ADDRESS_BYTES = {4: 4, 6: 16}
+_EXPIRY = struct.Struct(">d")
+# Big-endian IEEE doubles of positive numbers sort like the numbers, +inf last.
+PERMANENT_BYTES = _EXPIRY.pack(PERMANENT)
+_SET_MAGIC = b"HWSET1\n"
+_SET_HEADER = struct.Struct(">BBBQ")  # family, ordered, has expiries, count
+
+
+class IntervalSet(Sequence[Interval]):
+    """An immutable sequence of intervals of one family, held as bytes.
+
+    ``ranges`` has one record per interval: first and last address, big-endian at the
+    family's width, so that byte order is address order. ``expiries`` has one
+    big-endian double per interval, or is None when every interval is permanent (always
+    None then, so that equal sets have equal bytes). A 100k-element allowlist is then
+    two byte strings instead of 100k objects: equality, hashing and digests run at C
+    speed, and two ordered sets are diffed through their common prefix and suffix,
+    decoding only the window between them.
+
+    ``ordered`` promises that the intervals are sorted and pairwise disjoint (each ends
+    before the next starts), as merged sets are; constructors that cannot know it check
+    it (``of``) or leave it False.
+    """
+
+    __slots__ = ("_diff", "_digest", "_hash", "expiries", "family", "ordered", "ranges")
+
+    family: int
+    ranges: bytes
+    expiries: bytes | None
+    ordered: bool
+    _digest: str | None
+    _hash: int | None
+    _diff: tuple[IntervalSet, tuple[tuple[Interval, ...], tuple[Interval, ...]]] | None
+
+    def __init__(self, family: int, ranges: bytes = b"", expiries: bytes | None = None, *,
+                 ordered: bool = False) -> None:
+        if family not in _ADDRESS_BYTES:
+            raise ValueError(f"address family must be 4 or 6, not {family!r}")
+        width = 2 * _ADDRESS_BYTES[family]
+        if len(ranges) % width:
+            raise ValueError(f"{len(ranges)} bytes are not a whole number of IPv{family} records")
+        count = len(ranges) // width
+        if expiries is not None:
+            if len(expiries) != _EXPIRY.size * count:
+                raise ValueError(f"{len(expiries)} bytes of expiries for {count} intervals")
+            if expiries == PERMANENT_BYTES * count:
+                expiries = None
+        object.__setattr__(self, "family", family)
+        object.__setattr__(self, "ranges", bytes(ranges))
+        object.__setattr__(self, "expiries", None if expiries is None else bytes(expiries))
+        object.__setattr__(self, "ordered", ordered or count <= 1)
+        object.__setattr__(self, "_digest", None)
+        object.__setattr__(self, "_hash", None)
+        object.__setattr__(self, "_diff", None)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"IntervalSet is immutable; cannot set {name}")
+
+    @classmethod
+    def of(cls, family: int, intervals: Iterable[Interval]) -> IntervalSet:
+        """The given intervals, in the given order (checked for being ordered)."""
+        items = list(intervals)
+        for interval in items:
+            if interval.family != family:
+                raise ValueError(f"{interval} is not an IPv{family} interval")
+            if not 0 <= interval.first <= interval.last <= family_max(family):
+                raise ValueError(f"interval {interval.first}-{interval.last} is not an IPv{family} range")
+        ordered = all(a.last < b.first for a, b in itertools.pairwise(items))
+        ranges = _encode_ranges(family, [i.first for i in items], [i.last for i in items])
+        expiries = None
+        if any(i.expires != PERMANENT for i in items):
+            expiries = struct.pack(f">{len(items)}d", *(i.expires for i in items))
+        return cls(family, ranges, expiries, ordered=ordered)
+
+    # -- the sequence --------------------------------------------------------------
+
+    @property
+    def record_size(self) -> int:
+        return 2 * _ADDRESS_BYTES[self.family]
+
+    def __len__(self) -> int:
+        return len(self.ranges) // self.record_size
+
+    def bounds(self) -> tuple[list[int], list[int]]:
+        """The first and the last address of every interval."""
+        return _decode_ranges(self.family, self.ranges)
+
+    def expiry_values(self) -> Iterable[float]:
+        if self.expiries is None:
+            return itertools.repeat(PERMANENT, len(self))
+        return struct.unpack(f">{len(self)}d", self.expiries)
+
+    def __iter__(self) -> Iterator[Interval]:
+        firsts, lasts = self.bounds()
+        return map(Interval, itertools.repeat(self.family), firsts, lasts, self.expiry_values())
+
+    @overload
+    def __getitem__(self, index: int) -> Interval: ...
+    @overload
+    def __getitem__(self, index: slice) -> IntervalSet: ...
+    def __getitem__(self, index: int | slice) -> Interval | IntervalSet:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return IntervalSet.of(self.family, [self[i] for i in range(start, stop, step)])
+            stop = max(start, stop)
+            size = self.record_size
+            expiries = None if self.expiries is None else self.expiries[start * 8:stop * 8]
+            return IntervalSet(self.family, self.ranges[start * size:stop * size], expiries,
+                               ordered=self.ordered)
+        count = len(self)
+        if index < 0:
+            index += count
+        if not 0 <= index < count:
+            raise IndexError("IntervalSet index out of range")
+        width = _ADDRESS_BYTES[self.family]
+        offset = index * 2 * width
+        first = int.from_bytes(self.ranges[offset:offset + width], "big")
+        last = int.from_bytes(self.ranges[offset + width:offset + 2 * width], "big")
+        expires = PERMANENT if self.expiries is None else _EXPIRY.unpack_from(self.expiries, index * 8)[0]
+        return Interval(self.family, first, last, expires)
+
+    def __contains__(self, item: object) -> bool:
+        if not isinstance(item, Interval) or item.family != self.family:
+            return False
+        if not self.ordered:
+            return any(i == item for i in self)
+        index = bisect.bisect_right(_Column(self, 0), item.first) - 1
+        return index >= 0 and self[index] == item
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, IntervalSet):
+            return (self.ranges == other.ranges and self.expiries == other.expiries
+                    and (self.family == other.family or not self.ranges))
+        if isinstance(other, tuple):
+            return len(self) == len(other) and tuple(self) == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        # Equal to the tuple of its intervals, so hashed like it (computed once).
+        if self._hash is None:
+            object.__setattr__(self, "_hash", hash(tuple(self)))
+        assert self._hash is not None
+        return self._hash
+
+    def __add__(self, other: Iterable[Interval]) -> tuple[Interval, ...]:
+        return (*self, *other)
+
+    def __radd__(self, other: Iterable[Interval]) -> tuple[Interval, ...]:
+        return (*other, *self)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(str(i) for i in itertools.islice(self, 4))
+        more = f", ... ({len(self)} in all)" if len(self) > 4 else ""
+        return f"IntervalSet(v{self.family}: {shown}{more})"
+
+    # -- what the rest of hostwall asks of a set -----------------------------------
+
+    @property
+    def has_timeouts(self) -> bool:
+        return self.expiries is not None
+
+    @property
+    def digest(self) -> str:
+        """sha256 over the family, the count and the records."""
+        if self._digest is None:
+            digest = hashlib.sha256(f"IPv{self.family} {len(self)}\n".encode())
+            digest.update(self.ranges)
+            if self.expiries is not None:
+                digest.update(self.expiries)
+            object.__setattr__(self, "_digest", digest.hexdigest())
+        assert self._digest is not None
+        return self._digest
+
+    def to_bytes(self) -> bytes:
+        header = _SET_HEADER.pack(self.family, self.ordered, self.expiries is not None, len(self))
+        return b"".join((_SET_MAGIC, header, self.ranges, self.expiries or b""))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> IntervalSet:
+        """The set to_bytes wrote; ValueError for anything else."""
+        if not data.startswith(_SET_MAGIC) or len(data) < len(_SET_MAGIC) + _SET_HEADER.size:
+            raise ValueError("not an encoded interval set")
+        family, ordered, timed, count = _SET_HEADER.unpack_from(data, len(_SET_MAGIC))
+        if family not in _ADDRESS_BYTES or ordered > 1 or timed > 1:
+            raise ValueError("bad interval set header")
+        start = len(_SET_MAGIC) + _SET_HEADER.size
+        middle = start + count * 2 * _ADDRESS_BYTES[family]
+        end = middle + (count * 8 if timed else 0)
+        if len(data) != end:
+            raise ValueError("interval set length does not match its header")
+        return cls(family, data[start:middle], data[middle:end] if timed else None, ordered=bool(ordered))
+
+    def diff(self, new: IntervalSet) -> tuple[tuple[Interval, ...], tuple[Interval, ...]]:
+        """(removed, added): the intervals only in self and only in new, each sorted.
+
+        Between two ordered sets of the same family only the windows that differ are
+        decoded. A window loses its common head and tail (compared as bytes, at C
+        speed); what is left is split at its middle record, found in the other set by
+        bisection: everything before it can only pair with what is before it. So a
+        change of a few elements anywhere in a 100k set decodes a few records.
+        """
+        if self == new:
+            return (), ()
+        if not (self.ordered and new.ordered and self.family == new.family):
+            before, after = set(self), set(new)
+            return tuple(sorted(before - after)), tuple(sorted(after - before))
+        memo = self._diff
+        if memo is not None and memo[0] is new:
+            return memo[1]
+        timed = self.expiries is not None or new.expiries is not None
+        old_expiries = (self.expiries or PERMANENT_BYTES * len(self)) if timed else None
+        new_expiries = (new.expiries or PERMANENT_BYTES * len(new)) if timed else None
+        size, keys = self.record_size, Records(new.ranges, self.record_size)
+        removed: set[Interval] = set()
+        added: set[Interval] = set()
+        windows = [(0, len(self), 0, len(new))]
+        # Each round either settles a window or takes one record out of the old side.
+        for _ in range(len(self) + len(new) + 1):
+            if not windows:
+                break
+            a0, a1, b0, b1 = _strip(self.ranges, old_expiries, new.ranges, new_expiries, size, *windows.pop())
+            if a1 - a0 + b1 - b0 <= _SMALL_WINDOW or a0 == a1 or b0 == b1:
+                before, after = set(self[a0:a1]), set(new[b0:b1])
+                removed |= before - after
+                added |= after - before
+                continue
+            middle = (a0 + a1) // 2
+            key = self.ranges[middle * size:(middle + 1) * size]
+            found = bisect.bisect_left(keys, key, b0, b1)
+            resume = found
+            if found < b1 and keys[found] == key:
+                resume = found + 1
+                if self[middle].expires != new[found].expires:
+                    removed.add(self[middle])
+                    added.add(new[found])
+            else:
+                removed.add(self[middle])
+            windows += [(a0, middle, b0, found), (middle + 1, a1, resume, b1)]
+        assert not windows, "diff did not settle"
+        result = tuple(sorted(removed)), tuple(sorted(added))
+        object.__setattr__(self, "_diff", (new, result))  # apply asks twice: plan, then delta
+        return result
+
+    def merged_with(self, extra: Iterable[Interval]) -> IntervalSet:
+        """merge_intervals(self + extra), for a self that is already merged.
+
+        Only the records of self that touch an extra interval (overlap it or are
+        adjacent to it) can change: the others neither join nor shadow anything. So
+        those few are merged with the extra intervals in Python and the rest of the
+        records are copied as bytes around them.
+        """
+        extras = sorted(extra)
+        if not extras:
+            return self
+        for interval in extras:
+            if interval.family != self.family:
+                raise ValueError(f"{interval} is not an IPv{self.family} interval")
+        if not self.ordered:
+            return IntervalSet.of(self.family, [i for i in merge_intervals([*self, *extras])])
+        firsts, lasts = _Column(self, 0), _Column(self, 1)
+        touched: list[list[int]] = []
+        for interval in extras:
+            low = bisect.bisect_left(lasts, interval.first - 1)
+            high = bisect.bisect_right(firsts, interval.last + 1)
+            if low < high:
+                touched.append([low, high])
+        pieces = merge_intervals([*(self[i] for low, high in touched for i in range(low, high)), *extras])
+        regions = sorted([*touched, *([bisect.bisect_left(firsts, p.first)] * 2 for p in pieces)])
+        merged_regions: list[list[int]] = []
+        for low, high in regions:
+            if merged_regions and low <= merged_regions[-1][1]:
+                merged_regions[-1][1] = max(merged_regions[-1][1], high)
+            else:
+                merged_regions.append([low, high])
+        size = self.record_size
+        own_expiries = self.expiries
+        timed = own_expiries is not None or any(p.expires != PERMANENT for p in pieces)
+        if timed and own_expiries is None:
+            own_expiries = PERMANENT_BYTES * len(self)
+        ranges: list[bytes] = []
+        expiries: list[bytes] = []
+        cursor = 0
+        remaining = iter(pieces)
+        piece = next(remaining, None)
+        for low, high in merged_regions:
+            ranges.append(self.ranges[cursor * size:low * size])
+            if own_expiries is not None:
+                expiries.append(own_expiries[cursor * 8:low * 8])
+            inside: list[Interval] = []
+            while piece is not None and bisect.bisect_left(firsts, piece.first) <= high:
+                inside.append(piece)
+                piece = next(remaining, None)
+            ranges.append(_encode_ranges(self.family, [p.first for p in inside], [p.last for p in inside]))
+            if timed:
+                expiries.append(struct.pack(f">{len(inside)}d", *(p.expires for p in inside)))
+            cursor = high
+        assert piece is None, "a merged piece fell outside every region"
+        ranges.append(self.ranges[cursor * size:])
+        if own_expiries is not None:
+            expiries.append(own_expiries[cursor * 8:])
+        return IntervalSet(self.family, b"".join(ranges), b"".join(expiries) if timed else None,
+                           ordered=True)
+
+
+_SMALL_WINDOW = 32
+
+
+def _strip(
+    old: bytes, old_expiries: bytes | None, new: bytes, new_expiries: bytes | None, size: int,
+    a0: int, a1: int, b0: int, b1: int,
+) -> tuple[int, int, int, int]:
+    """The windows old[a0:a1] and new[b0:b1] (in records) without their common head and
+    tail; expiries None: both sets are permanent."""
+
+    def common(a0: int, a1: int, b0: int, b1: int, *, from_end: bool) -> int:
+        ranges = common_bytes(old[a0 * size:a1 * size], new[b0 * size:b1 * size], from_end=from_end) // size
+        if old_expiries is None or new_expiries is None:
+            return ranges
+        expiries = common_bytes(old_expiries[a0 * 8:a1 * 8], new_expiries[b0 * 8:b1 * 8], from_end=from_end) // 8
+        return min(ranges, expiries)
+
+    head = common(a0, a1, b0, b1, from_end=False)
+    a0, b0 = a0 + head, b0 + head
+    tail = min(common(a0, a1, b0, b1, from_end=True), a1 - a0, b1 - b0)
+    return a0, a1 - tail, b0, b1 - tail
+
+
+class Records(Sequence[bytes]):
+    """Fixed-width records as a sequence of bytes, for bisect: big-endian first|last
+    compares like (first, last)."""
+
+    def __init__(self, data: bytes, size: int) -> None:
+        self.data, self.size = data, size
+
+    def __len__(self) -> int:
+        return len(self.data) // self.size
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.data[index * self.size:(index + 1) * self.size]
+
+    def pair(self, index: int) -> tuple[int, int]:
+        """The record at index as (first, last)."""
+        record, width = self[index], self.size // 2
+        return int.from_bytes(record[:width], "big"), int.from_bytes(record[width:], "big")
+
+
+class _Column(Sequence[int]):
+    """One address column of an IntervalSet as integers, for bisect (decodes on demand)."""
+
+    def __init__(self, intervals: IntervalSet, column: int) -> None:
+        self._ranges = intervals.ranges
+        self._width = _ADDRESS_BYTES[intervals.family]
+        self._offset = column * self._width
+        self._count = len(intervals)
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[int]: ...
+    def __getitem__(self, index: int | slice) -> int | Sequence[int]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        start = index * 2 * self._width + self._offset
+        return int.from_bytes(self._ranges[start:start + self._width], "big")
+
+
+def _encode_ranges(family: int, firsts: list[int], lasts: list[int]) -> bytes:
+    if family == 4:
+        flat = [value for pair in zip(firsts, lasts, strict=True) for value in pair]
+        return struct.pack(f">{len(flat)}I", *flat)
+    return b"".join(
+        first.to_bytes(16, "big") + last.to_bytes(16, "big") for first, last in zip(firsts, lasts, strict=True)
+    )
+
+
+def _decode_ranges(family: int, ranges: bytes) -> tuple[list[int], list[int]]:
+    if family == 4:
+        flat = struct.unpack(f">{len(ranges) // 4}I", ranges)
+        return list(flat[0::2]), list(flat[1::2])
+    halves = struct.unpack(f">{len(ranges) // 8}Q", ranges)
+    firsts = [high << 64 | low for high, low in zip(halves[0::4], halves[1::4], strict=True)]
+    lasts = [high << 64 | low for high, low in zip(halves[2::4], halves[3::4], strict=True)]
+    return firsts, lasts
+
+
+def encode_merged(family: int, pairs: list[tuple[int, int]]) -> bytes:
+    """Records of (first, last) pairs that are already merged and sorted."""
+    return _encode_ranges(family, [first for first, _ in pairs], [last for _, last in pairs])
+
+
+def common_bytes(a: bytes, b: bytes, *, from_end: bool) -> int:
+    """The length of the common prefix (or suffix) of a and b.
+
+    Halving the window compares each byte about once, as memcmp of slices.
+    """
+    length = min(len(a), len(b))
+    if from_end:
+        a, b = a[len(a) - length:], b[len(b) - length:]
+        if a == b:
+            return length
+        # Mismatch somewhere in the last `high` bytes but not in the last `low`.
+        low, high = 0, length
+        while high - low > 64:
+            middle = (low + high) // 2
+            if a[length - middle:length - low] == b[length - middle:length - low]:
+                low = middle
+            else:
+                high = middle
+        while low < high and a[length - low - 1] == b[length - low - 1]:
+            low += 1
+        return low
+    if a[:length] == b[:length]:
+        return length
+    low, high = 0, length  # the first mismatch is in [low, high)
+    while high - low > 64:
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    while low < high and a[low] == b[low]:
+        low += 1
+    return low

@@ -42,7 +42,7 @@ class Options:
     state_dir: Path
 
     def policy(self) -> Policy:
-        return load_policy(self.policy_dir)
+        return load_policy(self.policy_dir, cache=StateDir(self.state_dir).list_cache())
 
     def engine(self) -> Engine:
         from hostwall.nft import NftBackend
@@ -160,7 +160,7 @@ def validate(options: Options, path: Path | None, as_json: bool) -> None:
     \b
     Example: hostwall validate /etc/hostwall/policies
     """
-    policy = load_policy(path or options.policy_dir)
+    policy = load_policy(path or options.policy_dir, cache=StateDir(options.state_dir).list_cache())
     ruleset = compile_policy(policy)
     entries = sum(len(s.entries) for s in policy.services)
     if as_json:
@@ -469,9 +469,10 @@ def rollback(options: Options, target: int | None, wait: float, confirm_within: 
     result = options.engine().rollback(target, wait=wait, confirm_within=confirm_within)
     if as_json:
         _emit_json({"generation": result.generation, "previous": result.previous,
-                    "replayed": result.replayed, "pending": _pending_json(result.pending)})
+                    "replayed": result.replayed, "rendered_because": result.rendered_because,
+                    "pending": _pending_json(result.pending)})
         return
-    how = "stored transaction replayed" if result.replayed else "re-rendered for expiring entries"
+    how = "stored transaction replayed" if result.replayed else f"rendered again: {result.rendered_because}"
     click.echo(f"rolled back from generation {result.previous} to {result.generation} ({how})")
     if result.pending:
         click.echo(_pending_text(result.pending))

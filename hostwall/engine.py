@@ -13,8 +13,8 @@ from hostwall.compile import compile_policy
 from hostwall.errors import KernelError, KernelRejected, StateError
 from hostwall.kernel import Backend, Counter, KernelTable
 from hostwall.plan import Drift, Plan, detect_drift, diff_rulesets, make_plan
-from hostwall.policy import Policy
-from hostwall.ruleset import Ruleset, ServiceRules, element_delta, render_full_load, render_removal
+from hostwall.policy import Entries, Policy
+from hostwall.ruleset import Delta, Ruleset, ServiceRules, element_delta, render_full_load, render_removal
 from hostwall.state import Current, Pending, StateDir
 
 
@@ -45,8 +45,11 @@ def delta_is_cheaper(changed_elements: int, total_elements: int) -> bool:
 class RollbackResult:
     generation: int
     previous: int | None
-    replayed: bool  # True: the stored text byte for byte; False: re-rendered for timeouts
+    replayed: bool  # True: the stored text byte for byte; False: rendered from the recorded ruleset
     pending: Pending | None = None
+    # Why it was rendered: "expiring entries" (stored timeouts are relative to the old
+    # load) or "element delta" (that generation reached the kernel as a delta, no text).
+    rendered_because: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,20 +73,39 @@ class Status:
 
 
 def policy_sources(policy: Policy) -> dict[str, bytes]:
-    """The files that produced a policy, keyed by a path relative to their common folder."""
+    """The files that produced a policy, keyed by a path relative to their common folder.
+
+    A ``file:`` list is recorded with the bytes that were compiled, not read again.
+    """
+    return _policy_sources(policy)[0]
+
+
+def _policy_sources(policy: Policy) -> tuple[dict[str, bytes], dict[str, str]]:
+    """policy_sources, and the sha256 of the file: lists among them (known from loading)."""
     names = {str(p) for p in policy.files}
+    loaded: dict[str, bytes] = {}
+    hashes: dict[str, str] = {}
     for service in policy.services:
-        names.update(e.origin.file for e in service.entries)
+        if isinstance(service.entries, Entries):
+            loaded.update((part.path, part.data) for part in service.entries.lists)
+            hashes.update((part.path, part.sha256) for part in service.entries.lists)
+            names.update(e.origin.file for e in service.entries.inline)
+        else:
+            names.update(e.origin.file for e in service.entries)
+    names.update(loaded)
     names.update(e.origin.file for e in policy.expired)
     paths = {Path(name) for name in names}
     root = Path(os.path.commonpath([str(p.resolve().parent) for p in paths])) if paths else Path("/")
-    sources = {}
+    sources, known = {}, {}
     for path in sorted(paths):
+        name = str(path.resolve().relative_to(root))
         try:
-            sources[str(path.resolve().relative_to(root))] = path.read_bytes()
+            sources[name] = loaded[str(path)] if str(path) in loaded else path.read_bytes()
         except OSError as exc:
             raise StateError(f"cannot read {path} to record it: {exc.strerror}") from exc
-    return sources
+        if str(path) in hashes:
+            known[name] = hashes[str(path)]
+    return sources, known
 
 
 class Engine:
@@ -145,15 +167,17 @@ class Engine:
                 if not plan.changed:
                     return ApplyResult(plan, None, False)
             number = self._state.next_number()
-            transaction = render_full_load(desired, number, now)
-            self._state.stage(
-                number, ruleset=desired, transaction=transaction,
-                policy_files=policy_sources(policy), user=user, message=message,
-            )
             # Any drift means the record no longer describes the kernel: full load.
             delta_base = recorded if recorded is not None and not plan.drift else None
+            delta = self._cheaper_delta(number, desired, before, delta_base, now)
+            sources, known_hashes = _policy_sources(policy)
+
+            def stage(transaction: str | None) -> None:
+                self._state.stage(number, ruleset=desired, transaction=transaction, policy_files=sources,
+                                  user=user, message=message, known_hashes=known_hashes)
+
             try:
-                method = self._load(number, desired, transaction, before, delta_base, now)
+                method = self._load(number, desired, delta, before, now, stage)
             except KernelError:
                 self._state.discard(number)
                 raise
@@ -171,31 +195,49 @@ class Engine:
             return None
         return self._recorded(current)
 
+    @staticmethod
+    def _cheaper_delta(
+        number: int, desired: Ruleset, before: Current | None, recorded: Ruleset | None, now: float
+    ) -> Delta | None:
+        """The element delta from the recorded generation, when it beats a full load."""
+        if before is None or recorded is None or recorded.structure() != desired.structure():
+            return None
+        delta = element_delta(recorded, desired, before.generation, number, now)
+        return delta if delta_is_cheaper(delta.size(), desired.entry_count()) else None
+
     def _load(
         self,
         number: int,
         desired: Ruleset,
-        transaction: str,
+        delta: Delta | None,
         before: Current | None,
-        recorded: Ruleset | None,
         now: float,
+        stage: Callable[[str | None], None],
     ) -> str:
-        """Put generation number in the kernel by the cheaper way; returns "delta" or "full"."""
-        if before is not None and recorded is not None and recorded.structure() == desired.structure():
-            delta = element_delta(recorded, desired, before.generation, number, now)
-            if delta_is_cheaper(delta.size(), desired.entry_count()):
-                try:
-                    self._backend.apply_delta(delta, now)
-                except KernelRejected:
-                    # The kernel no longer holds what the record says (an element expired
-                    # early, a concurrent edit): the batch was refused whole, so a full
-                    # load from the same generation repairs everything.
-                    pass
-                else:
-                    self._state.set_current(dataclasses.replace(
-                        before, generation=number, digest=desired.digest, applied=now, loaded_by="delta",
-                    ))
-                    return "delta"
+        """Record generation number (stage), then put it in the kernel: as delta when
+        given, else (or when the kernel refuses the delta) as a full load. Returns
+        "delta" or "full".
+
+        A delta generation is recorded without a transaction text: rendering a 100k set
+        costs more than the whole delta, and rollback renders it from the ruleset.
+        """
+        if delta is not None and before is not None:
+            stage(None)
+            try:
+                self._backend.apply_delta(delta, now)
+            except KernelRejected:
+                # The kernel no longer holds what the record says (an element expired
+                # early, a concurrent edit): the batch was refused whole, so a full
+                # load from the same generation repairs everything. It is recorded
+                # again below, with its text.
+                self._state.discard(number)
+            else:
+                self._state.set_current(dataclasses.replace(
+                    before, generation=number, digest=desired.digest, applied=now, loaded_by="delta",
+                ))
+                return "delta"
+        transaction = render_full_load(desired, number, now)
+        stage(transaction)
         self._backend.submit(transaction)
         self._record_loaded(number, desired)
         return "full"
@@ -227,21 +269,30 @@ class Engine:
         with self._state.locked(wait):
             current = self._state.current()
             target = to if to is not None else self._previous_number(current)
-            replayed = self._load_generation(target)
+            rendered_because = self._load_generation(target)
             pending = self._arm_or_clear_confirmation(target, current, confirm_within)
-            return RollbackResult(target, current.generation if current else None, replayed, pending)
+            return RollbackResult(target, current.generation if current else None, rendered_because is None,
+                                  pending, rendered_because)
 
-    def _load_generation(self, number: int) -> bool:
-        """Load a recorded generation; True when its stored text was replayed byte for byte."""
+    def _load_generation(self, number: int) -> str | None:
+        """Load a recorded generation: None when its stored text was replayed byte for
+        byte, else why it was rendered from its recorded (hash-verified) ruleset."""
         generation = self._state.generation(number)
         ruleset = generation.ruleset()
-        replayed = not any(s.has_timeouts(4) or s.has_timeouts(6) for s in ruleset.services)
-        # Stored timeouts are relative to the original load; replaying them would
-        # extend expiring entries, so those rulesets are rendered again for now.
-        text = generation.transaction() if replayed else render_full_load(ruleset, number, self._clock())
+        because = None
+        if any(s.has_timeouts(4) or s.has_timeouts(6) for s in ruleset.services):
+            # Stored timeouts are relative to the original load; replaying them would
+            # extend expiring entries.
+            because = "expiring entries"
+        elif not generation.has_transaction:
+            # It reached the kernel as an element delta. Without timeouts the rendering
+            # depends on nothing but the ruleset and the number: the text a full load of
+            # this generation submits.
+            because = "element delta"
+        text = generation.transaction() if because is None else render_full_load(ruleset, number, self._clock())
         self._backend.submit(text)
         self._record_loaded(number, ruleset)
-        return replayed
+        return because
 
     def _previous_number(self, current: Current | None) -> int:
         if current is None:

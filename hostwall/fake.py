@@ -117,9 +117,15 @@ def _parse_full_load(text: str) -> _Table:
     return table
 
 
+def _seconds(duration: str) -> int:
+    """nft's duration syntax (e.g. 1157d9h46m40s) in seconds."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    return sum(int(number) * units[unit] for number, unit in re.findall(r"(\d+)([dhms])", duration))
+
+
 def _element(family: int, text: str) -> Interval:
     value, _, timeout = text.partition(" timeout ")
-    expires = float(timeout.rstrip("s")) if timeout else math.inf
+    expires = float(_seconds(timeout)) if timeout else math.inf
     if "-" in value:
         first, last = value.split("-")
         return Interval(family, int(ipaddress.ip_address(first)), int(ipaddress.ip_address(last)), expires)

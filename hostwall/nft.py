@@ -47,26 +47,36 @@ class NftBackend:
             raise KernelUnavailable(
                 "the nftables Python binding is missing (pip install pip-nftables)"
             ) from exc
-        with netns.entered(netns_name):
-            try:
-                self._nft = nftables.Nftables()
-            except OSError as exc:
-                raise KernelUnavailable(
-                    f"libnftables cannot be loaded ({exc}); install libnftables1"
-                ) from exc
-        self._nft.set_handle_output(False)
-        self._nft.set_stateless_output(False)
+        self._binding = nftables
+        self._context: Any = None
         self._netlink = NetlinkTable(netns_name)
+
+    def _nft(self) -> Any:
+        """The libnftables context, created on first use: an element delta never needs it."""
+        if self._context is None:
+            # Its netlink socket belongs to the namespace it is created in.
+            with netns.entered(self._netns):
+                try:
+                    context = self._binding.Nftables()
+                except OSError as exc:
+                    raise KernelUnavailable(
+                        f"libnftables cannot be loaded ({exc}); install libnftables1"
+                    ) from exc
+            context.set_handle_output(False)
+            context.set_stateless_output(False)
+            self._context = context
+        return self._context
 
     def close(self) -> None:
         """Release the netlink sockets; a long-lived process (agent, tests) must call it."""
         self._netlink.close()
 
     def _run(self, command: str, *, json_output: bool = False, terse: bool = False) -> str:
+        context = self._nft()
         with netns.entered(self._netns):
-            self._nft.set_json_output(json_output)
-            self._nft.set_terse_output(terse)
-            rc, output, error = self._nft.cmd(command)
+            context.set_json_output(json_output)
+            context.set_terse_output(terse)
+            rc, output, error = context.cmd(command)
         if rc != 0:
             raise _classify(error or output)
         return str(output)

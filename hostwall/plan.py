@@ -166,12 +166,14 @@ def diff_rulesets(old: Ruleset, new: Ruleset) -> tuple[ServiceChange, ...]:
     for service in new.services:
         before = old.service(service.name)
         if before is None:
-            changes.append(ServiceChange(service.name, "added", service.v4 + service.v6))
+            changes.append(ServiceChange(service.name, "added", (*service.v4, *service.v6)))
             continue
-        old_keys = {(_key(i), i.expires) for i in before.v4 + before.v6}
-        new_keys = {(_key(i), i.expires) for i in service.v4 + service.v6}
-        added = tuple(i for i in service.v4 + service.v6 if (_key(i), i.expires) not in old_keys)
-        removed = tuple(i for i in before.v4 + before.v6 if (_key(i), i.expires) not in new_keys)
+        added: tuple[Interval, ...] = ()
+        removed: tuple[Interval, ...] = ()
+        for family in (4, 6):
+            gone, new_ones = before.intervals(family).diff(service.intervals(family))
+            added += new_ones
+            removed += gone
         structural = before.structure() != service.structure()
         if structural or added or removed:
             changes.append(ServiceChange(
@@ -180,5 +182,5 @@ def diff_rulesets(old: Ruleset, new: Ruleset) -> tuple[ServiceChange, ...]:
             ))
     for before in old.services:
         if new.service(before.name) is None:
-            changes.append(ServiceChange(before.name, "removed", (), before.v4 + before.v6))
+            changes.append(ServiceChange(before.name, "removed", (), (*before.v4, *before.v6)))
     return tuple(changes)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import bisect
 import difflib
+import hashlib
 import re
-from collections.abc import Iterable
+import struct
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
+from typing import Protocol as Interface
 
 from pydantic import (
     BaseModel,
@@ -21,7 +26,19 @@ from pydantic import (
 )
 
 from hostwall import yamlsource
-from hostwall.cidr import PERMANENT, CidrError, Interval, IPNetwork, parse_cidr, parse_interval
+from hostwall.cidr import (
+    PERMANENT,
+    CidrError,
+    Interval,
+    IntervalSet,
+    IPNetwork,
+    Records,
+    common_bytes,
+    encode_merged,
+    merge_same_expiry,
+    parse_cidr,
+    parse_interval,
+)
 from hostwall.errors import PolicyError, Problem
 
 SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,23}$")
@@ -174,12 +191,162 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class ParsedList:
+    """A ``file:`` list's lines, parsed and merged: what a ListCache keeps per content.
+
+    v4 and v6 are IntervalSet records (see cidr.IntervalSet) of the merged lines,
+    independent of the expiry of the entry that references the file. lines4 and lines6
+    are every line's interval, sorted, duplicates kept, which is what a later version
+    of the file is computed from; None when they equal v4 and v6 (no line overlaps or
+    touches another, the usual case).
+    """
+
+    entries: int
+    v4: bytes
+    v6: bytes
+    lines4: bytes | None = None
+    lines6: bytes | None = None
+
+    def lines(self, family: int) -> bytes:
+        if family == 4:
+            return self.v4 if self.lines4 is None else self.lines4
+        return self.v6 if self.lines6 is None else self.lines6
+
+    def encode(self) -> bytes:
+        parts = (self.v4, self.v6, self.lines4 or b"", self.lines6 or b"")
+        return b"".join((_PARSED_HEADER.pack(LIST_SEMANTICS, self.entries, *map(len, parts)), *parts))
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> ParsedList:
+        """ValueError unless data is what encode wrote (each part is copied once)."""
+        if len(data) < _PARSED_HEADER.size:
+            raise ValueError("truncated")
+        semantics, entries, *sizes = _PARSED_HEADER.unpack_from(data)
+        if semantics != LIST_SEMANTICS:
+            raise ValueError("parsed by another version of the list rules")
+        if len(data) != _PARSED_HEADER.size + sum(sizes) or any(size % (8, 32)[i % 2] for i, size in enumerate(sizes)):
+            raise ValueError("lengths do not add up")
+        parts, offset = [], _PARSED_HEADER.size
+        for size in sizes:
+            parts.append(bytes(data[offset:offset + size]))
+            offset += size
+        return cls(entries, parts[0], parts[1], parts[2] or None, parts[3] or None)
+
+
+_PARSED_HEADER = struct.Struct(">IQQQQQ")
+# Bump whenever what a list line means changes (parse_interval's strictness, comments,
+# line splitting, merging), so that lists cached by an earlier version are parsed again.
+LIST_SEMANTICS = 1
+
+
+class ListCache(Interface):
+    """Parsed ``file:`` lists by the sha256 of their bytes, so that an unchanged 100k-line
+    list is not parsed again, and the last version of each list, so that a changed one
+    is parsed only where it changed. A cache only saves time: a miss parses and
+    validates every line, with the usual errors."""
+
+    def get(self, sha256: str) -> ParsedList | None: ...
+
+    def put(self, sha256: str, parsed: ParsedList, source: bytes, path: str) -> None:
+        """Keep parsed for sha256, and source (whose sha256 it is) as path's latest version."""
+
+    def latest(self, path: str) -> tuple[bytes, ParsedList] | None:
+        """The bytes last put for path and their parse."""
+
+
+@dataclass(frozen=True, eq=False)
+class ListFile:
+    """The entries one ``file:`` list contributes to a service.
+
+    Compiling needs only the merged intervals, so the lines become Entry objects (for
+    check, with file:line) only when asked for, parsed again from the same bytes.
+    """
+
+    path: str
+    data: bytes
+    sha256: str
+    parsed: ParsedList
+    owner: str
+    reason: str
+    review_by: date
+    expires: datetime | None
+    label: str
+
+    def __len__(self) -> int:
+        return self.parsed.entries
+
+    def intervals(self, family: int) -> IntervalSet:
+        ranges = self.parsed.v4 if family == 4 else self.parsed.v6
+        intervals = IntervalSet(family, ranges, ordered=True)
+        if self.expires is not None and intervals:
+            expiry = struct.pack(">d", self.expires.timestamp())
+            intervals = IntervalSet(family, ranges, expiry * len(intervals), ordered=True)
+        return intervals
+
+    @cached_property
+    def entries(self) -> tuple[Entry, ...]:
+        expires = self.expires.timestamp() if self.expires is not None else PERMANENT
+        return tuple(
+            Entry(parse_interval(content, expires), self.owner, self.reason, self.review_by, self.expires,
+                  Origin(self.path, number, self.label))
+            for number, content in _list_lines(self.data.decode("utf-8-sig"))
+        )
+
+
+class Entries(Sequence[Entry]):
+    """A service's allow entries in policy order, where those of ``file:`` lists are
+    materialised only when read (see ListFile). Compares equal to the tuple of them."""
+
+    def __init__(self, parts: Iterable[Entry | ListFile]) -> None:
+        self.parts: tuple[Entry | ListFile, ...] = tuple(parts)
+        self._length = sum(1 if isinstance(p, Entry) else len(p) for p in self.parts)
+        self._all: tuple[Entry, ...] | None = None
+
+    @property
+    def lists(self) -> tuple[ListFile, ...]:
+        return tuple(p for p in self.parts if isinstance(p, ListFile))
+
+    @property
+    def inline(self) -> tuple[Entry, ...]:
+        return tuple(p for p in self.parts if isinstance(p, Entry))
+
+    def _materialised(self) -> tuple[Entry, ...]:
+        if self._all is None:
+            self._all = tuple(e for p in self.parts for e in ((p,) if isinstance(p, Entry) else p.entries))
+        return self._all
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self._materialised())
+
+    @overload
+    def __getitem__(self, index: int) -> Entry: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Entry, ...]: ...
+    def __getitem__(self, index: int | slice) -> Entry | tuple[Entry, ...]:
+        return self._materialised()[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Entries | tuple):
+            return len(self) == len(other) and tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._materialised())
+
+    def __repr__(self) -> str:
+        return f"Entries({len(self)} entries, {len(self.lists)} from lists)"
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     ports: tuple[PortRange, ...]
     protocols: tuple[Protocol, ...]
     action: Literal["drop", "reject"]
-    entries: tuple[Entry, ...]
+    entries: Sequence[Entry]  # a tuple, or Entries when file: lists contribute
     defined_in: str
 
 
@@ -295,12 +462,15 @@ class _ServiceDraft:
     name: str
     definition: ServiceModel | None
     defined_in: str | None
-    entries: list[Entry]
+    entries: list[Entry | ListFile]
     first_seen: str = "?"
 
 
-def load_policy(path: Path, now: datetime | None = None) -> Policy:
-    """Load, validate and merge the policy at path (a file or a directory of *.yaml)."""
+def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None = None) -> Policy:
+    """Load, validate and merge the policy at path (a file or a directory of *.yaml).
+
+    With a cache, a ``file:`` list whose bytes were parsed before is not parsed again.
+    """
     now = now or datetime.now(UTC)
     files = policy_files(path)
     problems: list[Problem] = []
@@ -352,11 +522,11 @@ def load_policy(path: Path, now: datetime | None = None) -> Policy:
             for index, allow in enumerate(service.allow):
                 entry_path = ("services", service_name, "allow", index)
                 origin = Origin(name, located.line_of(entry_path), f"services.{service_name}.allow[{index}]")
-                for entry in _expand_entry(allow, origin, file, problems):
-                    if entry.expires is not None and entry.expires <= now:
-                        expired.append(entry)
+                for part in _expand_entry(allow, origin, file, problems, cache):
+                    if part.expires is not None and part.expires <= now:
+                        expired.extend((part,) if isinstance(part, Entry) else part.entries)
                     else:
-                        draft.entries.append(entry)
+                        draft.entries.append(part)
 
     services = _finish_services(drafts, problems)
     if problems:
@@ -404,37 +574,185 @@ def _parse_file(
 
 
 def _expand_entry(
-    allow: AllowEntryModel, origin: Origin, policy_file: Path, problems: list[Problem]
-) -> list[Entry]:
-    expires = allow.expires.timestamp() if allow.expires is not None else PERMANENT
-
-    def make(text: str, where: Origin) -> Entry:
-        return Entry(parse_interval(text, expires), allow.owner, allow.reason, allow.review_by,
-                     allow.expires, where)
-
+    allow: AllowEntryModel, origin: Origin, policy_file: Path, problems: list[Problem],
+    cache: ListCache | None = None,
+) -> list[Entry] | list[ListFile]:
     if allow.cidr is not None:
-        return [make(allow.cidr, origin)]
+        expires = allow.expires.timestamp() if allow.expires is not None else PERMANENT
+        return [Entry(parse_interval(allow.cidr, expires), allow.owner, allow.reason, allow.review_by,
+                      allow.expires, origin)]
     assert allow.file is not None
     list_path = (policy_file.parent / allow.file)
     try:
-        text = list_path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        data = list_path.read_bytes()
+    except OSError as exc:
         problems.append(Problem(origin.file, origin.line,
-                                origin.entry, f"cannot read list file {list_path}: {reason}"))
+                                origin.entry, f"cannot read list file {list_path}: {exc.strerror}"))
         return []
-    entries = []
-    list_name = str(list_path)
+    digest = hashlib.sha256(data).hexdigest()
+    parsed = cache.get(digest) if cache is not None else None
+    if parsed is None:
+        previous = cache.latest(str(list_path)) if cache is not None else None
+        if previous is not None:
+            parsed = reparse_list(*previous, data)
+        if parsed is None:
+            parsed = _parse_list(data, problems, origin, list_path, allow.file)
+        if parsed is None:
+            return []
+        if cache is not None:
+            cache.put(digest, parsed, data, str(list_path))
     label = f"{origin.entry} (file: {allow.file}, from {origin})"  # one string shared by every line
+    return [ListFile(str(list_path), data, digest, parsed, allow.owner, allow.reason, allow.review_by,
+                     allow.expires, label)]
+
+
+def _list_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, CIDR) of each line of a list file that holds one."""
     for number, line in enumerate(text.splitlines(), start=1):
         content = line.split("#", 1)[0].strip()
-        if not content:
-            continue
+        if content:
+            yield number, content
+
+
+def _parse_list(
+    data: bytes, problems: list[Problem], origin: Origin, list_path: Path, name: str
+) -> ParsedList | None:
+    """Every line parsed and checked; None (with the problems added) if any is bad."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        problems.append(Problem(origin.file, origin.line,
+                                origin.entry, f"cannot read list file {list_path}: not UTF-8 text"))
+        return None
+    pairs: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+    count = 0
+    failed = False
+    for number, content in _list_lines(text):
         try:
-            entries.append(make(content, Origin(list_name, number, label)))
+            interval = parse_interval(content)
         except CidrError as exc:
-            problems.append(Problem(str(list_path), number, f"{origin.entry} file: {allow.file}", str(exc)))
-    return entries
+            problems.append(Problem(str(list_path), number, f"{origin.entry} file: {name}", str(exc)))
+            failed = True
+            continue
+        pairs[interval.family].append((interval.first, interval.last))
+        count += 1
+    if failed:
+        return None
+    merged = {family: encode_merged(family, merge_same_expiry(pairs[family])) for family in (4, 6)}
+    lines = {family: encode_merged(family, pairs[family]) for family in (4, 6)}  # sorted by the merge
+    return ParsedList(count, merged[4], merged[6], *(
+        None if len(lines[family]) == len(merged[family]) else lines[family] for family in (4, 6)))
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _plain_lines(data: bytes) -> bool:
+    """Whether cutting data at each LF gives the lines that str.splitlines() gives of its
+    text: no byte-order mark, and no line boundary but LF and CR LF (no lone CR, VT, FF,
+    FS, GS, RS, NEL, LS or PS)."""
+    if data.startswith(_BOM) or any(c in data for c in (b"\x0b", b"\x0c", b"\x1c", b"\x1d", b"\x1e")):
+        return False
+    if b"\r" in data and data.count(b"\r") != data.count(b"\r\n"):
+        return False
+    return data.isascii() or not any(c in data for c in (b"\xc2\x85", b"\xe2\x80\xa8", b"\xe2\x80\xa9"))
+
+
+def reparse_list(old: bytes, previous: ParsedList, new: bytes) -> ParsedList | None:
+    """parse(new) computed from previous = parse(old), parsing only the lines that differ;
+    None whenever that is not simple (then the caller parses new whole, which also
+    reports any bad line exactly).
+
+    The lines outside the window between the common prefix and suffix of old and new
+    are the same lines, and were valid in old; the window's old lines that new lacks
+    leave the sorted multiset of every line's interval, and its new ones join it. Only
+    the merged ranges that held a removed line are merged again, from the lines left in
+    them; the added lines are merged in like inline entries (IntervalSet.merged_with).
+    """
+    if not (_plain_lines(new) and _plain_lines(old)):
+        return None
+    head = common_bytes(old, new, from_end=False)
+    tail = min(common_bytes(old, new, from_end=True), min(len(old), len(new)) - head)
+    start = old.rfind(b"\n", 0, head) + 1
+    old_end, new_end = old.find(b"\n", len(old) - tail), new.find(b"\n", len(new) - tail)
+    old_end = len(old) if old_end < 0 else old_end
+    new_end = len(new) if new_end < 0 else new_end
+    # Lines that only moved within the window cancel out: edits scattered over a long
+    # list give a wide window but few lines to parse.
+    before, after = Counter(old[start:old_end].split(b"\n")), Counter(new[start:new_end].split(b"\n"))
+    try:
+        gone = [parse_interval(text) for _, text in _list_lines(b"\n".join((before - after).elements()).decode())]
+        came = [parse_interval(text) for _, text in _list_lines(b"\n".join((after - before).elements()).decode())]
+    except (UnicodeDecodeError, CidrError):
+        return None
+    updated: dict[int, tuple[bytes, bytes | None]] = {}
+    for family in (4, 6):
+        result = _update_family(
+            family, previous.v4 if family == 4 else previous.v6, previous.lines(family),
+            [(i.first, i.last) for i in gone if i.family == family],
+            [(i.first, i.last) for i in came if i.family == family],
+        )
+        if result is None:
+            return None
+        updated[family] = result
+    return ParsedList(previous.entries - len(gone) + len(came), updated[4][0], updated[6][0],
+                      updated[4][1], updated[6][1])
+
+
+def _key(first: int, last: int, width: int) -> bytes:
+    return first.to_bytes(width, "big") + last.to_bytes(width, "big")
+
+
+def _splice(records: Records, remove: set[int], insert: list[bytes]) -> bytes:
+    """records without the indices in remove and with the records in insert, in order."""
+    events = sorted([(index, 0, b"") for index in remove]
+                    + [(bisect.bisect_left(records, record), 1, record) for record in insert])
+    chunks, cursor, size = [], 0, records.size
+    for position, kind, record in events:
+        chunks.append(records.data[cursor * size:position * size])
+        if kind == 0:
+            cursor = position + 1
+        else:
+            cursor = max(cursor, position)
+            chunks.append(record)
+    chunks.append(records.data[cursor * size:])
+    return b"".join(chunks)
+
+
+def _update_family(
+    family: int, merged: bytes, lines: bytes, gone: list[tuple[int, int]], came: list[tuple[int, int]]
+) -> tuple[bytes, bytes | None] | None:
+    """(merged, lines or None) of one family after the lines gone left and came joined."""
+    width = 4 if family == 4 else 16
+    top = (1 << (8 * width)) - 1
+    every = Records(lines, 2 * width)
+    taken: set[int] = set()
+    for first, last in gone:
+        key = _key(first, last, width)
+        index = bisect.bisect_left(every, key)
+        while index in taken:  # the same line twice: its next copy
+            index += 1
+        if index >= len(every) or every[index] != key:
+            return None
+        taken.add(index)
+    left = Records(_splice(every, taken, []), 2 * width)
+    ranges = Records(merged, 2 * width)
+    touched: set[int] = set()
+    for first, last in gone:
+        index = bisect.bisect_right(ranges, _key(first, top, width)) - 1
+        if index < 0 or not (ranges.pair(index)[0] <= first and last <= ranges.pair(index)[1]):
+            return None
+        touched.add(index)
+    pieces: list[bytes] = []
+    for index in touched:
+        low, high = ranges.pair(index)
+        start = bisect.bisect_left(left, _key(low, 0, width))
+        stop = bisect.bisect_right(left, _key(high, top, width))
+        pieces.extend(_key(a, b, width) for a, b in merge_same_expiry([left.pair(i) for i in range(start, stop)]))
+    rest = IntervalSet(family, _splice(ranges, touched, sorted(pieces)), ordered=True)
+    result = rest.merged_with([Interval(family, first, last) for first, last in came]).ranges
+    every_now = _splice(left, set(), sorted(_key(a, b, width) for a, b in came))
+    return result, None if len(every_now) == len(result) else every_now
 
 
 def _finish_services(drafts: dict[str, _ServiceDraft], problems: list[Problem]) -> list[Service]:
@@ -456,12 +774,17 @@ def _finish_services(drafts: dict[str, _ServiceDraft], problems: list[Problem]) 
                                     f"service {name!r} is not built-in, so it needs ports: [...] "
                                     "(built-in services: " + ", ".join(BUILTIN_SERVICES) + ")"))
             continue
+        parts = draft.entries
+        entries: Sequence[Entry] = (
+            Entries(parts) if any(isinstance(p, ListFile) for p in parts)
+            else tuple(p for p in parts if isinstance(p, Entry))
+        )
         services.append(Service(
             name=name,
             ports=ports,
             protocols=protocols or ("tcp",),
             action=definition.action or "drop",
-            entries=tuple(draft.entries),
+            entries=entries,
             defined_in=where,
         ))
     _check_port_claims(services, problems)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator
+import socket
+import struct
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from hostwall.cidr import Interval
+from hostwall.cidr import Interval, IntervalSet
 from hostwall.policy import PortRange
 
 TABLE_FAMILY = "inet"
@@ -37,12 +39,20 @@ GENERATION_SET = "generation"
 
 @dataclass(frozen=True)
 class ServiceRules:
+    """One service's chain and sets. v4 and v6 may be given as any sequence of
+    intervals; they are held as IntervalSets (which compare equal to tuples)."""
+
     name: str
     ports: tuple[PortRange, ...]
     protocols: tuple[str, ...]
     action: Literal["drop", "reject"]
-    v4: tuple[Interval, ...] = ()
-    v6: tuple[Interval, ...] = ()
+    v4: Sequence[Interval] = ()
+    v6: Sequence[Interval] = ()
+
+    def __post_init__(self) -> None:
+        for family, given in ((4, self.v4), (6, self.v6)):
+            if not isinstance(given, IntervalSet) or given.family != family:
+                object.__setattr__(self, f"v{family}", IntervalSet.of(family, given))
 
     @property
     def chain(self) -> str:
@@ -51,8 +61,10 @@ class ServiceRules:
     def set_name(self, family: int) -> str:
         return f"{self.name}_v{family}"
 
-    def intervals(self, family: int) -> tuple[Interval, ...]:
-        return self.v4 if family == 4 else self.v6
+    def intervals(self, family: int) -> IntervalSet:
+        intervals = self.v4 if family == 4 else self.v6
+        assert isinstance(intervals, IntervalSet)
+        return intervals
 
     @property
     def accepted_counter(self) -> str:
@@ -72,7 +84,7 @@ class ServiceRules:
         }
 
     def has_timeouts(self, family: int) -> bool:
-        return any(i.expires != math.inf for i in self.intervals(family))
+        return self.intervals(family).has_timeouts
 
 
 @dataclass(frozen=True)
@@ -93,13 +105,10 @@ class Ruleset:
         }
 
     def to_data(self) -> dict[str, object]:
-        """Canonical plain data: the content hash is taken over this, and state stores it."""
+        """Everything as plain data (slow for large sets: one list per element)."""
         data = self.structure()
         data["elements"] = {
-            s.set_name(family): [
-                [i.first, i.last, None if i.expires == math.inf else int(i.expires)]
-                for i in s.intervals(family)
-            ]
+            s.set_name(family): [[i.first, i.last, _expiry_data(i.expires)] for i in s.intervals(family)]
             for s in self.services
             for family in (4, 6)
         }
@@ -116,11 +125,11 @@ class Ruleset:
         for item in services_data:
             name = item["name"]
 
-            def intervals(family: int, name: str = name) -> tuple[Interval, ...]:
-                return tuple(
+            def intervals(family: int, name: str = name) -> IntervalSet:
+                return IntervalSet.of(family, (
                     Interval(family, first, last, math.inf if expires is None else float(expires))
                     for first, last, expires in elements[f"{name}_v{family}"]
-                )
+                ))
 
             services.append(ServiceRules(
                 name=name,
@@ -132,15 +141,57 @@ class Ruleset:
             ))
         return cls(tuple(services), int(log[0]), int(log[1]), int(log[2]))
 
+    def sets(self) -> dict[str, IntervalSet]:
+        return {s.set_name(family): s.intervals(family) for s in self.services for family in (4, 6)}
+
+    def to_record(self) -> tuple[dict[str, object], dict[str, IntervalSet]]:
+        """What the state directory keeps: the structure as plain data, naming each set's
+        digest, and the sets themselves (stored as bytes, shared between generations)."""
+        sets = self.sets()
+        data = self.structure()
+        data["format"] = 2
+        data["sets"] = {name: intervals.digest for name, intervals in sets.items()}
+        return data, sets
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, object], sets: Mapping[str, IntervalSet]) -> Ruleset:
+        """Inverse of to_record; ValueError when a set is missing or is not the one named."""
+        services_data, log, digests = data["services"], data["log"], data["sets"]
+        assert isinstance(services_data, list) and isinstance(log, list) and isinstance(digests, dict)
+        for name, digest in digests.items():
+            if name not in sets or sets[name].digest != digest:
+                raise ValueError(f"set {name} is missing or is not the one recorded")
+        services = [
+            ServiceRules(
+                name=item["name"],
+                ports=tuple(PortRange(first, last) for first, last in item["ports"]),
+                protocols=tuple(item["protocols"]),
+                action=item["action"],
+                v4=sets[f"{item['name']}_v4"],
+                v6=sets[f"{item['name']}_v6"],
+            )
+            for item in services_data
+        ]
+        return cls(tuple(services), int(log[0]), int(log[1]), int(log[2]))
+
     @property
     def digest(self) -> str:
+        """sha256 over the structure and each set's digest (see IntervalSet.digest): equal
+        rulesets have equal digests, and a 100k-element set is hashed as bytes."""
         if not self._digest:
-            canonical = json.dumps(self.to_data(), sort_keys=True, separators=(",", ":"))
+            content = {"structure": self.structure(), "sets": {n: s.digest for n, s in self.sets().items()}}
+            canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
             self._digest.append(hashlib.sha256(canonical.encode()).hexdigest())
         return self._digest[0]
 
     def entry_count(self) -> int:
         return sum(len(s.v4) + len(s.v6) for s in self.services)
+
+
+def _expiry_data(expires: float) -> int | float | None:
+    if expires == math.inf:
+        return None
+    return int(expires) if expires.is_integer() else expires
 
 
 @dataclass(frozen=True)
@@ -173,10 +224,9 @@ def element_delta(old: Ruleset, new: Ruleset, from_generation: int, to_generatio
     changes = []
     for before, after in zip(old.services, new.services, strict=True):
         for family in (4, 6):
-            old_set = set(before.intervals(family))
-            new_set = set(after.intervals(family))
-            add = tuple(sorted(i for i in new_set - old_set if i.expires > now))
-            remove = tuple(sorted(i for i in old_set - new_set if i.expires > now))
+            removed, added = before.intervals(family).diff(after.intervals(family))
+            add = tuple(i for i in added if i.expires > now)
+            remove = tuple(i for i in removed if i.expires > now)
             if add or remove:
                 changes.append(SetDelta(after.set_name(family), add, remove))
     return Delta(from_generation, to_generation, tuple(changes))
@@ -244,9 +294,19 @@ def _set_lines(service: ServiceRules, family: int, now: float) -> Iterator[str]:
     intervals = service.intervals(family)
     if intervals:
         yield "\t\telements = { "
-        yield ", ".join(render_element(i, now) for i in intervals)
+        yield ", ".join(element_texts(intervals, now))
         yield " }\n"
     yield "\t}\n"
+
+
+def _nft_duration(seconds: int) -> str:
+    # nft's parser refuses a single unit of 10^8 or more ("value too large"), so a
+    # timeout of years is written in days, hours, minutes and seconds.
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return "".join(f"{value}{unit}" for value, unit in ((days, "d"), (hours, "h"), (minutes, "m"), (secs, "s"))
+                   if value) or "1s"
 
 
 def timeout_seconds(interval: Interval, now: float) -> int:
@@ -257,8 +317,28 @@ def timeout_seconds(interval: Interval, now: float) -> int:
 def render_element(interval: Interval, now: float) -> str:
     text = str(interval)
     if interval.expires != math.inf:
-        text += f" timeout {timeout_seconds(interval, now)}s"
+        text += f" timeout {_nft_duration(timeout_seconds(interval, now))}"
     return text
+
+
+def element_texts(intervals: IntervalSet, now: float) -> Iterator[str]:
+    """render_element of each interval; permanent IPv4 sets, the bulk of large
+    allowlists, are formatted straight from their records."""
+    if intervals.family != 4 or intervals.has_timeouts:
+        for interval in intervals:
+            yield render_element(interval, now)
+        return
+    ranges, ntop, inet = intervals.ranges, socket.inet_ntop, socket.AF_INET
+    for offset in range(0, len(ranges), 8):
+        first, last = _V4_PAIR.unpack_from(ranges, offset)
+        size = last - first + 1
+        if size & (size - 1) == 0 and first % size == 0:  # as str(Interval) decides
+            yield f"{ntop(inet, ranges[offset:offset + 4])}/{33 - size.bit_length()}"
+        else:
+            yield f"{ntop(inet, ranges[offset:offset + 4])}-{ntop(inet, ranges[offset + 4:offset + 8])}"
+
+
+_V4_PAIR = struct.Struct(">II")
 
 
 def _service_chain_lines(ruleset: Ruleset, service: ServiceRules) -> Iterator[str]:

@@ -7,19 +7,31 @@ the new file, never a torn one):
     current.json              the generation the kernel was last seen to accept
     generations/00000042/     one directory per generation, renamed into place whole
         meta.json             number, time, user, message, hashes of the files below
-        ruleset.json          the compiled ruleset as canonical data
-        transaction.nft       the exact text submitted to the kernel
+        ruleset.json          the compiled ruleset's structure, naming each set's digest
+        sets/NAME             each set's elements (IntervalSet.to_bytes)
+        transaction.nft       the exact text submitted to the kernel, when it was a full load
         policy/...            the policy files that produced it
+    blobs/SHA256              the content of sets/ and policy/ files, stored once
+    cache/lists/SHA256        parsed file: lists by the sha256 of their bytes (ListCacheDir)
+
+The files under sets/ and policy/ are hard links to blobs/, so that a generation that
+changes one element of a 100k set, or one line of a policy, does not write the
+unchanged megabytes again; every file is still verified against the generation's own
+recorded hashes when read. A blob is written and fsynced before any generation links
+it, and deleted once no generation links it any more (link count 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +39,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hostwall.cidr import IntervalSet
 from hostwall.errors import LockBusy, StateError
+from hostwall.policy import ParsedList
 from hostwall.ruleset import Ruleset
 
 DEFAULT_STATE_DIR = Path("/var/lib/hostwall")
@@ -84,7 +98,7 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         _write_file(temporary, data)
@@ -92,7 +106,8 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -101,7 +116,19 @@ class Generation:
     path: Path
 
     def ruleset(self) -> Ruleset:
-        return Ruleset.from_data(json.loads(self._verified("ruleset.json")))
+        data = json.loads(self._verified("ruleset.json"))
+        if "elements" in data:  # written before sets were stored apart (format 1)
+            return Ruleset.from_data(data)
+        try:
+            sets = {name: IntervalSet.from_bytes(self._verified(f"sets/{name}")) for name in data["sets"]}
+            return Ruleset.from_record(data, sets)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateError(f"generation {self.meta.number}: ruleset does not match its sets: {exc}") from exc
+
+    @property
+    def has_transaction(self) -> bool:
+        """False for a generation the kernel got as an element delta: no full text was sent."""
+        return "transaction.nft" in self.meta.files
 
     def transaction(self) -> str:
         return self._verified("transaction.nft").decode()
@@ -128,6 +155,14 @@ class StateDir:
     @property
     def generations_dir(self) -> Path:
         return self.path / "generations"
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.path / "blobs"
+
+    def list_cache(self) -> ListCacheDir:
+        """The cache of parsed file: lists kept in this state directory (for load_policy)."""
+        return ListCacheDir(self.path / "cache" / "lists")
 
     def ensure(self) -> None:
         try:
@@ -244,21 +279,31 @@ class StateDir:
         number: int,
         *,
         ruleset: Ruleset,
-        transaction: str,
+        transaction: str | None,
         policy_files: dict[str, bytes],
         user: str,
         message: str,
+        known_hashes: dict[str, str] | None = None,
     ) -> Generation:
-        """Write a generation directory whole; it only becomes current after the kernel accepts it."""
+        """Write a generation directory whole; it only becomes current after the kernel accepts it.
+
+        transaction is the full-load text, or None when the kernel gets the generation as
+        an element delta (rollback renders it from the recorded ruleset then).
+        known_hashes: sha256 of some policy files, already computed while loading them.
+        """
         self.ensure()
         final = self.generations_dir / f"{number:08d}"
         staging = self.generations_dir / f".staging-{number:08d}-{os.getpid()}"
-        contents: dict[str, bytes] = {
-            "ruleset.json": json.dumps(ruleset.to_data(), sort_keys=True, separators=(",", ":")).encode(),
-            "transaction.nft": transaction.encode(),
+        record, sets = ruleset.to_record()
+        own: dict[str, bytes] = {
+            "ruleset.json": json.dumps(record, sort_keys=True, separators=(",", ":")).encode(),
         }
-        for name, data in policy_files.items():
-            contents[f"policy/{name}"] = data
+        if transaction is not None:
+            own["transaction.nft"] = transaction.encode()
+        shared = {f"sets/{name}": intervals.to_bytes() for name, intervals in sets.items()}
+        shared.update({f"policy/{name}": data for name, data in policy_files.items()})
+        known = {f"policy/{name}": digest for name, digest in (known_hashes or {}).items()}
+        files = {name: known.get(name) or _sha256(data) for name, data in (own | shared).items()}
         meta = GenerationMeta(
             number=number,
             created=self._clock(),
@@ -266,15 +311,23 @@ class StateDir:
             message=message,
             digest=ruleset.digest,
             entries=ruleset.entry_count(),
-            files={name: _sha256(data) for name, data in contents.items()},
+            files=files,
         )
         try:
+            # The blob files are fsynced; their entries in blobs/ need not be: the
+            # generation's own links (fsynced below) keep the content, and a blob entry
+            # lost in a crash is written again when next needed.
+            for name, data in shared.items():
+                self._store_blob(files[name], data)
             shutil.rmtree(staging, ignore_errors=True)
             (staging / "policy").mkdir(parents=True, mode=0o700)
-            for name, data in contents.items():
+            (staging / "sets").mkdir(mode=0o700)
+            for name, data in own.items():
+                _write_file(staging / name, data)
+            for name, data in shared.items():
                 target = staging / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                _write_file(target, data)
+                self._link_blob(files[name], target, data)
             _write_file(staging / "meta.json", json.dumps(asdict(meta), indent=1).encode())
             for directory in sorted({p.parent for p in staging.rglob("*")} | {staging}, reverse=True):
                 _fsync_dir(directory)
@@ -288,10 +341,31 @@ class StateDir:
             raise StateError(f"cannot record generation {number} in {self.path}: {exc.strerror}{hint}") from exc
         return Generation(meta, final)
 
+    def _store_blob(self, digest: str, data: bytes) -> None:
+        """Make blobs/digest hold data (written and fsynced when it does not yet)."""
+        path = self.blobs_dir / digest
+        with contextlib.suppress(FileNotFoundError):
+            if _same_content(path, data):
+                return
+        # Missing, or damaged: a new file (a new inode) replaces it; generations that
+        # link the damaged one keep it, and their hash check reports it.
+        self.blobs_dir.mkdir(mode=0o700, exist_ok=True)
+        atomic_write(path, data, sync_dir=False)
+
+    def _link_blob(self, digest: str, target: Path, data: bytes) -> None:
+        try:
+            os.link(self.blobs_dir / digest, target)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP):
+                raise
+            _write_file(target, data)  # no hard links here: a copy of its own
+
     def discard(self, number: int) -> None:
         shutil.rmtree(self.generations_dir / f"{number:08d}", ignore_errors=True)
 
     def prune(self) -> list[int]:
+        """Remove generations beyond the last `keep` (never the current one) and blobs no
+        generation links any more. Call it holding the lock."""
         current = self.current()
         keep_numbers = set(self.numbers()[-self.keep:])
         if current:
@@ -299,8 +373,148 @@ class StateDir:
         removed = [n for n in self.numbers() if n not in keep_numbers]
         for number in removed:
             self.discard(number)
+        self._sweep()
         return removed
+
+    def _sweep(self) -> None:
+        # Under the lock nobody else is staging: a staging directory is a crash's leftover.
+        if self.generations_dir.is_dir():
+            for leftover in self.generations_dir.iterdir():
+                if leftover.name.startswith(".staging-"):
+                    shutil.rmtree(leftover, ignore_errors=True)
+        if not self.blobs_dir.is_dir():
+            return
+        for blob in os.scandir(self.blobs_dir):
+            with contextlib.suppress(FileNotFoundError):
+                if blob.stat(follow_symlinks=False).st_nlink <= 1:
+                    os.unlink(blob.path)
+
+
+def _same_content(path: Path, data: bytes, chunk: int = 1 << 16) -> bool:
+    """Whether the file holds exactly data. Read in chunks small enough for the allocator
+    to reuse: a fresh multi-megabyte buffer costs a page fault per page."""
+    offset = 0
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size != len(data):
+            return False
+        for _ in range(len(data) // chunk + 2):
+            block = handle.read(chunk)
+            if not block:
+                break
+            if data[offset:offset + len(block)] != block:
+                return False
+            offset += len(block)
+    return offset == len(data)
 
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_bytes())
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class ListCacheDir:
+    """policy.ListCache in a directory: for each list content, by its sha256, the parsed
+    form (SHA256) and the bytes (SHA256.txt); for each list path the sha256 of the
+    content last put for it (paths/SHA256-OF-PATH).
+
+    A cached entry skips the validation of every line, so it is trusted only in a
+    directory that no one but this user can write; each parsed file carries its own
+    sha256 and the list's, and a content file is checked against its name, so a damaged
+    or misplaced file is a miss, never a wrong allowlist. For the same reason the files
+    are not fsynced: after a crash a torn one is a miss. Any I/O failure is a miss too
+    (for example `validate` run by a user who cannot read the state directory). The
+    `keep` most recently used contents are kept.
+    """
+
+    MAGIC = b"HWLISTS2\n"
+
+    def __init__(self, path: Path, keep: int = 16) -> None:
+        self.path = path
+        self.keep = keep
+
+    def _trusted(self) -> bool:
+        try:
+            for directory in (self.path, self.path.parent):
+                info = os.stat(directory)
+                if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                    return False
+        except OSError:
+            return False
+        return True
+
+    def get(self, sha256: str) -> ParsedList | None:
+        if not _SHA256_HEX.fullmatch(sha256) or not self._trusted():
+            return None
+        path = self.path / sha256
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        head = self.MAGIC + bytes.fromhex(sha256)
+        view = memoryview(data)  # no copies of the megabytes: each costs page faults
+        if not data.startswith(head) or len(data) < len(head) + 32 or hashlib.sha256(view[:-32]).digest() != data[-32:]:
+            return None
+        try:
+            parsed = ParsedList.decode(view[len(head):-32])
+        except ValueError:
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: kept by _evict
+        return parsed
+
+    def latest(self, path: str) -> tuple[bytes, ParsedList] | None:
+        if not self._trusted():
+            return None
+        try:
+            sha256 = (self.path / "paths" / _sha256(path.encode())).read_text().strip()
+            source = (self.path / f"{sha256}.txt").read_bytes() if _SHA256_HEX.fullmatch(sha256) else b""
+        except OSError:
+            return None
+        if _sha256(source) != sha256:
+            return None
+        parsed = self.get(sha256)
+        return None if parsed is None else (source, parsed)
+
+    def put(self, sha256: str, parsed: ParsedList, source: bytes, path: str) -> None:
+        if not _SHA256_HEX.fullmatch(sha256):
+            return
+        body = self.MAGIC + bytes.fromhex(sha256) + parsed.encode()
+        try:
+            for directory in (self.path.parent, self.path, self.path / "paths"):
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self._trusted():
+                return
+            _replace(self.path / sha256, body + hashlib.sha256(body).digest())
+            _replace(self.path / f"{sha256}.txt", source)
+            _replace(self.path / "paths" / _sha256(path.encode()), sha256.encode())
+            self._evict()
+        except OSError:
+            return  # a cache that cannot be written only costs time
+
+    def _evict(self) -> None:
+        used = []
+        for entry in os.scandir(self.path):
+            if _SHA256_HEX.fullmatch(entry.name):
+                with contextlib.suppress(FileNotFoundError):
+                    used.append((entry.stat().st_mtime, entry.name))
+        for _, name in sorted(used, reverse=True)[self.keep:]:
+            for stale in (name, f"{name}.txt"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path / stale)
+        for pointer in os.scandir(self.path / "paths"):
+            with contextlib.suppress(OSError):
+                if not (self.path / Path(pointer.path).read_text().strip()).exists():
+                    os.unlink(pointer.path)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write-then-rename without fsync: readers see the old or the new file, never a torn one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -126,7 +126,7 @@ def test_sets_hold_merged_elements_and_timeouts_without_auto_merge() -> None:
     assert set_body(text, "metrics_v4") == [
         "type ipv4_addr",
         "flags interval, timeout",
-        f"elements = {{ 10.0.9.5/32 timeout {214 * 86400}s, 10.0.9.8/29 }}",
+        "elements = { 10.0.9.5/32 timeout 214d, 10.0.9.8/29 }",
     ]
 
 
@@ -201,3 +201,13 @@ def test_ruleset_data_round_trip_keeps_the_digest() -> None:
     assert restored == ruleset
     assert restored.digest == ruleset.digest
     assert golden_text(restored) == golden_text(ruleset)
+
+
+@pytest.mark.parametrize(("seconds", "rendered"), [
+    (1, "1s"), (61, "1m1s"), (86400, "1d"), (10**8, "1157d9h46m40s"), (20 * 365 * 86400, "7300d"),
+])
+def test_long_timeouts_are_written_in_units_nft_accepts(seconds: int, rendered: str) -> None:
+    # nft refuses "100000000s" as too large, while "1157d9h46m40s" loads.
+    from hostwall.ruleset import _nft_duration
+
+    assert _nft_duration(seconds) == rendered

@@ -115,8 +115,9 @@ def test_first_apply_writes_a_complete_generation_directory(setup: Setup) -> Non
 
     directory = setup.state.generations_dir / "00000001"
     assert setup.generation_dirs() == ["00000001"]
+    sets = [f"sets/{name}_v{family}" for name in ("https", "legacy", "metrics", "postgres") for family in (4, 6)]
     assert sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()) == [
-        "meta.json", "policy/lists/partner.txt", "policy/policy.yaml", "ruleset.json",
+        "meta.json", "policy/lists/partner.txt", "policy/policy.yaml", "ruleset.json", *sets,
         "transaction.nft",
     ]
     assert (directory / "transaction.nft").read_text() == render_full_load(

@@ -1,0 +1,380 @@
+"""file: lists parsed once: the cache of parsed lists, lazily read entries, and the compiler's
+use of merged lists, each checked against the plain path without a cache."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hostwall.policy
+from hostwall.check import check_policy
+from hostwall.cidr import Interval, merge_intervals
+from hostwall.compile import compile_policy
+from hostwall.errors import PolicyError
+from hostwall.policy import Entries, ParsedList, load_policy, reparse_list
+from hostwall.state import ListCacheDir
+
+WriteFiles = Callable[[dict[str, str | bytes]], Path]
+
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
+META = "        owner: partner-c\n        reason: published ranges\n        review_by: 2027-06-30\n"
+
+
+def policy_text(*inline: str, lists: tuple[str, ...] = ("big.txt",), expires: str | None = None) -> str:
+    text = "services:\n  https:\n    allow:\n"
+    for cidr in inline:
+        text += f"      - cidr: {cidr}\n" + META
+    for name in lists:
+        text += f"      - file: {name}\n" + META
+        if expires:
+            text += f"        expires: {expires}\n"
+    return text
+
+
+def random_list(seed: int, count: int) -> str:
+    rng = random.Random(seed)
+    lines = ["# generated"]
+    for _ in range(count):
+        base = rng.randrange(11 << 24, 99 << 24) & ~0xFF
+        length = rng.choice([24, 32, 32, 30])
+        value = base | (rng.randrange(256) if length == 32 else 0) & ~((1 << (32 - length)) - 1)
+        lines.append(f"{value >> 24}.{value >> 16 & 255}.{value >> 8 & 255}.{value & 255}/{length}")
+        if rng.random() < 0.1:
+            lines.append(f"2001:db8:{rng.randrange(1 << 16):x}::/48  # v6")
+    return "\n".join(lines) + "\n"
+
+
+class MemoryCache:
+    def __init__(self) -> None:
+        self.entries: dict[str, ParsedList] = {}
+        self.sources: dict[str, bytes] = {}
+        self.gets = self.puts = 0
+
+    def get(self, sha256: str) -> ParsedList | None:
+        self.gets += 1
+        return self.entries.get(sha256)
+
+    def put(self, sha256: str, parsed: ParsedList, source: bytes, path: str) -> None:
+        self.puts += 1
+        self.entries[sha256] = parsed
+        self.sources[path] = source
+
+    def latest(self, path: str) -> tuple[bytes, ParsedList] | None:
+        source = self.sources.get(path)
+        return None if source is None else (source, self.entries[hashlib.sha256(source).hexdigest()])
+
+
+def only_inline_parsing(monkeypatch: pytest.MonkeyPatch, inline: set[str]) -> None:
+    parse = hostwall.policy.parse_interval
+
+    def refuse_list_lines(text: str, expires: float = math.inf) -> Interval:
+        assert text in inline, f"parsed {text!r} although its list was cached"
+        return parse(text, expires)
+
+    monkeypatch.setattr(hostwall.policy, "parse_interval", refuse_list_lines)
+
+
+# --- the cache ------------------------------------------------------------------------------
+
+
+def test_a_cached_list_is_not_parsed_again_and_compiles_the_same(
+    write_files: WriteFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = write_files({"p.yaml": policy_text("203.0.113.45/32"), "big.txt": random_list(1, 2000)})
+    cache = MemoryCache()
+    uncached = compile_policy(load_policy(root, now=NOW))
+    first = compile_policy(load_policy(root, now=NOW, cache=cache))
+    assert (cache.gets, cache.puts) == (1, 1)
+
+    with monkeypatch.context() as patch:
+        only_inline_parsing(patch, {"203.0.113.45/32"})
+        cached_policy = load_policy(root, now=NOW, cache=cache)
+        second = compile_policy(cached_policy)
+    assert (cache.gets, cache.puts) == (2, 1)
+    assert first == second == uncached
+    assert first.digest == second.digest == uncached.digest
+
+
+def test_bad_lines_are_reported_exactly_with_a_cache_and_nothing_is_cached(write_files: WriteFiles) -> None:
+    root = write_files({"p.yaml": policy_text(), "big.txt": "10.0.0.0/8\n# c\n192.0.2.5/24\n300.1.2.3\n"})
+    cache = MemoryCache()
+    with pytest.raises(PolicyError) as caught:
+        load_policy(root, now=NOW, cache=cache)
+    assert [(p.file, p.line) for p in caught.value.problems] == [
+        (str(root / "big.txt"), 3), (str(root / "big.txt"), 4)]
+    assert cache.entries == {}
+
+
+def test_a_changed_list_misses_the_cache(write_files: WriteFiles) -> None:
+    root = write_files({"p.yaml": policy_text(), "big.txt": "10.0.0.0/8\n"})
+    cache = MemoryCache()
+    load_policy(root, now=NOW, cache=cache)
+    (root / "big.txt").write_text("10.0.0.0/8\n192.0.2.0/24\n")
+    policy = load_policy(root, now=NOW, cache=cache)
+    assert cache.puts == 2
+    https = policy.service("https")
+    assert https is not None
+    assert [str(i) for i in compile_policy(policy).service("https").v4] == ["10.0.0.0/8", "192.0.2.0/24"]  # type: ignore[union-attr]
+
+
+def test_cached_lines_keep_their_file_and_line_for_check(write_files: WriteFiles) -> None:
+    root = write_files({"p.yaml": policy_text("203.0.113.45/32"),
+                        "big.txt": "# partner\n198.51.100.0/25\n\n192.0.2.0/24  # office\n"})
+    cache = MemoryCache()
+    eager = load_policy(root, now=NOW)
+    load_policy(root, now=NOW, cache=cache)
+    lazy = load_policy(root, now=NOW, cache=cache)
+
+    https = lazy.service("https")
+    assert https is not None and isinstance(https.entries, Entries)
+    assert len(https.entries) == 3
+    assert https.entries == eager.service("https").entries  # type: ignore[union-attr]
+    decision = check_policy(lazy, "192.0.2.77", "443")
+    assert decision.allowed
+    assert [(e.origin.file, e.origin.line, str(e.network)) for e in decision.entries] == [
+        (str(root / "big.txt"), 4, "192.0.2.0/24")]
+
+
+def test_an_expired_cached_list_warns_for_every_line(write_files: WriteFiles) -> None:
+    root = write_files({"p.yaml": policy_text(expires="2026-01-01T00:00:00Z"),
+                        "big.txt": "10.0.0.0/8\n192.0.2.0/24\n"})
+    cache = MemoryCache()
+    load_policy(root, now=NOW, cache=cache)
+    policy = load_policy(root, now=NOW, cache=cache)
+    https = policy.service("https")
+    assert https is not None and https.entries == ()
+    assert [str(e.network) for e in policy.expired] == ["10.0.0.0/8", "192.0.2.0/24"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_compiling_merged_lists_equals_merging_every_entry(write_files: WriteFiles, seed: int) -> None:
+    """Lists and inline entries that overlap, touch and expire, against merge_intervals."""
+    rng = random.Random(seed)
+    inline = [f"{rng.randrange(11, 99)}.{rng.randrange(256)}.{rng.randrange(256)}.0/24" for _ in range(5)]
+    lists = {"a.txt": random_list(seed, 300), "b.txt": random_list(seed + 100, 40), "c.txt": random_list(seed, 30)}
+    text = policy_text(*inline, lists=tuple(lists))
+    text += f"      - cidr: 2001:db8:{seed}::/48\n{META}        expires: 2026-07-01T00:00:00Z\n"
+    text += f"      - cidr: {inline[0]}\n{META}        expires: 2026-07-01T00:00:00Z\n"
+    root = write_files({"p.yaml": text, **lists})
+    cache = MemoryCache()
+    load_policy(root, now=NOW, cache=cache)
+    policy = load_policy(root, now=NOW, cache=cache)
+
+    https = policy.service("https")
+    assert https is not None
+    expected = merge_intervals(e.interval for e in https.entries)
+    rules = compile_policy(policy).service("https")
+    assert rules is not None
+    assert list(rules.v4) + list(rules.v6) == expected
+
+
+# --- the cache on disk ---------------------------------------------------------------------------
+
+KEY = "ab" * 32
+
+
+def parsed() -> ParsedList:
+    return ParsedList(3, bytes(range(16)), bytes(32))
+
+
+def test_disk_cache_round_trip(tmp_path: Path) -> None:
+    cache = ListCacheDir(tmp_path / "state" / "cache" / "lists")
+    source = b"10.0.0.0/8\n"
+    key = hashlib.sha256(source).hexdigest()
+    assert cache.get(key) is None and cache.latest("/p/l.txt") is None
+    cache.put(key, parsed(), source, "/p/l.txt")
+    assert cache.get(key) == parsed()
+    assert cache.latest("/p/l.txt") == (source, parsed())
+    assert cache.latest("/p/other.txt") is None
+    assert (tmp_path / "state" / "cache" / "lists").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_latest_version_whose_bytes_were_damaged_is_a_miss(tmp_path: Path) -> None:
+    cache = ListCacheDir(tmp_path / "lists")
+    source = b"10.0.0.0/8\n"
+    key = hashlib.sha256(source).hexdigest()
+    cache.put(key, parsed(), source, "/p/l.txt")
+    (tmp_path / "lists" / f"{key}.txt").write_bytes(b"10.0.0.0/9\n")
+    assert cache.latest("/p/l.txt") is None
+    assert cache.get(key) == parsed()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "renamed"])
+def test_a_damaged_or_misplaced_cache_file_is_a_miss(tmp_path: Path, damage: str) -> None:
+    cache = ListCacheDir(tmp_path / "lists")
+    cache.put(KEY, parsed(), b"", "/p/l.txt")
+    path = tmp_path / "lists" / KEY
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 1
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(bytes(data[:-5]))
+    else:
+        path.rename(tmp_path / "lists" / ("cd" * 32))
+        assert cache.get("cd" * 32) is None
+        return
+    assert cache.get(KEY) is None
+    cache.put(KEY, parsed(), b"", "/p/l.txt")  # a miss parses again and repairs the entry
+    assert cache.get(KEY) == parsed()
+
+
+def test_a_cache_others_can_write_is_not_trusted(tmp_path: Path) -> None:
+    cache = ListCacheDir(tmp_path / "lists")
+    cache.put(KEY, parsed(), b"", "/p/l.txt")
+    (tmp_path / "lists").chmod(0o777)
+    assert cache.get(KEY) is None
+    (tmp_path / "lists").chmod(0o700)
+    assert cache.get(KEY) == parsed()
+
+
+def test_an_unusable_cache_only_costs_time(tmp_path: Path, write_files: WriteFiles) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cache = ListCacheDir(blocker / "lists")
+    cache.put(KEY, parsed(), b"", "/p/l.txt")
+    assert cache.get(KEY) is None
+    assert cache.get("not a sha256") is None
+    root = write_files({"p.yaml": policy_text(), "big.txt": "10.0.0.0/8\n"})
+    assert load_policy(root, now=NOW, cache=cache).service("https") is not None
+
+
+def test_the_cache_keeps_the_most_recently_used_entries(tmp_path: Path) -> None:
+    cache = ListCacheDir(tmp_path / "lists", keep=3)
+    keys = [f"{n:064x}" for n in range(5)]
+    for age, key in enumerate(keys[:3]):
+        cache.put(key, parsed(), b"", f"/p/{key}")
+        os.utime(tmp_path / "lists" / key, (1000 + age, 1000 + age))
+    assert cache.get(keys[0]) == parsed()  # used: now the newest
+    cache.put(keys[3], parsed(), b"", "/p/3")
+    cache.put(keys[4], parsed(), b"", "/p/4")
+    kept = sorted(p.name for p in (tmp_path / "lists").iterdir() if len(p.name) == 64)
+    assert kept == sorted([keys[0], keys[3], keys[4]])
+    assert sorted(p.name for p in (tmp_path / "lists").iterdir() if p.name.endswith(".txt")) == sorted(
+        f"{k}.txt" for k in kept)
+
+
+# --- a changed list, parsed where it changed ------------------------------------------------
+
+# Few enough to collide: duplicates, overlaps (a /24 and its /26s, /32s), touching ranges,
+# and the last addresses of both families.
+POOL = ["10.1.0.0/24", "10.1.0.0/26", "10.1.0.64/26", "10.1.1.0/24", "10.1.0.7/32", "10.1.2.0/23",
+        "255.255.255.255/32", "255.255.255.254/31", "2001:db8::/48", "2001:db8:0:1::/64", "2001:db8:1::/48",
+        "ffff::/16", "192.0.2.1"]
+DECOR = ["", "   ", "# comment", "{} # trailing", "  {}  ", "{}\t"]
+
+
+def full_parse(data: bytes) -> ParsedList | None:
+    return hostwall.policy._parse_list(data, [], hostwall.policy.Origin("p.yaml", 1, "e"), Path("l.txt"), "l.txt")
+
+
+@st.composite
+def list_text(draw: st.DrawFn, max_lines: int = 30) -> list[str]:
+    lines = []
+    for _ in range(draw(st.integers(0, max_lines))):
+        decor = draw(st.sampled_from(DECOR))
+        lines.append(decor.format(draw(st.sampled_from(POOL))) if "{}" in decor else decor)
+    return lines
+
+
+@st.composite
+def edited(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    old = draw(list_text())
+    new = list(old)
+    for _ in range(draw(st.integers(0, 4))):
+        position = draw(st.integers(0, len(new)))
+        action = draw(st.sampled_from(["insert", "delete", "replace"]))
+        line = draw(st.sampled_from([*POOL, "300.1.2.3", "10.1.0.5/24", "", "# new"]))
+        if action == "insert":
+            new.insert(position, line)
+        elif new and position < len(new):
+            if action == "delete":
+                del new[position]
+            else:
+                new[position] = line
+    ending = draw(st.sampled_from(["\n", "\r\n"]))
+    final = draw(st.sampled_from(["", ending]))
+    return (ending.join(old) + final).encode(), (ending.join(new) + final).encode()
+
+
+@given(edited())
+@settings(max_examples=250, deadline=None)
+def test_a_changed_list_reparsed_where_it_changed_equals_a_full_parse(case: tuple[bytes, bytes]) -> None:
+    old, new = case
+    previous = full_parse(old)
+    if previous is None:
+        return  # only valid lists are ever cached
+    expected = full_parse(new)
+    result = reparse_list(old, previous, new)
+    if expected is None:
+        assert result is None  # a bad line: the full parse reports it
+    else:
+        assert result == expected
+
+
+@pytest.mark.parametrize("old", [
+    b"\xef\xbb\xbf10.1.0.0/24\n",  # a byte-order mark
+    b"10.1.0.0/24\r10.1.1.0/24\n",  # a lone CR ends a line for splitlines()
+    b"10.1.0.0/24\x0c\n",  # so does a form feed
+    "10.1.0.0/24 # caf\u2028\n".encode(),  # and LINE SEPARATOR
+])
+def test_lists_with_other_line_boundaries_are_parsed_whole(old: bytes) -> None:
+    previous = full_parse(old)
+    assert previous is not None
+    assert reparse_list(old, previous, old + b"10.9.0.0/24\n") is None
+
+
+def test_a_duplicated_line_removed_once_keeps_its_twin() -> None:
+    old = b"10.1.0.0/24\n10.1.0.0/24\n10.1.0.0/26\n"
+    new = b"10.1.0.0/24\n10.1.0.0/26\n"
+    previous = full_parse(old)
+    assert previous is not None and previous.lines4 is not None
+    result = reparse_list(old, previous, new)
+    assert result == full_parse(new) and result is not None and result.entries == 2
+
+
+def test_a_changed_list_is_reparsed_where_it_changed_through_load_policy(
+    write_files: WriteFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = random_list(3, 3000).splitlines()
+    root = write_files({"p.yaml": policy_text(), "big.txt": "\n".join(lines) + "\n"})
+    cache = MemoryCache()
+    load_policy(root, now=NOW, cache=cache)
+    replaced, lines[1500] = lines[1500], "198.18.0.1/32"
+    (root / "big.txt").write_text("\n".join(lines) + "\n")
+    with monkeypatch.context() as patch:
+        only_inline_parsing(patch, {replaced.split("#")[0].strip(), "198.18.0.1/32"})  # that line only
+        policy = load_policy(root, now=NOW, cache=cache)
+    assert compile_policy(policy) == compile_policy(load_policy(root, now=NOW))
+    assert cache.puts == 2
+
+
+@given(st.data())
+@settings(max_examples=60, deadline=None)
+def test_scattered_edits_and_moved_lines_of_a_long_list(data: st.DataObject) -> None:
+    lines = random_list(data.draw(st.integers(0, 5)), 400).splitlines()
+    old = ("\n".join(lines) + "\n").encode()
+    for _ in range(data.draw(st.integers(1, 5))):
+        first, second = data.draw(st.integers(0, len(lines) - 1)), data.draw(st.integers(0, len(lines) - 1))
+        action = data.draw(st.sampled_from(["swap", "replace", "delete", "duplicate"]))
+        if action == "swap":
+            lines[first], lines[second] = lines[second], lines[first]
+        elif action == "replace":
+            lines[first] = data.draw(st.sampled_from(POOL))
+        elif action == "delete":
+            del lines[first]
+        else:
+            lines.insert(second, lines[first])
+    new = ("\n".join(lines) + "\n").encode()
+    previous = full_parse(old)
+    assert previous is not None
+    assert reparse_list(old, previous, new) == full_parse(new)
