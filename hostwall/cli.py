@@ -312,6 +312,8 @@ def _status_json(status: Status) -> dict[str, Any]:
         "generation": status.generation,
         "recorded_generation": status.recorded_generation,
         "drift": list(status.drift.reasons),
+        "expired": [{"service": e.service, "cidr": str(e.interval),
+                     "expired_at": datetime.fromtimestamp(e.expired_at, UTC).isoformat()} for e in status.expired],
         "services": [
             {"name": s.name, "ports": s.ports, "action": s.action, "entries": s.entries,
              "accepted_packets": s.accepted.packets, "accepted_bytes": s.accepted.bytes,
@@ -348,6 +350,10 @@ def status(options: Options, as_json: bool) -> None:
                            f"{s.accepted.packets:>12}{s.dropped.packets:>12}")
         if result.pending:
             click.echo(_pending_text(result.pending))
+        for entry in result.expired:
+            stamp = datetime.fromtimestamp(entry.expired_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            click.echo(f"expired: {entry.service} {entry.interval} at {stamp} (left the kernel; "
+                       "remove it from the policy)")
         for reason in result.drift.reasons:
             click.echo(f"drift: {reason}")
         if result.loaded and not result.drift:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hostwall.cidr import Interval
 from hostwall.compile import compile_policy
 from hostwall.errors import KernelError, KernelRejected, StateError
 from hostwall.kernel import Backend, Counter, KernelTable
@@ -70,6 +71,29 @@ class Status:
     drift: Drift
     services: tuple[ServiceStatus, ...]
     pending: Pending | None = None
+    expired: tuple[ExpiredEntry, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExpiredEntry:
+    """An element the loaded generation gave a timeout that has since run out."""
+
+    service: str
+    interval: Interval
+    expired_at: float
+
+
+def _expired(recorded: Ruleset | None, now: float) -> tuple[ExpiredEntry, ...]:
+    if recorded is None:
+        return ()
+    return tuple(
+        ExpiredEntry(service.name, interval, interval.expires)
+        for service in recorded.services
+        for family in (4, 6)
+        if service.has_timeouts(family)
+        for interval in service.intervals(family)
+        if interval.expires <= now
+    )
 
 
 def policy_sources(policy: Policy) -> dict[str, bytes]:
@@ -342,7 +366,8 @@ class Engine:
         kernel = self._backend.read_table(elements=True)
         current = self._state.current()
         recorded = self._recorded(current)
-        drift = detect_drift(kernel, current, recorded, self._clock())
+        now = self._clock()
+        drift = detect_drift(kernel, current, recorded, now)
         return Status(
             loaded=kernel is not None,
             generation=kernel.generation if kernel else None,
@@ -350,6 +375,7 @@ class Engine:
             drift=drift,
             services=_service_status(kernel, recorded),
             pending=self._state.pending(),
+            expired=_expired(recorded, now),
         )
 
     def quick_drift(self) -> Drift:

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 packages=(nftables libnftables1 iproute2 libsystemd-dev pkg-config gcc python3-venv python3-dev
-          systemd make sudo)
+          systemd make sudo ruby)
 
 missing=()
 for package in "${packages[@]}"; do

@@ -359,3 +359,6 @@ def test_expiring_entry_leaves_the_kernel_without_any_hostwall_process(
     assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
     time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 1.5)
     assert reach(lab, NOBODY) == NOBODY
+    status = output(hostwall("status", "--json"))
+    assert status["drift"] == []  # an element that timed out is what the record expects
+    assert [(e["service"], e["cidr"]) for e in status["expired"]] == [("postgres", f"{lab.allowed.ipv4}/32")]
