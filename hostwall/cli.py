@@ -25,7 +25,7 @@ from hostwall.engine import Engine, Status
 from hostwall.errors import HostwallError, PermissionDenied, PolicyError
 from hostwall.plan import Plan, ServiceChange, diff_rulesets
 from hostwall.policy import Policy, Settings, load_policy
-from hostwall.state import DEFAULT_STATE_DIR, Pending, StateDir
+from hostwall.state import DEFAULT_KEEP, DEFAULT_STATE_DIR, Pending, StateDir
 
 DEFAULT_POLICY_DIR = Path("/etc/hostwall/policies")
 EXIT_OK = 0
@@ -40,14 +40,18 @@ class Options:
     netns: str | None
     policy_dir: Path
     state_dir: Path
+    keep_generations: int = DEFAULT_KEEP
+
+    def state(self) -> StateDir:
+        return StateDir(self.state_dir, keep=self.keep_generations)
 
     def policy(self) -> Policy:
-        return load_policy(self.policy_dir, cache=StateDir(self.state_dir).list_cache())
+        return load_policy(self.policy_dir, cache=self.state().list_cache())
 
     def engine(self) -> Engine:
         from hostwall.nft import NftBackend
 
-        return Engine(NftBackend(self.netns), StateDir(self.state_dir), spawn_reverter=self.spawn_reverter)
+        return Engine(NftBackend(self.netns), self.state(), spawn_reverter=self.spawn_reverter)
 
     def spawn_reverter(self, pending: Pending) -> None:
         """A detached process that enforces the confirm deadline even if this one, its
@@ -134,8 +138,10 @@ confirm_option = click.option(
               help="Policy directory (*.yaml, merged) or a single policy file.")
 @click.option("--state-dir", envvar="HOSTWALL_STATE_DIR", type=click.Path(path_type=Path, readable=False),
               default=DEFAULT_STATE_DIR, show_default=True, help="Where generations are kept.")
+@click.option("--keep-generations", envvar="HOSTWALL_KEEP_GENERATIONS", type=click.IntRange(min=1),
+              default=DEFAULT_KEEP, show_default=True, help="How many generations the state directory keeps.")
 @click.pass_context
-def main(ctx: click.Context, netns: str | None, policy_dir: Path, state_dir: Path) -> None:
+def main(ctx: click.Context, netns: str | None, policy_dir: Path, state_dir: Path, keep_generations: int) -> None:
     """hostwall: protected service ports answer only to allowlisted sources.
 
     \b
@@ -143,7 +149,7 @@ def main(ctx: click.Context, netns: str | None, policy_dir: Path, state_dir: Pat
     4 kernel error, 5 not permitted, 6 state directory error, 7 lock busy,
     10 needs attention (plan: changes pending; status: drift; check: denied).
     """
-    ctx.obj = Options(netns, policy_dir, state_dir)
+    ctx.obj = Options(netns, policy_dir, state_dir, keep_generations)
 
 
 pass_options = click.make_pass_decorator(Options)
@@ -160,7 +166,7 @@ def validate(options: Options, path: Path | None, as_json: bool) -> None:
     \b
     Example: hostwall validate /etc/hostwall/policies
     """
-    policy = load_policy(path or options.policy_dir, cache=StateDir(options.state_dir).list_cache())
+    policy = load_policy(path or options.policy_dir, cache=options.state().list_cache())
     ruleset = compile_policy(policy)
     entries = sum(len(s.entries) for s in policy.services)
     if as_json:
@@ -268,7 +274,7 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
     if result.applied:
         from hostwall.agent import clear_reverted
 
-        clear_reverted(StateDir(options.state_dir))  # an explicit apply overrides a past rollback
+        clear_reverted(options.state())  # an explicit apply overrides a past rollback
     if as_json:
         payload = _plan_json(result.plan)
         payload.update({"applied": result.applied, "generation": result.generation, "method": result.method,
@@ -438,7 +444,7 @@ def generations(options: Options, as_json: bool) -> None:
     \b
     Example: sudo hostwall generations
     """
-    state = StateDir(options.state_dir)
+    state = options.state()
     current = state.current()
     items = state.generations()
     if as_json:
@@ -496,7 +502,7 @@ def confirm(options: Options, wait: float, as_json: bool) -> None:
     Example: sudo hostwall confirm
     """
     require_privileges("confirm")
-    pending = StateDir(options.state_dir)
+    pending = options.state()
     from hostwall.nft import NftBackend
 
     confirmed = Engine(NftBackend(options.netns), pending).confirm(wait=wait)
@@ -532,7 +538,7 @@ def diff(options: Options, old: int, new: int, as_json: bool) -> None:
     \b
     Example: sudo hostwall diff 41 42
     """
-    state = StateDir(options.state_dir)
+    state = options.state()
     changes = diff_rulesets(state.generation(old).ruleset(), state.generation(new).ruleset())
     if as_json:
         _emit_json({"old": old, "new": new, "services": [
@@ -548,7 +554,7 @@ def diff(options: Options, old: int, new: int, as_json: bool) -> None:
 @reports_errors
 def revert_unconfirmed(options: Options, generation: int) -> None:
     """The detached reverter behind --confirm-within: waits for the deadline, then reverts."""
-    state = StateDir(options.state_dir)
+    state = options.state()
     while (pending := state.pending()) is not None and pending.generation == generation:
         remaining = pending.deadline - time.time()
         if remaining <= 0:
@@ -562,7 +568,7 @@ def revert_unconfirmed(options: Options, generation: int) -> None:
 
 def _log_group(options: Options) -> int:
     """The group the loaded ruleset logs to: the recorded generation's, else the policy's."""
-    state = StateDir(options.state_dir)
+    state = options.state()
     current = state.current()
     if current is not None:
         try:
@@ -627,7 +633,7 @@ def agent(options: Options, log_group: int | None, flood_window: float, flood_re
     from hostwall.nft import NftBackend
     from hostwall.notify import Notifier
 
-    state = StateDir(options.state_dir)
+    state = options.state()
     backend = NftBackend(options.netns)
     # The agent enforces confirmation deadlines itself; no detached reverter is needed.
     engine = Engine(backend, state)

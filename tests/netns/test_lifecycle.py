@@ -362,3 +362,16 @@ def test_expiring_entry_leaves_the_kernel_without_any_hostwall_process(
     status = output(hostwall("status", "--json"))
     assert status["drift"] == []  # an element that timed out is what the record expects
     assert [(e["service"], e["cidr"]) for e in status["expired"]] == [("postgres", f"{lab.allowed.ipv4}/32")]
+
+
+def test_keep_generations_prunes_the_oldest(lab: Lab, policy_dir: Path, state_dir: Path, hostwall: Cli) -> None:
+    for cidr in ("192.0.2.1/32", "192.0.2.2/32", "192.0.2.3/32", f"{lab.allowed.ipv4}/32"):
+        _write(policy_dir, [_entry(cidr)])
+        result = subprocess.run(
+            [sys.executable, "-m", "hostwall", "--netns", lab.server, "--policy-dir", str(policy_dir),
+             "--state-dir", str(state_dir), "--keep-generations", "2", "apply"],
+            capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
+        assert result.returncode == 0, result.stderr
+    listed = output(hostwall("generations", "--json"))
+    assert [(g["generation"], g["current"]) for g in listed] == [(3, False), (4, True)]
+    assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
