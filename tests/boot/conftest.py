@@ -37,6 +37,7 @@ from boot_support import (
     tail,
     unmount_under,
 )
+from ci_gate import skip_or_fail_in_ci
 
 TOOLS = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "nsenter": "util-linux",
          "ip": "iproute2", "nft": "nftables", "chroot": "coreutils", "mount": "mount"}
@@ -71,12 +72,7 @@ def _missing_privileges() -> str | None:
 
 @pytest.fixture(scope="session")
 def privileges() -> None:
-    reason = _missing_privileges()
-    if reason is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must execute the boot test, never skip it: {reason}", pytrace=False)
-    pytest.skip(reason)
+    skip_or_fail_in_ci(_missing_privileges(), "the boot tests")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from ci_gate import skip_or_fail_in_ci
 from netns_support import (
     COMMAND_TIMEOUT,
     Cli,
@@ -47,12 +48,7 @@ def _missing_privileges() -> str | None:
 
 @pytest.fixture(scope="session")
 def privileges() -> None:
-    reason = _missing_privileges()
-    if reason is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must execute the namespace tests, never skip them: {reason}", pytrace=False)
-    pytest.skip(reason)
+    skip_or_fail_in_ci(_missing_privileges(), "the namespace tests")
 
 
 def _root_tables() -> list[str]:
