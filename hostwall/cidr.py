@@ -38,16 +38,18 @@ def parse_cidr(text: str) -> IPNetwork:
     if not isinstance(text, str):
         raise CidrError(f"expected a CIDR string such as 203.0.113.45/32, got {text!r}")
     raw = text
+    shown = _shown(raw)
     if raw != raw.strip() or any(ch.isspace() for ch in raw):
-        raise CidrError(f"{raw!r} contains white space; write the CIDR alone, e.g. 203.0.113.45/32")
+        raise CidrError(f"{shown} contains white space; write the CIDR alone, e.g. 203.0.113.45/32")
     if "%" in raw:
         raise CidrError(
-            f"{raw!r} has a zone id; zone ids are interface-local and cannot be filtered on, "
+            f"{shown} has a zone id; zone ids are interface-local and cannot be filtered on, "
             "write the address without %zone"
         )
     _, slash, len_part = raw.partition("/")
-    if slash and not len_part.isdigit():
-        raise CidrError(f"{raw!r} has a bad prefix length; write e.g. /24 or /32")
+    # isdigit() alone admits other scripts' digits, which int() would read as numbers.
+    if slash and not (len_part.isascii() and len_part.isdigit()):
+        raise CidrError(f"{shown} has a bad prefix length; write e.g. /24 or /32")
     try:
         network = ipaddress.ip_network(raw, strict=True)
     except ValueError as exc:
@@ -55,13 +57,13 @@ def parse_cidr(text: str) -> IPNetwork:
         if host_bits_hint:
             raise CidrError(host_bits_hint) from exc
         raise CidrError(
-            f"{raw!r} is not an IPv4 or IPv6 address or network "
+            f"{shown} is not an IPv4 or IPv6 address or network "
             "(write e.g. 203.0.113.45/32, 10.0.1.0/24 or 2001:db8::/48; "
             "IPv4 octets without leading zeros)"
         ) from exc
     if network.prefixlen == 0:
         raise CidrError(
-            f"{raw!r} allows every address, which turns the allowlist off; "
+            f"{shown} allows every address, which turns the allowlist off; "
             "list the networks that need access instead"
         )
     if isinstance(network, ipaddress.IPv6Network):
@@ -69,12 +71,13 @@ def parse_cidr(text: str) -> IPNetwork:
             assert network.network_address.ipv4_mapped is not None
             v4 = network.network_address.ipv4_mapped
             raise CidrError(
-                f"{raw!r} is an IPv4-mapped IPv6 address; IPv4 clients arrive as IPv4, "
+                f"{shown} is an IPv4-mapped IPv6 address; IPv4 clients arrive as IPv4, "
                 f"write {v4}/{max(network.prefixlen - 96, 0)} instead"
             )
-        if network.subnet_of(_V4_COMPATIBLE) and int(network.network_address) > 1:
+        # :: and ::1 are not IPv4 addresses; any wider part of ::/96 is.
+        if network.subnet_of(_V4_COMPATIBLE) and int(network.broadcast_address) > 1:
             raise CidrError(
-                f"{raw!r} is a deprecated IPv4-compatible IPv6 address; "
+                f"{shown} is a deprecated IPv4-compatible IPv6 address; "
                 "write the IPv4 address itself"
             )
     return network
@@ -94,10 +97,10 @@ def parse_interval(text: str, expires: float = PERMANENT) -> Interval:
     bits = 32 if family == 4 else 128
     try:
         value = int.from_bytes(socket.inet_pton(packing, address), "big")
-    except OSError:
+    except (OSError, ValueError):  # ValueError: an embedded NUL, which C cannot be given
         return Interval.of(parse_cidr(text), expires)
     if slash:
-        if not (length.isdigit() and length[0] != "0" and int(length) <= bits):
+        if not (length.isascii() and length.isdigit() and length[0] != "0" and int(length) <= bits):
             return Interval.of(parse_cidr(text), expires)
         prefixlen = int(length)
     else:
@@ -106,6 +109,12 @@ def parse_interval(text: str, expires: float = PERMANENT) -> Interval:
     if value & hostmask or (family == 6 and value >> 32 in (0, 0xFFFF)):
         return Interval.of(parse_cidr(text), expires)
     return Interval(family, value, value | hostmask, expires)
+
+
+def _shown(raw: str, limit: int = 60) -> str:
+    """repr of raw, cut short so that an error about a megabyte of text stays one line."""
+    text = repr(raw)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(raw)} characters)"
 
 
 def _host_bits_hint(raw: str) -> str | None:

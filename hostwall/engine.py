@@ -117,6 +117,9 @@ def _policy_sources(policy: Policy) -> tuple[dict[str, bytes], dict[str, str]]:
         else:
             names.update(e.origin.file for e in service.entries)
     names.update(loaded)
+    # What was parsed, not what the path holds now: an editor may have replaced the
+    # file since, and the generation must record the text its ruleset came from.
+    loaded = {**policy.sources, **loaded}
     names.update(e.origin.file for e in policy.expired)
     paths = {Path(name) for name in names}
     root = Path(os.path.commonpath([str(p.resolve().parent) for p in paths])) if paths else Path("/")

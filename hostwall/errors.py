@@ -24,7 +24,16 @@ class Problem:
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line is not None else self.file
         entry = f" {self.entry}:" if self.entry else ""
-        return f"{where}:{entry} {self.message}"
+        return _one_line(f"{where}:{entry} {self.message}")
+
+
+def _one_line(text: str) -> str:
+    """Operators' names (a quoted YAML key, a file name) may hold line breaks; an error
+    stays one line, so that it is one line in a log and one record in a pipeline."""
+    return "".join(ch.encode("unicode_escape").decode("ascii") if ch in _LINE_BREAKS else ch for ch in text)
+
+
+_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")  # where str.splitlines() cuts
 
 
 class PolicyError(HostwallError):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import bisect
 import difflib
 import hashlib
+import os
 import re
+import stat
 import struct
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from functools import cached_property
 from pathlib import Path
@@ -41,9 +43,11 @@ from hostwall.cidr import (
 )
 from hostwall.errors import PolicyError, Problem
 
-SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,23}$")
+# Used with fullmatch: "$" alone would let a trailing newline into nft's input.
+SERVICE_NAME = re.compile(r"[a-z][a-z0-9_]{0,23}")
 Protocol = Literal["tcp", "udp"]
 MAX_POLICY_BYTES = 64 * 1024 * 1024
+MAX_LIST_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True, order=True)
@@ -73,14 +77,14 @@ BUILTIN_SERVICES: dict[str, BuiltinService] = {
 
 def _parse_port(value: Any) -> PortRange:
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"a port is a number (443) or a range string ('8000-8100'), not {value!r}")
+        raise ValueError(f"a port is a number (443) or a range string ('8000-8100'), not {shown(value)}")
     if isinstance(value, int):
         first = last = value
     else:
         match = re.fullmatch(r"(\d{1,5})-(\d{1,5})", value.strip())
         if not match:
             raise ValueError(
-                f"port {value!r} is neither a number nor a range; write 443 or '8000-8100'"
+                f"port {shown(value)} is neither a number nor a range; write 443 or '8000-8100'"
             )
         first, last = int(match[1]), int(match[2])
         if first > last:
@@ -118,6 +122,12 @@ class AllowEntryModel(_Strict):
                 "expires needs a time zone so that every host agrees on the moment; "
                 "add Z for UTC, e.g. 2027-01-01T00:00:00Z"
             )
+        if value is not None:
+            try:
+                value.astimezone(UTC)
+            except OverflowError:
+                # Every later step (expiry, warnings, kernel timeouts) works in UTC.
+                raise ValueError("expires is outside the years 1-9999 once converted to UTC") from None
         return value
 
     @model_validator(mode="after")
@@ -363,6 +373,9 @@ class Policy:
     settings: Settings
     files: tuple[Path, ...]
     expired: tuple[Entry, ...]
+    # The bytes of every file read (policy files and lists) by path, exactly as parsed:
+    # a generation records these, never a later version of the same file.
+    sources: Mapping[str, bytes] = field(default_factory=dict)
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)
@@ -381,7 +394,7 @@ def policy_files(path: Path) -> list[Path]:
     if not path.exists():
         raise PolicyError([Problem(str(path), None, "", "no such file or directory")])
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and not p.is_dir())
         if not files:
             raise PolicyError(
                 [Problem(str(path), None, "", "no *.yaml policy files in this directory")]
@@ -390,13 +403,59 @@ def policy_files(path: Path) -> list[Path]:
     return [path]
 
 
+def policy_root(path: Path) -> Path:
+    """The directory every policy file and file: list must resolve into."""
+    resolved = path.resolve()
+    return resolved if resolved.is_dir() else resolved.parent
+
+
+class _Unreadable(Exception):
+    """Why a policy file or list cannot be used, in words for an operator."""
+
+
+def read_regular(path: Path, root: Path, limit: int) -> bytes:
+    """The bytes of path, which must resolve to a regular file inside root.
+
+    The agent runs as root: a symlink or a file: path that leaves the policy directory
+    would make it read (and quote, in error messages) any file on the host, and a FIFO
+    or a device would block a reload or fill memory. O_NONBLOCK keeps the open of a FIFO
+    from waiting for a writer; the type is checked on the opened descriptor, so a file
+    swapped in between cannot slip past.
+    """
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise _Unreadable(f"resolves to {resolved}, outside the policy directory {root}; "
+                          "copy the file into the policy directory")
+    try:
+        fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _Unreadable(str(exc.strerror)) from exc
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _Unreadable("not a regular file; a policy file or list must be a plain file")
+        try:
+            data = handle.read(limit + 1)
+        except OSError as exc:
+            raise _Unreadable(str(exc.strerror)) from exc
+    if len(data) > limit:
+        raise _Unreadable(f"larger than {limit} bytes; split it into several files")
+    return data
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """repr of an operator's value, cut short so that an error stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _format_loc(loc: Iterable[str | int]) -> str:
     text = ""
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
-            text += f".{part}" if text else part
+            name = part if len(part) <= 40 else f"{part[:40]}..."
+            text += f".{name}" if text else name
     return text
 
 
@@ -414,17 +473,17 @@ def _pydantic_problems(
         elif error["type"] == "missing":
             message = f"required key {loc[-1]!r} is missing"
         elif error["type"] == "literal_error":
-            message = f"{message} (got {error.get('input')!r})"
+            message = f"{message} (got {shown(error.get('input'))})"
         entry = _format_loc(loc)
         cidr = _cidr_at(located.data, loc)
         if cidr:
-            entry += f" (cidr {cidr})"
+            entry += f" (cidr {cidr if len(cidr) <= 60 else shown(cidr)})"
         problems.append(Problem(filename, located.line_of(loc), entry, message))
     return problems
 
 
 def _unknown_key_message(loc: tuple[str | int, ...]) -> str:
-    key = str(loc[-1])
+    key = shown(str(loc[-1]))
     parent = loc[:-1]
     model: type[BaseModel] | None = None
     if not parent:
@@ -436,11 +495,11 @@ def _unknown_key_message(loc: tuple[str | int, ...]) -> str:
     elif len(parent) == 4 and parent[0] == "services" and parent[2] == "allow":
         model = AllowEntryModel
     if model is None:
-        return f"unknown key {key!r}; check the spelling"
+        return f"unknown key {key}; check the spelling"
     known = list(model.model_fields)
-    close = difflib.get_close_matches(key, known, n=1)
+    close = difflib.get_close_matches(str(loc[-1])[:100], known, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown key {key!r}; {hint}valid keys here: {', '.join(known)}"
+    return f"unknown key {key}; {hint}valid keys here: {', '.join(known)}"
 
 
 def _cidr_at(data: Any, loc: tuple[str | int, ...]) -> str | None:
@@ -473,6 +532,8 @@ def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None
     """
     now = now or datetime.now(UTC)
     files = policy_files(path)
+    root = policy_root(path)
+    sources: dict[str, bytes] = {}
     problems: list[Problem] = []
     drafts: dict[str, _ServiceDraft] = {}
     settings: Settings | None = None
@@ -481,7 +542,7 @@ def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None
 
     for file in files:
         name = str(file)
-        parsed = _parse_file(file, problems)
+        parsed = _parse_file(file, root, problems, sources)
         if parsed is None:
             continue
         model, located = parsed
@@ -496,7 +557,7 @@ def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None
                 settings_file = name
         for service_name, declared in model.services.items():
             service_line = located.line_of(("services", service_name))
-            if not SERVICE_NAME.match(service_name):
+            if not SERVICE_NAME.fullmatch(service_name):
                 problems.append(
                     Problem(name, service_line, f"services.{service_name}",
                             "service names are 1-24 characters of a-z, 0-9 and _, "
@@ -522,7 +583,7 @@ def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None
             for index, allow in enumerate(service.allow):
                 entry_path = ("services", service_name, "allow", index)
                 origin = Origin(name, located.line_of(entry_path), f"services.{service_name}.allow[{index}]")
-                for part in _expand_entry(allow, origin, file, problems, cache):
+                for part in _expand_entry(allow, origin, file, root, problems, sources, cache):
                     if part.expires is not None and part.expires <= now:
                         expired.extend((part,) if isinstance(part, Entry) else part.entries)
                     else:
@@ -536,22 +597,20 @@ def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None
         settings=settings or Settings(),
         files=tuple(files),
         expired=tuple(expired),
+        sources=sources,
     )
 
 
 def _parse_file(
-    file: Path, problems: list[Problem]
+    file: Path, root: Path, problems: list[Problem], sources: dict[str, bytes]
 ) -> tuple[PolicyFileModel, yamlsource.LocatedData] | None:
     name = str(file)
     try:
-        raw = file.read_bytes()
-    except OSError as exc:
-        problems.append(Problem(name, None, "", f"cannot read: {exc.strerror}"))
+        raw = read_regular(file, root, MAX_POLICY_BYTES)
+    except _Unreadable as exc:
+        problems.append(Problem(name, None, "", f"cannot read: {exc}"))
         return None
-    if len(raw) > MAX_POLICY_BYTES:
-        problems.append(Problem(name, None, "", f"larger than {MAX_POLICY_BYTES} bytes; "
-                                "move long address lists into file: lists"))
-        return None
+    sources[name] = raw
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -574,8 +633,8 @@ def _parse_file(
 
 
 def _expand_entry(
-    allow: AllowEntryModel, origin: Origin, policy_file: Path, problems: list[Problem],
-    cache: ListCache | None = None,
+    allow: AllowEntryModel, origin: Origin, policy_file: Path, root: Path, problems: list[Problem],
+    sources: dict[str, bytes], cache: ListCache | None = None,
 ) -> list[Entry] | list[ListFile]:
     if allow.cidr is not None:
         expires = allow.expires.timestamp() if allow.expires is not None else PERMANENT
@@ -584,11 +643,11 @@ def _expand_entry(
     assert allow.file is not None
     list_path = (policy_file.parent / allow.file)
     try:
-        data = list_path.read_bytes()
-    except OSError as exc:
-        problems.append(Problem(origin.file, origin.line,
-                                origin.entry, f"cannot read list file {list_path}: {exc.strerror}"))
+        data = read_regular(list_path, root, MAX_LIST_BYTES)
+    except _Unreadable as exc:
+        problems.append(Problem(origin.file, origin.line, origin.entry, f"cannot read list file {list_path}: {exc}"))
         return []
+    sources[str(list_path)] = data
     digest = hashlib.sha256(data).hexdigest()
     parsed = cache.get(digest) if cache is not None else None
     if parsed is None:

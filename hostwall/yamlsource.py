@@ -55,9 +55,14 @@ def load(text: str) -> LocatedData:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
-        raise YamlError(f"not valid YAML: {exc.problem or exc}", line) from exc
+        raise YamlError(f"not valid YAML: {' '.join(str(exc.problem or exc).split())}", line) from exc
+    except yaml.reader.ReaderError as exc:
+        # Raised before any node exists, with a character offset instead of a mark.
+        line = text.count("\n", 0, exc.position) + 1 if isinstance(exc.position, int) else None
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise YamlError(f"not valid YAML: control character U+{code:04X} is not allowed; remove it", line) from exc
     except yaml.YAMLError as exc:
-        raise YamlError(f"not valid YAML: {exc}", None) from exc
+        raise YamlError(f"not valid YAML: {' '.join(str(exc).split())}", None) from exc
     located = LocatedData(None)
     if root is None:
         located.data = {}
