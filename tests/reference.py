@@ -198,7 +198,7 @@ def _allow(network: Network, expires: datetime | None, index: int) -> dict[str, 
 
 @st.composite
 def policies(draw: st.DrawFn, *, now: datetime | None = None, lab_safe: bool = False,
-             max_entries: int = 12) -> GeneratedPolicy:
+             min_entries: int = 0, max_entries: int = 12) -> GeneratedPolicy:
     """Random policies: both families, overlaps, adjacency, duplicates, expiring entries,
     entries of one service spread over two files and a file: list."""
     now = now or datetime.now(UTC)
@@ -215,7 +215,7 @@ def policies(draw: st.DrawFn, *, now: datetime | None = None, lab_safe: bool = F
     entries: dict[str, list[RefEntry]] = {name: [] for name in definitions}
     pool: list[Network] = []
     lists: dict[str, str] = {}
-    count = draw(st.integers(0, max_entries))
+    count = draw(st.integers(min_entries, max_entries))
     for index in range(count):
         service = draw(st.sampled_from(sorted(definitions)))
         if pool and draw(st.integers(0, 4)) == 0:

@@ -1,0 +1,214 @@
+"""What the kernel enforces equals what the policy says, for random policies.
+
+Each random policy (tests/reference.py) is applied to the lab's server namespace in
+turn, so consecutive examples exercise both element deltas and full loads. The sets
+are read back with `nft -j list` and parsed here, independently of hostwall's own
+listing code, then compared with the reference matcher at every boundary. A few
+examples are also checked with real packets from addresses added to a client.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from netns_support import COMMAND_TIMEOUT, DENY_TIMEOUT, OPEN_TIMEOUT, Nft
+from reference import GeneratedPolicy, Reference, examples, mismatches, policies
+
+from hostwall import netns
+from hostwall.compile import compile_policy
+from hostwall.engine import Engine
+from hostwall.lab import Lab
+from hostwall.nft import NftBackend
+from hostwall.policy import load_policy
+from hostwall.ruleset import render_full_load
+from hostwall.state import StateDir
+
+pytestmark = pytest.mark.root
+
+# The kernel reports time left in whole seconds, and the examples take a while.
+EXPIRY_TOLERANCE = 30.0
+Sets = dict[str, list[tuple[int, int, float]]]
+
+
+def _address(family: int, text: str) -> int:
+    value = ipaddress.ip_address(text)
+    assert value.version == family
+    return int(value)
+
+
+def kernel_sets(nft: Nft) -> Sets:
+    """Address sets of the hostwall table: name -> sorted (first, last, absolute expiry)."""
+    now = time.time()
+    document = json.loads(nft("-j", "list", "table", "inet", "hostwall").stdout)
+    sets: Sets = {}
+    for item in document["nftables"]:
+        body = item.get("set")
+        if body is None or body["type"] not in ("ipv4_addr", "ipv6_addr"):
+            continue
+        family = 4 if body["type"] == "ipv4_addr" else 6
+        elements = []
+        for item_element in body.get("elem", []):
+            expiry, element = math.inf, item_element
+            if isinstance(element, dict) and "elem" in element:
+                expiry = now + float(element["elem"].get("expires", element["elem"]["timeout"]))
+                element = element["elem"]["val"]
+            if isinstance(element, str):
+                first = last = _address(family, element)
+            elif "prefix" in element:
+                network = ipaddress.ip_network(f"{element['prefix']['addr']}/{element['prefix']['len']}")
+                first, last = int(network.network_address), int(network.broadcast_address)
+            else:
+                first, last = (_address(family, a) for a in element["range"])
+            elements.append((first, last, expiry))
+        sets[body["name"]] = sorted(elements)
+    return sets
+
+
+def disagreements(reference: Reference, sets: Sets, generated: GeneratedPolicy) -> list[str]:
+    problems = []
+    for service in reference.services:
+        for family in (4, 6):
+            actual = sets.get(f"{service.name}_v{family}")
+            if actual is None:
+                problems.append(f"no set {service.name}_v{family} in the kernel")
+                continue
+            problems += mismatches(reference, service, family, actual, generated.now, EXPIRY_TOLERANCE)
+    return problems
+
+
+def same_sets(a: Sets, b: Sets) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for name in a:
+        if [(f, l_, math.isinf(e)) for f, l_, e in a[name]] != [(f, l_, math.isinf(e)) for f, l_, e in b[name]]:
+            return False
+        if any(abs(x[2] - y[2]) > EXPIRY_TOLERANCE for x, y in zip(a[name], b[name], strict=True)
+               if not math.isinf(x[2])):
+            return False
+    return True
+
+
+def test_kernel_sets_allow_exactly_what_the_reference_allows(
+    lab: Lab, backend: NftBackend, state_dir: Path, policy_dir: Path, nft: Nft
+) -> None:
+    """Also: apply is idempotent, and an element delta leaves what a full load leaves."""
+    engine = Engine(backend, StateDir(state_dir))
+    methods: list[str | None] = []
+
+    @examples(30)
+    @given(generated=policies())
+    def check(generated: GeneratedPolicy) -> None:
+        generated.write(policy_dir)
+        policy = load_policy(policy_dir)
+        result = engine.apply(policy, user="prop", message="differential")
+        methods.append(result.method)
+        sets = kernel_sets(nft)
+        assert disagreements(generated.reference, sets, generated) == []
+
+        again = engine.apply(load_policy(policy_dir), user="prop", message="again")
+        assert not again.applied, again.plan.summary
+        assert same_sets(kernel_sets(nft), sets)
+
+        if result.method == "delta":
+            assert result.generation is not None
+            backend.submit(render_full_load(compile_policy(policy), result.generation, time.time()))
+            assert same_sets(kernel_sets(nft), sets), "an element delta and a full load differ"
+            engine.apply(policy, user="prop", message="records after the full load behind their back")
+
+    check()
+    assert {"delta", "full"} <= set(methods), methods
+
+
+def _add_source(lab: Lab, address: str) -> None:
+    v6 = ":" in address
+    length = "128" if v6 else "32"
+    extra = ["nodad"] if v6 else []
+    subprocess.run(["ip", "-n", lab.allowed.namespace, "addr", "add", f"{address}/{length}", "dev", "eth0", *extra],
+                   check=True, capture_output=True, timeout=COMMAND_TIMEOUT)
+    subprocess.run(["ip", "-n", lab.server, "route", "add", f"{address}/{length}", "dev", "hwok"],
+                   check=True, capture_output=True, timeout=COMMAND_TIMEOUT)
+
+
+def _remove_source(lab: Lab, address: str) -> None:
+    length = "128" if ":" in address else "32"
+    for command in (["ip", "-n", lab.server, "route", "del", f"{address}/{length}", "dev", "hwok"],
+                    ["ip", "-n", lab.allowed.namespace, "addr", "del", f"{address}/{length}", "dev", "eth0"]):
+        subprocess.run(command, capture_output=True, timeout=COMMAND_TIMEOUT, check=False)
+
+
+def _probe_from(lab: Lab, source: str, port: int, timeout: float) -> str:
+    family = socket.AF_INET6 if ":" in source else socket.AF_INET
+    target = lab.allowed.server_ipv6 if ":" in source else lab.allowed.server_ipv4
+    with netns.entered(lab.allowed.namespace):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    with sock:
+        sock.settimeout(timeout)
+        sock.bind((source, 0))
+        try:
+            sock.connect((target, port))
+            sock.sendall(b"ping")
+            return "open" if sock.recv(16) == b"ping" else "closed"
+        except (ConnectionRefusedError, ConnectionResetError):
+            return "refused"
+        except TimeoutError:
+            return "timeout"
+
+
+def _candidates(generated: GeneratedPolicy) -> list[str]:
+    addresses = set()
+    for service in generated.reference.services:
+        for entry in service.entries:
+            for value in (entry.network.network_address, entry.network.broadcast_address,
+                          entry.network.broadcast_address + 1):
+                # The first address of a /64 is a subnet-router anycast address; skip it.
+                if value.version == 6 and int(value) & ((1 << 64) - 1) == 0:
+                    continue
+                addresses.add(str(value))
+    return sorted(addresses)
+
+
+def test_real_packets_follow_the_reference(lab: Lab, backend: NftBackend, state_dir: Path, policy_dir: Path) -> None:
+    engine = Engine(backend, StateDir(state_dir))
+    seen = {True: 0, False: 0}
+
+    @examples(6)
+    @given(generated=policies(lab_safe=True, min_entries=2, max_entries=8), data=st.data())
+    def check(generated: GeneratedPolicy, data: st.DataObject) -> None:
+        generated.write(policy_dir)
+        engine.apply(load_policy(policy_dir), user="prop", message="packets")
+        candidates = _candidates(generated)
+        port = max((443, 5432), key=lambda p: sum(generated.reference.allows(c, p, "tcp", generated.now)
+                                                  for c in candidates))
+        allowed = [c for c in candidates if generated.reference.allows(c, port, "tcp", generated.now)]
+        denied = [c for c in candidates if c not in allowed]
+        # At least one of each when there is one, then a few more at random.
+        sources = [data.draw(st.sampled_from(group)) for group in (allowed, denied) if group]
+        sources += data.draw(st.lists(st.sampled_from(candidates), max_size=2))
+        sources = sorted(set(sources))
+        expected = {s: generated.reference.allows(s, port, "tcp", generated.now) for s in sources}
+        for source in sources:
+            _add_source(lab, source)
+        try:
+            with ThreadPoolExecutor(max_workers=len(sources)) as pool:
+                futures = {s: pool.submit(_probe_from, lab, s, port, OPEN_TIMEOUT if expected[s] else DENY_TIMEOUT)
+                           for s in sources}
+                got = {s: future.result() for s, future in futures.items()}
+        finally:
+            for source in sources:
+                _remove_source(lab, source)
+        assert got == {s: "open" if allowed else "timeout" for s, allowed in expected.items()}
+        for allowed in expected.values():
+            seen[allowed] += 1
+
+    check()
+    assert seen[True] and seen[False], seen
