@@ -337,6 +337,9 @@ class StateDir:
             _fsync_dir(self.generations_dir)
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
+            # Blobs written for this generation alone would stay until the next prune.
+            with contextlib.suppress(OSError):
+                self._sweep()
             hint = " (disk full)" if exc.errno == errno.ENOSPC else ""
             raise StateError(f"cannot record generation {number} in {self.path}: {exc.strerror}{hint}") from exc
         return Generation(meta, final)

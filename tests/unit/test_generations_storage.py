@@ -3,14 +3,17 @@ damage, and generations written by earlier versions. Against the in-memory kerne
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
 from test_engine_fake import POLICY_V1, Setup, allow
 
+from hostwall import state as state_module
 from hostwall.compile import compile_policy
 from hostwall.errors import StateError
 from hostwall.fake import _parse_full_load
@@ -204,3 +207,22 @@ def test_sets_swapped_between_services_of_one_family_are_detected(setup: Setup) 
 
     with pytest.raises(StateError, match="ruleset does not match its sets"):
         setup.state.generation(1).ruleset()
+
+
+def test_a_generation_that_cannot_be_written_leaves_no_blobs_behind(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup.engine.apply(setup.policy(POLICY_V1), user="a", message="1")
+    blobs = sorted(p.name for p in setup.state.blobs_dir.iterdir())
+    real_write = state_module._write_file
+
+    def disk_full_at_meta(path: Path, data: bytes) -> None:
+        if path.name == "meta.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(path, data)
+
+    monkeypatch.setattr(state_module, "_write_file", disk_full_at_meta)
+    with pytest.raises(StateError, match="disk full"):
+        setup.engine.apply(setup.policy(GROWN.replace("198.51.100.7/32", "198.51.100.9/32")), user="a", message="2")
+    assert sorted(p.name for p in setup.state.blobs_dir.iterdir()) == blobs
+    assert setup.generation_dirs() == ["00000001"]
