@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 from hostwall.drops import Record
 from hostwall.errors import HostwallError
 
 SYSLOG_IDENTIFIER = "hostwall"
+JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 
 
 class JournalUnavailable(HostwallError):
@@ -24,7 +27,8 @@ class JournalSink:
     every few seconds. Nothing is buffered, so memory stays bounded."""
 
     def __init__(self, extra_fields: dict[str, str] | None = None, fallback: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic, retry_seconds: float = 2.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, retry_seconds: float = 2.0,
+                 socket_path: Path = JOURNAL_SOCKET) -> None:
         from systemd import journal
 
         self._send = journal.send
@@ -32,6 +36,7 @@ class JournalSink:
         self._fallback = fallback or sys.stderr
         self._clock = clock
         self._retry_seconds = retry_seconds
+        self._socket_path = socket_path
         self._down_since: float | None = None
         self.fallback_records = 0
 
@@ -43,6 +48,10 @@ class JournalSink:
         now = self._clock()
         if self._down_since is None or now - self._down_since >= self._retry_seconds:
             try:
+                # libsystemd reports success and drops the record when the socket does
+                # not exist (journald never started, or gone with its runtime directory).
+                if not os.path.exists(self._socket_path):
+                    raise FileNotFoundError(self._socket_path)
                 self._send(
                     MESSAGE=record.message, MESSAGE_ID=record.message_id, PRIORITY=str(record.priority),
                     SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER, **self._extra, **record.fields,

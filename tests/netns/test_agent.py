@@ -43,7 +43,7 @@ class Harness:
     """
 
     def __init__(self, lab: Lab, policy_dir: Path, state_dir: Path, tmp: Path, *args: str,
-                 watchdog_usec: int = 1_000_000) -> None:
+                 watchdog_usec: int = 1_000_000, wrapper: tuple[str, ...] = ()) -> None:
         self.socket_path = str(tmp / f"notify-{time.monotonic_ns()}")
         self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.socket.bind(self.socket_path)
@@ -54,7 +54,7 @@ class Harness:
         self._reader.start()
         environment = {k: v for k, v in os.environ.items() if not k.startswith(("HOSTWALL_", "NOTIFY_"))}
         environment.update(NOTIFY_SOCKET=self.socket_path, WATCHDOG_USEC=str(watchdog_usec))
-        command = [sys.executable, "-m", "hostwall", "--netns", lab.server, "--policy-dir", str(policy_dir),
+        command = [*wrapper, sys.executable, "-m", "hostwall", "--netns", lab.server, "--policy-dir", str(policy_dir),
                    "--state-dir", str(state_dir), "agent", *args]
         self.process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True)

@@ -8,6 +8,7 @@ import io
 import socket
 import struct
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -303,7 +304,8 @@ class FakeJournal:
 def journal_sink(extra: dict[str, str] | None = None) -> tuple[JournalSink, FakeJournal, io.StringIO, FakeClock]:
     clock = FakeClock()
     fallback = io.StringIO()
-    sink = JournalSink(extra, fallback=fallback, clock=clock, retry_seconds=2.0)
+    sink = JournalSink(extra, fallback=fallback, clock=clock, retry_seconds=2.0,
+                       socket_path=Path(__file__))  # any path that exists stands for the socket
     journal = FakeJournal()
     sink._send = journal
     return sink, journal, fallback, clock
@@ -370,3 +372,17 @@ def test_journal_still_down_at_the_retry_waits_again() -> None:
     assert journal.calls == 3 and len(journal.sent) == 1
     assert sink.fallback_records == 3
     assert fallback.getvalue().splitlines() == [f"hostwall: {RECORD.message}"] * 3
+
+
+def test_a_missing_journal_socket_is_an_outage_too(tmp_path: Path) -> None:
+    """libsystemd drops a record without an error when the socket file is missing."""
+    sink, journal, fallback, clock = journal_sink()
+    sink._socket_path = tmp_path / "socket"
+    sink.send(RECORD)
+    assert journal.sent == [] and fallback.getvalue() == f"hostwall: {RECORD.message}\n"
+    assert not sink.available
+
+    (tmp_path / "socket").touch()  # journald is back
+    clock.now += 2.0
+    sink.send(RECORD)
+    assert len(journal.sent) == 1 and sink.available
