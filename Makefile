@@ -30,8 +30,11 @@ test: lint
 	$(VENV)/bin/python -m pytest
 
 # Changing one entry of a 100k allowlist vs a full reload and vs nft (root; own namespace).
+# Then the property tests with ten times the examples of the default run.
 bench: setup
 	$(VENV)/bin/python tests/bench/bench_delta.py
+	HOSTWALL_HYPOTHESIS=bench $(VENV)/bin/python -m pytest tests/unit/test_differential.py \
+		tests/unit/test_bad_input.py tests/netns/test_differential_kernel.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
