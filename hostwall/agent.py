@@ -239,17 +239,22 @@ class Agent:
         self._next_full_check = clock() + settings.full_check_seconds
         self._next_metrics = clock()
         self.counters = AgentCounters()
+        self._last_fault: str | None = None
+        self._last_fault_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        reverted_now = self._revert_unconfirmed_from_before_boot()
-        self._converge("start", respect_reverted=True, skip_policy=reverted_now)
+        def converge() -> None:
+            reverted_now = self._revert_unconfirmed_from_before_boot()
+            self._converge("start", respect_reverted=True, skip_policy=reverted_now)
+
+        self._survive("start", converge)
         self._notifier.ready(self.status_text())
 
     def reload(self) -> None:
         self._notifier.reloading()
-        self._converge("reload", respect_reverted=False, skip_policy=False)
+        self._survive("reload", lambda: self._converge("reload", respect_reverted=False, skip_policy=False))
         self._notifier.ready(self.status_text())
 
     def stop(self) -> None:
@@ -265,7 +270,7 @@ class Agent:
             time.sleep(poll)
         now = self._clock()
         self._ping_watchdog(now)
-        self._enforce_deadline()
+        self._survive("confirmation deadline check", self._enforce_deadline)
         if self._events is not None and self._events.changed(0.0 if self._streamer else poll):
             self._check_drift(full=False)
         if now >= self._next_full_check:
@@ -273,7 +278,21 @@ class Agent:
             self._check_drift(full=True)
         if self._settings.metrics_file is not None and now >= self._next_metrics:
             self._next_metrics = now + self._settings.metrics_seconds
-            self.write_metrics()
+            self._survive("writing metrics", self.write_metrics)
+
+    def _survive(self, what: str, step: Callable[[], object]) -> None:
+        """Run step; a hostwall error in it is recorded, never fatal. The kernel keeps its
+        ruleset whatever happens here, and an agent that exits stops drift repair and
+        drop logs too (a corrupt state file would make systemd restart it in a loop).
+        While the same error lasts it is recorded once a minute, not on every tick."""
+        try:
+            step()
+        except HostwallError as error:
+            message = f"{what} failed, the running firewall stays: {error}"
+            now = self._clock()
+            if message != self._last_fault or now - self._last_fault_at >= 60.0:
+                self._last_fault, self._last_fault_at = message, now
+                self._record(message, MESSAGE_ID_CHANGE, PRIORITY_WARNING)
 
     # -- converging --------------------------------------------------------------------
 
@@ -378,14 +397,20 @@ class Agent:
         return current.generation if current else None
 
     def status_text(self) -> str:
-        current = self._state.current()
+        try:
+            current = self._state.current()
+        except HostwallError as error:
+            return f"state directory error: {error}"
         if current is None:
             return "no generation loaded"
         try:
             entries = self._state.generation(current.generation).meta.entries
         except HostwallError:
             entries = 0
-        pending = self._state.pending()
+        try:
+            pending = self._state.pending()
+        except HostwallError:
+            return f"generation {current.generation} loaded, {entries} entries, pending.json unreadable"
         waiting = f", generation {pending.generation} awaits confirmation" if pending else ""
         return f"generation {current.generation} loaded, {entries} entries{waiting}"
 

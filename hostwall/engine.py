@@ -181,6 +181,9 @@ class Engine:
         with self._state.locked(wait):
             now = self._clock()
             before = self._state.current()
+            # Read before the kernel is touched: a corrupt pending.json must fail the
+            # apply while the previous ruleset is still loaded, not after.
+            earlier = self._state.pending()
             recorded = self._trusted_record(before)
             if recorded is not None and recorded.digest != desired.digest:
                 # The kernel's labels match the record, so the record says what it holds
@@ -208,7 +211,7 @@ class Engine:
             except KernelError:
                 self._state.discard(number)
                 raise
-            pending = self._arm_or_clear_confirmation(number, before, confirm_within)
+            pending = self._arm_or_clear_confirmation(number, before, earlier, confirm_within)
             self._state.prune()
             return ApplyResult(plan, number, True, pending, method)
 
@@ -270,11 +273,10 @@ class Engine:
         return "full"
 
     def _arm_or_clear_confirmation(
-        self, number: int, before: Current | None, confirm_within: float | None
+        self, number: int, before: Current | None, earlier: Pending | None, confirm_within: float | None
     ) -> Pending | None:
         """A plain change while one is pending confirms it (the operator is evidently still
         there); a new confirm-within change keeps reverting to the last confirmed one."""
-        earlier = self._state.pending()
         if confirm_within is None:
             if earlier is not None:
                 self._state.clear_pending()
@@ -295,9 +297,10 @@ class Engine:
     ) -> RollbackResult:
         with self._state.locked(wait):
             current = self._state.current()
+            earlier = self._state.pending()
             target = to if to is not None else self._previous_number(current)
             rendered_because = self._load_generation(target)
-            pending = self._arm_or_clear_confirmation(target, current, confirm_within)
+            pending = self._arm_or_clear_confirmation(target, current, earlier, confirm_within)
             return RollbackResult(target, current.generation if current else None, rendered_because is None,
                                   pending, rendered_because)
 

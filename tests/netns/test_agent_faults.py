@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from netns_support import Cli, Journald, send_udp
+from netns_support import Cli, Journald, Nft, send_udp
 from test_agent import harness  # noqa: F401  (the fixture that starts the agent like systemd)
 
 from hostwall.compile import compile_policy
@@ -120,6 +120,35 @@ def test_a_sighup_storm_while_the_policy_is_replaced_keeps_a_good_generation(
     assert _settled(hostwall), "the kernel never came to hold the final policy"
     assert hostwall("status").returncode == 0
     assert _generations_match_their_policies(state_dir) == []
+    assert agent.stop() == 0
+
+
+def test_a_corrupt_state_file_does_not_stop_the_agent(
+    lab: Lab, policy_dir: Path, state_dir: Path, hostwall: Cli, nft: Nft, harness: Any,  # noqa: F811
+) -> None:
+    (policy_dir / "policy.yaml").write_text(_document([f"{lab.allowed.ipv4}/32"]))
+    agent = harness()
+    agent.wait_for("READY=1")
+    kernel = nft("list", "table", "inet", "hostwall").stdout
+    current = (state_dir / "current.json").read_bytes()
+
+    for name in ("current.json", "pending.json"):
+        (state_dir / name).write_bytes(b'{"generation": ')  # truncated
+        (policy_dir / "policy.yaml").write_text(_document(["192.0.2.0/24"]))
+        readies = agent.count("READY=1")
+        os.kill(agent.process.pid, signal.SIGHUP)
+        agent.wait_for("READY=1", seconds=20, occurrence=readies + 1)
+        agent.collect(0.5)  # several ticks, each of which reads the state
+        assert agent.process.poll() is None, f"a corrupt {name} stopped the agent"
+        assert nft("list", "table", "inet", "hostwall").stdout == kernel, "the kernel changed on a state error"
+        (state_dir / name).unlink()
+        (state_dir / "current.json").write_bytes(current)
+
+    # Repaired: the next reload applies the policy on disk.
+    readies = agent.count("READY=1")
+    os.kill(agent.process.pid, signal.SIGHUP)
+    agent.wait_for("READY=1", seconds=20, occurrence=readies + 1)
+    assert _settled(hostwall)
     assert agent.stop() == 0
 
 

@@ -394,3 +394,19 @@ def test_corrupted_current_json_is_a_state_error(setup: Setup) -> None:
 
     with pytest.raises(StateError, match=re.escape("current.json is unreadable or corrupt")):
         setup.engine.status()
+
+
+@pytest.mark.parametrize("command", ["apply", "rollback"])
+def test_a_corrupt_pending_json_fails_before_the_kernel_is_touched(setup: Setup, command: str) -> None:
+    setup.engine.apply(setup.policy(POLICY_V1), user="alice", message="first")
+    setup.engine.apply(setup.policy(POLICY_V2), user="alice", message="second")
+    table = copy.deepcopy(setup.backend.table)
+    (setup.state.path / "pending.json").write_text('{"generation": ')
+
+    with pytest.raises(StateError, match=re.escape("pending.json is unreadable or corrupt")):
+        if command == "apply":
+            setup.engine.apply(setup.policy(POLICY_V1), user="bob", message="third")
+        else:
+            setup.engine.rollback(1)
+    assert setup.backend.table == table
+    assert setup.generation_dirs() == ["00000001", "00000002"]
