@@ -20,8 +20,8 @@ description:
     managed file, and they count in validation and in the plan.
   - The candidate policy is validated with C(hostwall validate) before anything is
     written. For validation and check mode, the candidate goes to a temporary directory
-    that mirrors O(policy_dir). The other entries of the directory are symlinked there,
-    so C(file:) lists still resolve.
+    that mirrors O(policy_dir). The other entries of the directory are copied there, so
+    C(file:) lists still resolve (hostwall reads nothing outside the policy directory).
   - In check mode the managed file is not written and the kernel is not changed.
     C(hostwall apply --check) runs against the mirror, and the result says whether a
     real run would change something.
@@ -361,14 +361,26 @@ def _fsync_directory(directory):
 
 def make_mirror(policy_dir, candidate):
     """A temporary directory that stands for policy_dir with the candidate as the managed
-    file: every other entry of policy_dir is symlinked, so merged files and file: lists
-    resolve exactly as they will in the real directory."""
+    file. Every other entry of policy_dir is copied, so merged files and file: lists
+    resolve as they will in the real directory; hostwall refuses symlinks that leave the
+    policy directory, so an entry that is not a plain file or directory inside it (a
+    symlink out, a FIFO) is linked to as it is, and refused in the mirror as it will be
+    in the real directory."""
     mirror = tempfile.mkdtemp(prefix="hostwall-ansible-")
     if os.path.isdir(policy_dir):
+        root = os.path.realpath(policy_dir)
         for name in sorted(os.listdir(policy_dir)):
             if name == MANAGED_NAME or name.startswith(".ansible.yaml."):
                 continue
-            os.symlink(os.path.join(policy_dir, name), os.path.join(mirror, name))
+            source, target = os.path.join(policy_dir, name), os.path.join(mirror, name)
+            resolved = os.path.realpath(source)
+            inside = os.path.commonpath([root, resolved]) == root
+            if inside and os.path.isdir(resolved):
+                shutil.copytree(resolved, target, symlinks=True)
+            elif inside and os.path.isfile(resolved):
+                shutil.copy2(resolved, target)
+            else:
+                os.symlink(source, target)
     with open(os.path.join(mirror, MANAGED_NAME), "w", encoding="utf-8") as handle:
         handle.write(candidate)
     return mirror
