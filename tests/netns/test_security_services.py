@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -112,6 +112,13 @@ def counters(lab: Lab) -> dict[str, int]:
     return counters_in(lab.server)
 
 
+def assert_denied_and_counted(lab: Lab, counter: str, attempt: Callable[[], str]) -> None:
+    """attempt() times out, and the drop rule counted it: the service was there to refuse."""
+    before = counters(lab)[counter]
+    assert attempt() == "timeout"
+    assert counters(lab)[counter] > before
+
+
 def test_services_answer_every_client_before_hostwall_runs(battery: Battery, lab: Lab) -> None:
     """The control for every scenario below: without hostwall, everyone gets in."""
     wan, server = battery.wan, battery.wan.server()
@@ -131,18 +138,16 @@ def test_b2b_partner_cutover_then_old_address_is_shut_out(
     # During the cutover both egress addresses work, and nobody else does.
     assert curl(wan.namespace, server, source="203.0.113.10") == HTTPS_BODY
     assert curl(wan.namespace, server, source="203.0.113.20") == HTTPS_BODY
-    before = counters(lab)["https_dropped"]
-    assert curl(wan.namespace, server, source="203.0.113.99", timeout=1) == "timeout"
-    assert counters(lab)["https_dropped"] > before
+    assert_denied_and_counted(lab, "https_dropped",
+                              lambda: curl(wan.namespace, server, source="203.0.113.99", timeout=1))
 
     after_cutover = copy.deepcopy(document)
     entries = after_cutover["services"]["https"]["allow"]
     after_cutover["services"]["https"]["allow"] = [e for e in entries if e["cidr"] != "203.0.113.10/32"]
     install(policy_dir, after_cutover)
     apply(hostwall)
-    before = counters(lab)["https_dropped"]
-    assert curl(wan.namespace, server, source="203.0.113.10", timeout=1) == "timeout"
-    assert counters(lab)["https_dropped"] > before
+    assert_denied_and_counted(lab, "https_dropped",
+                              lambda: curl(wan.namespace, server, source="203.0.113.10", timeout=1))
     assert curl(wan.namespace, server, source="203.0.113.20") == HTTPS_BODY
 
 
@@ -153,9 +158,8 @@ def test_admin_panel_answers_only_the_vpn_exit_range(
     install(policy_dir, example("admin-panel.yaml"))
     apply(hostwall)
     assert curl(wan.namespace, server, source="198.51.100.5") == HTTPS_BODY
-    before = counters(lab)["https_dropped"]
-    assert curl(wan.namespace, server, source="198.51.100.77", timeout=1) == "timeout"
-    assert counters(lab)["https_dropped"] > before
+    assert_denied_and_counted(lab, "https_dropped",
+                              lambda: curl(wan.namespace, server, source="198.51.100.77", timeout=1))
 
 
 def test_database_answers_only_the_app_subnet_even_with_the_right_password(
@@ -164,9 +168,8 @@ def test_database_answers_only_the_app_subnet_even_with_the_right_password(
     install(policy_dir, example("database.yaml"))
     apply(hostwall)
     assert psql(battery.app.namespace, battery.app.server()) == POSTGRES_ANSWER
-    before = counters(lab)["postgres_dropped"]
-    assert psql(battery.outsider.namespace, battery.outsider.server(), timeout=1) == "timeout"
-    assert counters(lab)["postgres_dropped"] > before
+    outsider = battery.outsider
+    assert_denied_and_counted(lab, "postgres_dropped", lambda: psql(outsider.namespace, outsider.server(), timeout=1))
 
 
 def test_contractor_entry_works_until_it_expires(
@@ -180,9 +183,8 @@ def test_contractor_entry_works_until_it_expires(
     apply(hostwall)
     assert curl(wan.namespace, server, source="192.0.2.50") == HTTPS_BODY
     time.sleep(max(0.0, expires.timestamp() - time.time()) + 1.0)
-    before = counters(lab)["https_dropped"]
-    assert curl(wan.namespace, server, source="192.0.2.50", timeout=1) == "timeout"
-    assert counters(lab)["https_dropped"] > before
+    assert_denied_and_counted(lab, "https_dropped",
+                              lambda: curl(wan.namespace, server, source="192.0.2.50", timeout=1))
 
 
 def test_revoked_psql_session_is_cut_within_a_second(
