@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything hostwall needs on a Debian/Ubuntu host: system packages, then a
 # virtual environment with the Python dependencies. Safe to run again.
+# With --tests it also installs what the test suite runs against (nginx, PostgreSQL),
+# which `make install` must never put on a production host.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,7 +11,9 @@ PYTHON=${PYTHON:-python3}
 packages=(nftables libnftables1 iproute2 libsystemd-dev pkg-config gcc python3-venv python3-dev
           systemd make sudo ruby)
 # The security battery runs real services in the lab namespaces and real clients against them.
-packages+=(nginx postgresql curl openssl)
+if [ "${1:-}" = "--tests" ]; then
+  packages+=(nginx postgresql curl openssl)
+fi
 
 missing=()
 for package in "${packages[@]}"; do

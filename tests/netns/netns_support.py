@@ -303,6 +303,11 @@ class Harness:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=COMMAND_TIMEOUT)
+        # A failed test never called stop(): close the pipes here, or their finalizers
+        # warn in whichever later test the garbage collector happens to run.
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
         self._closing.set()
         self._reader.join(timeout=5)
         self.socket.close()
