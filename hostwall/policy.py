@@ -102,6 +102,8 @@ class AllowEntryModel(_Strict):
     reason: Annotated[str, Field(min_length=1)]
     review_by: date
     expires: datetime | None = None
+    broad_ok: bool = False
+    broad_reason: Annotated[str, Field(min_length=1)] | None = None
 
     @field_validator("cidr")
     @classmethod
@@ -124,13 +126,24 @@ class AllowEntryModel(_Strict):
     def _one_source(self) -> AllowEntryModel:
         if (self.cidr is None) == (self.file is None):
             raise ValueError("an allow entry has exactly one of cidr: or file:")
+        # A wide range waved through without a written reason is how /16s creep in.
+        if self.broad_ok and self.broad_reason is None:
+            raise ValueError("broad_ok: true needs broad_reason: saying why so wide a range is meant")
+        if self.broad_reason is not None and not self.broad_ok:
+            raise ValueError("broad_reason: is only read with broad_ok: true; add it or remove broad_reason")
         return self
+
+
+class WidestModel(_Strict):
+    ipv4: Annotated[int, Field(ge=0, le=32)] = 24
+    ipv6: Annotated[int, Field(ge=0, le=128)] = 48
 
 
 class ServiceModel(_Strict):
     ports: list[Any] | None = None
     protocols: list[Protocol] | None = None
     action: Literal["drop", "reject"] | None = None
+    widest: WidestModel | None = None
     allow: list[AllowEntryModel] = Field(default_factory=list)
 
     @field_validator("ports")
@@ -155,6 +168,7 @@ class SettingsModel(_Strict):
     log_group: Annotated[int, Field(ge=0, le=65535)] = 100
     log_rate: Annotated[int, Field(ge=1, le=100000)] = 10
     log_burst: Annotated[int, Field(ge=1, le=100000)] = 20
+    owners: list[Annotated[str, Field(min_length=1)]] | None = None
 
 
 class PolicyFileModel(_Strict):
@@ -182,6 +196,7 @@ class Entry:
     review_by: date
     expires: datetime | None
     origin: Origin
+    broad_ok: bool = False
 
     @cached_property
     def network(self) -> IPNetwork:
@@ -271,6 +286,8 @@ class ListFile:
     review_by: date
     expires: datetime | None
     label: str
+    broad_ok: bool = False
+    origin: Origin | None = None  # the file: entry in the policy file
 
     def __len__(self) -> int:
         return self.parsed.entries
@@ -288,7 +305,7 @@ class ListFile:
         expires = self.expires.timestamp() if self.expires is not None else PERMANENT
         return tuple(
             Entry(parse_interval(content, expires), self.owner, self.reason, self.review_by, self.expires,
-                  Origin(self.path, number, self.label))
+                  Origin(self.path, number, self.label), self.broad_ok)
             for number, content in _list_lines(self.data.decode("utf-8-sig"))
         )
 
@@ -341,6 +358,17 @@ class Entries(Sequence[Entry]):
 
 
 @dataclass(frozen=True)
+class Widest:
+    """The widest prefix per family that audit accepts without broad_ok."""
+
+    ipv4: int = 24
+    ipv6: int = 48
+
+    def of(self, family: int) -> int:
+        return self.ipv4 if family == 4 else self.ipv6
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     ports: tuple[PortRange, ...]
@@ -348,6 +376,7 @@ class Service:
     action: Literal["drop", "reject"]
     entries: Sequence[Entry]  # a tuple, or Entries when file: lists contribute
     defined_in: str
+    widest: Widest = Widest()
 
 
 @dataclass(frozen=True)
@@ -355,6 +384,7 @@ class Settings:
     log_group: int = 100
     log_rate: int = 10
     log_burst: int = 20
+    owners: tuple[str, ...] | None = None  # who may own entries; None: anyone
 
 
 @dataclass(frozen=True)
@@ -492,7 +522,9 @@ def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None
                             f"settings are already given in {settings_file}; keep them in one file")
                 )
             else:
-                settings = Settings(**model.settings.model_dump())
+                values = model.settings.model_dump()
+                owners = values.pop("owners")
+                settings = Settings(**values, owners=tuple(owners) if owners is not None else None)
                 settings_file = name
         for service_name, declared in model.services.items():
             service_line = located.line_of(("services", service_name))
@@ -507,13 +539,14 @@ def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None
             draft = drafts.setdefault(
                 service_name, _ServiceDraft(service_name, None, None, [], f"{name}:{service_line}")
             )
-            defines = service.ports is not None or service.protocols is not None or service.action is not None
+            defines = any(value is not None for value in (service.ports, service.protocols, service.action,
+                                                          service.widest))
             if defines:
                 if draft.defined_in is not None:
                     problems.append(
                         Problem(name, service_line, f"services.{service_name}",
                                 f"service {service_name!r} is already defined in {draft.defined_in}; "
-                                "define ports/protocols/action in one file and only add allow "
+                                "define ports/protocols/action/widest in one file and only add allow "
                                 "entries elsewhere")
                     )
                 else:
@@ -580,7 +613,7 @@ def _expand_entry(
     if allow.cidr is not None:
         expires = allow.expires.timestamp() if allow.expires is not None else PERMANENT
         return [Entry(parse_interval(allow.cidr, expires), allow.owner, allow.reason, allow.review_by,
-                      allow.expires, origin)]
+                      allow.expires, origin, allow.broad_ok)]
     assert allow.file is not None
     list_path = (policy_file.parent / allow.file)
     try:
@@ -603,7 +636,7 @@ def _expand_entry(
             cache.put(digest, parsed, data, str(list_path))
     label = f"{origin.entry} (file: {allow.file}, from {origin})"  # one string shared by every line
     return [ListFile(str(list_path), data, digest, parsed, allow.owner, allow.reason, allow.review_by,
-                     allow.expires, label)]
+                     allow.expires, label, allow.broad_ok, origin)]
 
 
 def _list_lines(text: str) -> Iterator[tuple[int, str]]:
@@ -786,6 +819,7 @@ def _finish_services(drafts: dict[str, _ServiceDraft], problems: list[Problem]) 
             action=definition.action or "drop",
             entries=entries,
             defined_in=where,
+            widest=Widest(definition.widest.ipv4, definition.widest.ipv6) if definition.widest else Widest(),
         ))
     _check_port_claims(services, problems)
     return services
