@@ -8,7 +8,7 @@ import hashlib
 import re
 import struct
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from functools import cached_property
@@ -44,6 +44,8 @@ from hostwall.errors import PolicyError, Problem
 SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,23}$")
 Protocol = Literal["tcp", "udp"]
 MAX_POLICY_BYTES = 64 * 1024 * 1024
+PROGRESS_LINES = 4096
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True, order=True)
@@ -496,10 +498,12 @@ class _ServiceDraft:
     first_seen: str = "?"
 
 
-def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None = None) -> Policy:
+def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None = None,
+                progress: Progress | None = None) -> Policy:
     """Load, validate and merge the policy at path (a file or a directory of *.yaml).
 
     With a cache, a ``file:`` list whose bytes were parsed before is not parsed again.
+    progress(label, lines done, lines) is told how parsing a long list goes.
     """
     now = now or datetime.now(UTC)
     files = policy_files(path)
@@ -555,7 +559,7 @@ def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None
             for index, allow in enumerate(service.allow):
                 entry_path = ("services", service_name, "allow", index)
                 origin = Origin(name, located.line_of(entry_path), f"services.{service_name}.allow[{index}]")
-                for part in _expand_entry(allow, origin, file, problems, cache):
+                for part in _expand_entry(allow, origin, file, problems, cache, progress):
                     if part.expires is not None and part.expires <= now:
                         expired.extend((part,) if isinstance(part, Entry) else part.entries)
                     else:
@@ -608,7 +612,7 @@ def _parse_file(
 
 def _expand_entry(
     allow: AllowEntryModel, origin: Origin, policy_file: Path, problems: list[Problem],
-    cache: ListCache | None = None,
+    cache: ListCache | None = None, progress: Progress | None = None,
 ) -> list[Entry] | list[ListFile]:
     if allow.cidr is not None:
         expires = allow.expires.timestamp() if allow.expires is not None else PERMANENT
@@ -629,7 +633,7 @@ def _expand_entry(
         if previous is not None:
             parsed = reparse_list(*previous, data)
         if parsed is None:
-            parsed = _parse_list(data, problems, origin, list_path, allow.file)
+            parsed = _parse_list(data, problems, origin, list_path, allow.file, progress)
         if parsed is None:
             return []
         if cache is not None:
@@ -648,7 +652,8 @@ def _list_lines(text: str) -> Iterator[tuple[int, str]]:
 
 
 def _parse_list(
-    data: bytes, problems: list[Problem], origin: Origin, list_path: Path, name: str
+    data: bytes, problems: list[Problem], origin: Origin, list_path: Path, name: str,
+    progress: Progress | None = None,
 ) -> ParsedList | None:
     """Every line parsed and checked; None (with the problems added) if any is bad."""
     try:
@@ -660,7 +665,10 @@ def _parse_list(
     pairs: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
     count = 0
     failed = False
+    total = text.count("\n") + 1
     for number, content in _list_lines(text):
+        if progress is not None and not number % PROGRESS_LINES:
+            progress(f"parsing {name}", number, total)
         try:
             interval = parse_interval(content)
         except CidrError as exc:

@@ -60,6 +60,19 @@ class GenerationMeta:
 
 
 @dataclass(frozen=True)
+class AgentState:
+    """What the agent last said about itself; status compares heartbeat with the clock."""
+
+    pid: int
+    started: float
+    heartbeat: float
+    status: str
+    running: bool  # False once it stopped cleanly
+    drops_read: int = 0
+    lost: int = 0
+
+
+@dataclass(frozen=True)
 class Pending:
     """A generation applied with --confirm-within that reverts unless confirmed in time."""
 
@@ -226,6 +239,22 @@ class StateDir:
 
     def set_pending(self, pending: Pending) -> None:
         self._write_or_fail(self.path / "pending.json", json.dumps(asdict(pending), indent=1).encode())
+
+    def agent(self) -> AgentState | None:
+        path = self.path / "agent.json"
+        try:
+            return AgentState(**json.loads(path.read_bytes()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            raise StateError(f"{path} is unreadable or corrupt: {exc}") from exc
+
+    def set_agent(self, agent: AgentState) -> None:
+        try:
+            # A heartbeat every few seconds: losing the last one in a crash costs nothing.
+            atomic_write(self.path / "agent.json", json.dumps(asdict(agent)).encode(), sync_dir=False)
+        except OSError as exc:
+            raise StateError(f"cannot write {self.path / 'agent.json'}: {exc.strerror}") from exc
 
     def pending_since(self) -> float:
         """When the pending confirmation was recorded (wall clock), or inf when none is."""
