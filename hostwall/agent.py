@@ -34,11 +34,8 @@ from hostwall.kernel import Counter
 from hostwall.nflog import ReadResult
 from hostwall.packet import PacketError, decode
 from hostwall.policy import BUILTIN_SERVICES, Policy, Service, Settings
-from hostwall.state import AgentState, StateDir, atomic_write
+from hostwall.state import HEARTBEAT_SECONDS, AgentState, StateDir, atomic_write
 
-
-# How often the agent records that it is alive, for `hostwall status`.
-HEARTBEAT_SECONDS = 5.0
 
 class PacketSource(Protocol):
     def read(self, timeout: float) -> ReadResult: ...

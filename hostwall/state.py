@@ -59,6 +59,10 @@ class GenerationMeta:
     files: dict[str, str]  # relative path -> sha256 of its content
 
 
+# How often the agent records that it is alive, for `hostwall status`.
+HEARTBEAT_SECONDS = 5.0
+
+
 @dataclass(frozen=True)
 class AgentState:
     """What the agent last said about itself; status compares heartbeat with the clock."""
