@@ -5,7 +5,7 @@ evidence come in, findings go out."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from typing import Literal, Protocol
 
@@ -16,7 +16,7 @@ Severity = Literal["info", "warning", "error"]
 SEVERITIES: tuple[Severity, ...] = ("info", "warning", "error")
 
 
-def at_least(severity: Severity, threshold: Severity) -> bool:
+def at_least(severity: Severity, threshold: str) -> bool:
     return SEVERITIES.index(severity) >= SEVERITIES.index(threshold)
 
 
@@ -48,7 +48,7 @@ class Usage(Protocol):
 class AuditOptions:
     now: datetime
     within: timedelta = timedelta(days=30)
-    owners: frozenset[str] | None = None
+    owners: frozenset[str] | None = None  # None: settings.owners of the policy, if any
     unused_days: int = 90
     usage: Usage | None = None
 
@@ -60,8 +60,8 @@ RULES: dict[str, tuple[Severity, str]] = {
     "expired": ("warning", "expires is past: the entry is no longer loaded but is still in the file"),
     "too-broad": ("warning", "wider than the service's widest prefix (default IPv4 /24, IPv6 /48), no broad_ok"),
     "duplicate": ("warning", "the same range as another entry of the service"),
-    "contained": ("warning", "inside another entry of the service: it adds nothing"),
-    "overlap": ("info", "partly overlaps another entry of the service"),
+    "contained": ("warning", "inside another entry of the same owner: it adds nothing"),
+    "nested": ("info", "inside another owner's entry: redundant in the kernel, kept for its owner"),
     "unknown-owner": ("error", "owner is not in the owners list"),
     "unused": ("warning", "no packet matched it for --unused-days"),
 }
@@ -100,6 +100,8 @@ def _units(service: Service) -> Iterator[_Unit]:
 def audit(policy: Policy, options: AuditOptions) -> list[Finding]:
     findings: list[Finding] = []
     today = options.now.date()
+    if options.owners is None and policy.settings.owners is not None:
+        options = replace(options, owners=frozenset(policy.settings.owners))
     for service in policy.services:
         for unit in _units(service):
             findings.extend(_metadata_findings(unit, today, options))
@@ -108,7 +110,13 @@ def audit(policy: Policy, options: AuditOptions) -> list[Finding]:
         if options.usage is not None:
             findings.extend(_unused_findings(service, options.usage, options))
     findings.extend(_expired_findings(policy))
-    return sorted(findings, key=lambda f: (-SEVERITIES.index(f.severity), f.rule, f.service or "", f.where))
+    return sorted(findings, key=lambda f: (-SEVERITIES.index(f.severity), f.rule, f.service or "", *_place(f.where)))
+
+
+def _place(where: str) -> tuple[str, int]:
+    """file:line sorted by file, then by line as a number."""
+    file, _, line = where.rpartition(":")
+    return (file, int(line)) if line.isdigit() else (where, 0)
 
 
 def _metadata_findings(unit: _Unit, today: date, options: AuditOptions) -> Iterator[Finding]:
@@ -139,8 +147,9 @@ def _breadth_findings(service: Service) -> Iterator[Finding]:
 
 
 def _overlap_findings(service: Service) -> Iterator[Finding]:
-    """One sweep per family over the entries sorted by start (widest first): each entry is
-    compared with the entry reaching furthest so far, which is the one that can contain it."""
+    """One sweep per family over the entries sorted by start (widest first). Two CIDR
+    prefixes either nest or are disjoint, so an entry that starts inside the entry
+    reaching furthest so far lies wholly inside it."""
     for family in (4, 6):
         ordered = sorted((e for e in service.entries if e.interval.family == family),
                          key=lambda e: (e.interval.first, -e.interval.last))
@@ -151,12 +160,15 @@ def _overlap_findings(service: Service) -> Iterator[Finding]:
                 if (entry.interval.first, entry.interval.last) == (reach.interval.first, reach.interval.last):
                     yield _finding("duplicate", service.name, str(entry.network), entry.owner, entry.origin,
                                    f"the same range as {other}", "remove one of the two")
-                elif entry.interval.last <= reach.interval.last:
+                elif entry.owner == reach.owner:
                     yield _finding("contained", service.name, str(entry.network), entry.owner, entry.origin,
                                    f"inside {other}", "remove it, or narrow the wider entry if that was meant")
                 else:
-                    yield _finding("overlap", service.name, str(entry.network), entry.owner, entry.origin,
-                                   f"overlaps {other}", "check that both ranges are meant")
+                    # Redundant in the kernel, but it keeps its own owner accountable
+                    # should the wider entry go.
+                    yield _finding("nested", service.name, str(entry.network), entry.owner, entry.origin,
+                                   f"inside {other}, which another owner holds",
+                                   f"check with {reach.owner} that the wider entry is meant")
             if reach is None or entry.interval.last > reach.interval.last:
                 reach = entry
 
@@ -185,3 +197,35 @@ def _expired_findings(policy: Policy) -> Iterator[Finding]:
         yield _finding("expired", service, str(entry.network), entry.owner, entry.origin,
                        f"expired at {entry.expires:%Y-%m-%dT%H:%M:%S%z} and is no longer loaded",
                        "remove it from the file, or move expires forward if it is still needed")
+
+
+@dataclass(frozen=True)
+class Holding:
+    """One allow entry as its owner holds it: an inline entry or a whole file: list."""
+
+    service: str
+    subject: str
+    entries: int
+    review_by: date
+    where: str
+    reason: str
+
+    def to_data(self) -> dict[str, str | int]:
+        return {"service": self.service, "subject": self.subject, "entries": self.entries,
+                "review_by": str(self.review_by), "where": self.where, "reason": self.reason}
+
+
+def holdings(policy: Policy) -> dict[str, list[Holding]]:
+    """Per owner, sorted by name, what they hold in every service."""
+    held: dict[str, list[Holding]] = {}
+    for service in policy.services:
+        parts: Iterable[Entry | ListFile] = service.entries.parts if isinstance(service.entries, Entries) \
+            else service.entries
+        for part in parts:
+            if isinstance(part, Entry):
+                holding = Holding(service.name, str(part.network), 1, part.review_by, str(part.origin), part.reason)
+            else:
+                where = str(part.origin) if part.origin is not None else part.path
+                holding = Holding(service.name, f"file: {part.path}", len(part), part.review_by, where, part.reason)
+            held.setdefault(part.owner, []).append(holding)
+    return dict(sorted(held.items()))

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -19,14 +19,15 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from hostwall import __version__
+from hostwall.audit import Usage
 from hostwall.check import AddressError, check_kernel, check_policy, explain
 from hostwall.compile import compile_policy
 from hostwall.engine import Engine, Status
-from hostwall.errors import HostwallError, PermissionDenied, PolicyError
+from hostwall.errors import HostwallError, PermissionDenied, PolicyError, Problem, StateError
 from hostwall.journal import JournalEntry
 from hostwall.output import Output
 from hostwall.plan import Plan, ServiceChange, diff_rulesets
-from hostwall.policy import Entry, Policy, Settings, load_policy
+from hostwall.policy import Entries, Entry, Policy, Settings, load_policy
 from hostwall.state import DEFAULT_KEEP, DEFAULT_STATE_DIR, HEARTBEAT_SECONDS, AgentState, Pending, StateDir
 
 DEFAULT_POLICY_DIR = Path("/etc/hostwall/policies")
@@ -547,6 +548,202 @@ def check(options: Options, address: str, port: str, use_kernel: bool | None, wh
 def _entry_json(entry: Entry) -> dict[str, Any]:
     return {"cidr": str(entry.network), "file": entry.origin.file, "line": entry.origin.line,
             "owner": entry.owner, "reason": entry.reason, "review_by": str(entry.review_by)}
+
+
+def parse_within(text: str) -> timedelta:
+    """'30d', '2w', '12h'."""
+    match = re.fullmatch(r"([0-9]{1,5})([hdw])", text)
+    if not match:
+        raise click.BadParameter(f"{text!r}: use e.g. 30d, 2w or 12h")
+    hours = {"h": 1, "d": 24, "w": 24 * 7}[match[2]]
+    return timedelta(hours=int(match[1]) * hours)
+
+
+def _read_owners(path: Path) -> frozenset[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError([Problem(str(path), None, "", f"cannot read the owners list: {exc}")]) from exc
+    return frozenset(line.split("#", 1)[0].strip() for line in text.splitlines()) - {""}
+
+
+@main.command()
+@click.option("--within", default="30d", show_default=True, metavar="DURATION",
+              help="Also report review dates this close: 30d, 2w, 12h.")
+@click.option("--owners", "owners_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Known owners, one a line ('#' comments); default: settings.owners of the policy, if any.")
+@click.option("--unused-days", type=click.IntRange(min=1), default=90, show_default=True,
+              help="Report entries no packet matched for this many days (needs per-entry counters).")
+@click.option("--usage/--no-usage", "use_usage", default=None,
+              help="Read per-entry counters from the kernel (default: when running as root).")
+@click.option("--fail-on", type=click.Choice(["error", "warning", "info", "never"]), default="error",
+              show_default=True, help="Exit 10 when a finding is at least this severe.")
+@json_option
+@pass_options
+@reports_errors
+def audit(options: Options, within: str, owners_file: Path | None, unused_days: int, use_usage: bool | None,
+          fail_on: str, as_json: bool) -> None:
+    """Review dates, expired and too broad entries, overlaps, unknown owners and unused
+    entries, each with a severity and what to do; exit 10 on findings at --fail-on or worse.
+
+    \b
+    Example: hostwall audit --within 30d --fail-on warning
+    """
+    from hostwall.audit import SEVERITIES, AuditOptions, at_least
+    from hostwall.audit import audit as run_audit
+
+    window = parse_within(within)
+    policy = options.policy()
+    owners = _read_owners(owners_file) if owners_file else None
+    usage, usage_note = _usage(options, policy, use_usage)
+    findings = run_audit(policy, AuditOptions(now_utc(), window, owners, unused_days, usage))
+    counts = {severity: sum(1 for f in findings if f.severity == severity) for severity in SEVERITIES}
+    failed = fail_on != "never" and any(at_least(f.severity, fail_on) for f in findings)
+    if as_json:
+        _emit_json({"findings": [f.to_data() for f in findings], "counts": counts, "fail_on": fail_on,
+                    "failed": failed,
+                    "owners_checked": owners is not None or policy.settings.owners is not None,
+                    "unused_checked": usage is not None, "unused_note": usage_note})
+        sys.exit(EXIT_NEEDS_ATTENTION if failed else EXIT_OK)
+    out = options.out
+    if out.terminal:
+        out.table(["severity", "rule", "service", "entry", "owner", "where", "finding", "do"],
+                  [[f.severity, f.rule, f.service or "", f.subject, f.owner, f.where, f.message, f.action]
+                   for f in findings], styles=[f.severity for f in findings])
+    else:
+        for f in findings:
+            out.line(f"{f.severity}  {f.rule}  {f.where}  {f.service or '-'}  {f.subject}  owner={f.owner}: "
+                     f"{f.message}; do: {f.action}")
+    if usage_note:
+        out.line(f"unused entries not checked: {usage_note}", style="muted")
+    summary = ", ".join(f"{counts[s]} {s}" for s in reversed(SEVERITIES))
+    out.line(f"audit: {len(findings)} finding(s): {summary}" + (f"; failing on {fail_on}" if failed else ""),
+             style="error" if failed else "ok")
+    sys.exit(EXIT_NEEDS_ATTENTION if failed else EXIT_OK)
+
+
+def _usage(options: Options, policy: Policy, use_usage: bool | None) -> tuple[Usage | None, str | None]:
+    """The kernel's per-entry counters, or None and why there are none."""
+    if use_usage is None:
+        use_usage = _has_net_admin()
+    if not use_usage:
+        return None, "reading the kernel's counters needs root (or --usage)"
+    require_privileges("audit --usage")
+    from hostwall.usage import kernel_usage
+
+    return kernel_usage(options.engine(), options.state(), policy)
+
+
+@main.command()
+@click.argument("owner", required=False)
+@json_option
+@pass_options
+@reports_errors
+def owners(options: Options, owner: str | None, as_json: bool) -> None:
+    """What each owner holds (every entry with OWNER): for offboarding and reviews.
+
+    \b
+    Example: hostwall owners partner-b
+    """
+    from hostwall.audit import holdings
+
+    policy = options.policy()
+    held = holdings(policy)
+    if owner is not None:
+        held = {owner: held.get(owner, [])}
+    if as_json:
+        _emit_json({name: {"entries": sum(h.entries for h in items), "services": sorted({h.service for h in items}),
+                           "items": [h.to_data() for h in items]} for name, items in held.items()})
+        return
+    out = options.out
+    if owner is None:
+        out.table(["owner", "entries", "services", "next review"],
+                  [[name, str(sum(h.entries for h in items)), ",".join(sorted({h.service for h in items})),
+                    str(min(h.review_by for h in items))] for name, items in held.items()], right=(1,))
+        return
+    items = held[owner]
+    if not items:
+        out.line(f"no entry is owned by {owner!r}")
+        return
+    out.table(["service", "entry", "entries", "review by", "where", "reason"],
+              [[h.service, h.subject, str(h.entries), str(h.review_by), h.where, h.reason] for h in items],
+              right=(2,))
+
+
+@main.command()
+@click.option("--owner", required=True, help="Remove every allow entry with this owner.")
+@click.option("--write", is_flag=True, help="Apply the edits to the policy files (default: only print them).")
+@json_option
+@pass_options
+@reports_errors
+def revoke(options: Options, owner: str, write: bool, as_json: bool) -> None:
+    """The exact policy edits that remove an owner's entries; --write applies them,
+    keeping every other line (comments, order) as it is, and validates the result.
+    The kernel changes only at the next apply.
+
+    \b
+    Example: hostwall revoke --owner partner-b --write && sudo hostwall apply -m "partner-b offboarded"
+    """
+    from hostwall.revoke import remove_owner
+    from hostwall.state import atomic_write
+
+    before = options.policy()
+    edits = []
+    for file in before.files:
+        edit = remove_owner(file.read_text(encoding="utf-8-sig"), str(file), owner)
+        if edit.removals:
+            edits.append(edit)
+    owners_list = before.settings.owners is not None and owner in before.settings.owners
+    written = False
+    unreferenced: list[str] = []
+    if write and edits:
+        originals = {edit.path: Path(edit.path).read_bytes() for edit in edits}
+        try:
+            for edit in edits:
+                atomic_write(Path(edit.path), edit.new.encode())
+            after = options.policy()
+        except (OSError, PolicyError) as exc:
+            for path, data in originals.items():
+                atomic_write(Path(path), data)
+            if isinstance(exc, PolicyError):
+                raise PolicyError([Problem(p.file, p.line, p.entry, f"{p.message} (after revoking {owner}; "
+                                           "the files were put back)") for p in exc.problems]) from exc
+            raise StateError(f"cannot write the policy: {exc}; the files were put back") from exc
+        written = True
+        unreferenced = sorted(_list_paths(before) - _list_paths(after))
+    if as_json:
+        _emit_json({"owner": owner, "written": written, "unreferenced_lists": unreferenced,
+                    "still_in_owners_list": owners_list,
+                    "edits": [{"file": e.path, "diff": e.diff(),
+                               "removals": [{"service": r.service, "entry": r.entry, "subject": r.subject,
+                                             "line": r.line, "first_line": r.first_line,
+                                             "last_line": r.last_line} for r in e.removals]} for e in edits]})
+        return
+    out = options.out
+    if not edits:
+        out.line(f"no entry is owned by {owner!r}: nothing to revoke")
+        return
+    for edit in edits:
+        for removal in edit.removals:
+            out.line(f"{edit.path}:{removal.first_line}-{removal.last_line}: remove {removal.entry} "
+                     f"({removal.subject})")
+    for edit in edits:
+        for line in edit.diff().splitlines():
+            out.line(line, style="error" if line.startswith("-") and not line.startswith("---") else None)
+    count = sum(len(e.removals) for e in edits)
+    if written:
+        out.line(f"revoked {owner}: {count} entr{'y' if count == 1 else 'ies'} removed from {len(edits)} file(s); "
+                 "the policy is valid. Load it with `sudo hostwall apply`", style="ok")
+        for path in unreferenced:
+            out.line(f"{path} is no longer referenced by any entry; delete it if nothing else uses it")
+    else:
+        out.line(f"dry run: {count} entr{'y' if count == 1 else 'ies'} of {owner}; --write applies these edits")
+    if owners_list:
+        out.line(f"{owner} is still in settings.owners; remove it there if they are gone")
+
+
+def _list_paths(policy: Policy) -> set[str]:
+    return {part.path for s in policy.services if isinstance(s.entries, Entries) for part in s.entries.lists}
 
 
 def now_utc() -> datetime:

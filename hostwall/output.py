@@ -76,13 +76,16 @@ class Output:
             return
         if self.terminal:
             from rich.table import Table
+            from rich.text import Text
 
             table = Table(title=title, title_justify="left", header_style="bold")
             for index, header in enumerate(headers):
                 table.add_column(header, justify="right" if index in right else "left", overflow="fold")
             for index, row in enumerate(rows):
                 style = styles[index] if styles else None
-                table.add_row(*row, style=STYLES.get(style, style) if style else None)
+                # Only the first cell is coloured: a whole coloured row is hard to read.
+                first = Text(row[0], style=STYLES.get(style, style)) if style else row[0]
+                table.add_row(first, *row[1:])
             self._console(self.stream).print(table)
             return
         if title:
@@ -101,17 +104,26 @@ class Output:
         from rich.progress import Progress as Bar
         from rich.progress import TaskID
 
-        with Bar(console=self._console(err), transient=True) as bar:
-            tasks: dict[str, TaskID] = {}
+        # Started at the first long piece of work, so short runs draw nothing at all.
+        bar: Bar | None = None
+        tasks: dict[str, TaskID] = {}
 
-            def update(label: str, done: int, total: int) -> None:
-                if total < minimum:
-                    return
-                if label not in tasks:
-                    tasks[label] = bar.add_task(label, total=total)
-                bar.update(tasks[label], completed=done)
+        def update(label: str, done: int, total: int) -> None:
+            nonlocal bar
+            if total < minimum:
+                return
+            if bar is None:
+                bar = Bar(console=self._console(err), transient=True)
+                bar.start()
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done)
 
+        try:
             yield update
+        finally:
+            if bar is not None:
+                bar.stop()
 
 
 def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> list[str]:
