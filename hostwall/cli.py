@@ -595,7 +595,7 @@ def audit(options: Options, within: str, owners_file: Path | None, unused_days: 
     window = parse_within(within)
     policy = options.policy()
     owners = _read_owners(owners_file) if owners_file else None
-    usage, usage_note = _usage(options, policy, use_usage)
+    usage, usage_note = _usage(options, use_usage)
     findings = run_audit(policy, AuditOptions(now_utc(), window, owners, unused_days, usage))
     counts = {severity: sum(1 for f in findings if f.severity == severity) for severity in SEVERITIES}
     failed = fail_on != "never" and any(at_least(f.severity, fail_on) for f in findings)
@@ -622,7 +622,7 @@ def audit(options: Options, within: str, owners_file: Path | None, unused_days: 
     sys.exit(EXIT_NEEDS_ATTENTION if failed else EXIT_OK)
 
 
-def _usage(options: Options, policy: Policy, use_usage: bool | None) -> tuple[Usage | None, str | None]:
+def _usage(options: Options, use_usage: bool | None) -> tuple[Usage | None, str | None]:
     """The kernel's per-entry counters, or None and why there are none."""
     if use_usage is None:
         use_usage = _has_net_admin()
@@ -631,7 +631,7 @@ def _usage(options: Options, policy: Policy, use_usage: bool | None) -> tuple[Us
     require_privileges("audit --usage")
     from hostwall.usage import kernel_usage
 
-    return kernel_usage(options.engine(), options.state(), policy)
+    return kernel_usage(options.engine(), options.state())
 
 
 @main.command()

@@ -146,6 +146,7 @@ class ServiceModel(_Strict):
     protocols: list[Protocol] | None = None
     action: Literal["drop", "reject"] | None = None
     widest: WidestModel | None = None
+    entry_counters: bool | None = None
     allow: list[AllowEntryModel] = Field(default_factory=list)
 
     @field_validator("ports")
@@ -379,6 +380,7 @@ class Service:
     entries: Sequence[Entry]  # a tuple, or Entries when file: lists contribute
     defined_in: str
     widest: Widest = Widest()
+    entry_counters: bool = False  # a packet counter on every kernel element (for audit)
 
 
 @dataclass(frozen=True)
@@ -544,13 +546,13 @@ def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None
                 service_name, _ServiceDraft(service_name, None, None, [], f"{name}:{service_line}")
             )
             defines = any(value is not None for value in (service.ports, service.protocols, service.action,
-                                                          service.widest))
+                                                          service.widest, service.entry_counters))
             if defines:
                 if draft.defined_in is not None:
                     problems.append(
                         Problem(name, service_line, f"services.{service_name}",
                                 f"service {service_name!r} is already defined in {draft.defined_in}; "
-                                "define ports/protocols/action/widest in one file and only add allow "
+                                "define ports/protocols/action/widest/entry_counters in one file and only add allow "
                                 "entries elsewhere")
                     )
                 else:
@@ -828,6 +830,7 @@ def _finish_services(drafts: dict[str, _ServiceDraft], problems: list[Problem]) 
             entries=entries,
             defined_in=where,
             widest=Widest(definition.widest.ipv4, definition.widest.ipv6) if definition.widest else Widest(),
+            entry_counters=bool(definition.entry_counters),
         ))
     _check_port_claims(services, problems)
     return services

@@ -94,6 +94,9 @@ class Current:
     # The table's comment, written by the last full load; element deltas leave it as it is.
     comment: str | None = None
     loaded_by: str = "full"  # "full" or "delta"
+    # When the last full load created the table, and with it every per-entry counter;
+    # deltas keep it. None in records written before counters were read.
+    counting_since: float | None = None
 
 
 def _sha256(data: bytes) -> str:
