@@ -411,14 +411,12 @@ class DropsView:
 
 def _last_drops(netns: str | None, count: int = 5, since_seconds: float = 86400) -> DropsView:
     from hostwall.drops import MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY
-    from hostwall.journal import read_entries
+    from hostwall.journal import read_last
 
     matches = {"HOSTWALL_NETNS": netns} if netns else {}
     try:
-        from collections import deque
-
-        entries = deque(read_entries(message_ids=(MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY), matches=matches,
-                                     since=time.time() - since_seconds), maxlen=count)
+        entries = read_last(message_ids=(MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY), matches=matches, count=count,
+                            since=time.time() - since_seconds)
     except HostwallError as error:
         return DropsView((), str(error))
     return DropsView(tuple(entries))
