@@ -561,7 +561,7 @@ def _read_owners(path: Path) -> frozenset[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError([Problem(str(path), None, "", f"cannot read the owners list: {exc}")]) from exc
+        raise click.BadParameter(f"cannot read the owners list {path}: {exc}", param_hint="--owners") from exc
     return frozenset(line.split("#", 1)[0].strip() for line in text.splitlines()) - {""}
 
 

@@ -255,3 +255,11 @@ def test_command_rejects_a_bad_window(write_files: WriteFiles) -> None:
 
     assert result.exit_code == 2
     assert "use e.g. 30d" in result.stderr
+
+
+def test_command_unreadable_owners_file_is_a_usage_error(write_files: WriteFiles, tmp_path: Path) -> None:
+    root = write_files({"policy.yaml": policy(entry("10.0.0.0/24"))})
+    result = invoke(root, "audit", "--no-usage", "--owners", str(tmp_path / "missing.txt"))
+
+    assert result.exit_code == 2
+    assert "cannot read the owners list" in result.stderr
