@@ -47,7 +47,7 @@ install: setup
 	install -D -m 0644 units/hostwall.service $(UNITDIR)/hostwall.service
 	install -D -m 0644 units/hostwall.catalog $(CATALOGDIR)/hostwall.catalog
 	install -d -m 0755 /etc/hostwall/policies /etc/hostwall/examples
-	install -m 0644 policies/*.yaml policies/*.txt /etc/hostwall/examples/
+	install -m 0644 policies/*.yaml policies/*.txt policies/examples/*.yaml /etc/hostwall/examples/
 	install -D -m 0644 units/sudoers.hostwall $(INSTALL_VENV)/share/sudoers.hostwall
 	install -d -m 0700 /var/lib/hostwall
 	-journalctl --update-catalog

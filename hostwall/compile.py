@@ -24,6 +24,7 @@ def compile_policy(policy: Policy) -> Ruleset:
         log_group=policy.settings.log_group,
         log_rate=policy.settings.log_rate,
         log_burst=policy.settings.log_burst,
+        strict_source=policy.settings.strict_source,
     )
 
 

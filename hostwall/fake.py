@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from hostwall.cidr import Interval
 from hostwall.errors import KernelRejected
 from hostwall.kernel import Counter, KernelTable
-from hostwall.ruleset import GENERATION_SET, Delta, timeout_seconds
+from hostwall.ruleset import GENERATION_SET, Delta, render_removal, timeout_seconds
 
 _SET_OPEN = re.compile(r"^\tset (\w+) \{$")
 _ELEMENTS = re.compile(r"^\t\telements = \{ (.*) \}$")
-_COMMENT = re.compile(r'^\tcomment "(.*)"$')
+_COMMENT = re.compile(r'^\t\tcomment "(.*)"$')
 _COUNTER = re.compile(r"^\tcounter (\w+) \{\}$")
 
 
@@ -45,7 +45,7 @@ class FakeBackend:
         if self.reject_next is not None:
             reason, self.reject_next = self.reject_next, None
             raise KernelRejected(f"the kernel rejected the transaction: {reason}")
-        self.table = _parse_full_load(transaction)
+        self.table = None if transaction == render_removal() else _parse_full_load(transaction)
         self.submitted += 1
 
     def read_table(self, *, elements: bool) -> KernelTable | None:
@@ -101,13 +101,12 @@ class FakeBackend:
 
 def _parse_full_load(text: str) -> _Table:
     lines = text.splitlines()
-    expected_head = ["table inet hostwall {}", "delete table inet hostwall", "table inet hostwall {"]
-    if lines[:3] != expected_head or lines[-1] != "}":
+    if lines[:1] != ["table inet hostwall {"] or lines[-1] != "}":
         raise KernelRejected("the kernel rejected the transaction: not a hostwall full load")
     table = _Table(None, [], {}, {})
     current_set: str | None = None
-    for line in lines[3:-1]:
-        if match := _COMMENT.match(line):
+    for line in lines[1:-1]:
+        if current_set == GENERATION_SET and (match := _COMMENT.match(line)):
             table.comment = match[1]
             continue
         if match := _COUNTER.match(line):

@@ -21,7 +21,7 @@ from hostwall.errors import (
 )
 from hostwall.kernel import Counter, KernelTable
 from hostwall.nftnl import NetlinkTable
-from hostwall.ruleset import TABLE_FAMILY, TABLE_NAME, Delta
+from hostwall.ruleset import TABLE_FAMILY, TABLE_NAME, Delta, TableObjects, render_clearing, render_replacement
 
 _TABLE = f"{TABLE_FAMILY} {TABLE_NAME}"
 
@@ -82,7 +82,22 @@ class NftBackend:
         return str(output)
 
     def submit(self, transaction: str) -> None:
-        self._run(transaction)
+        """A full load: the table's contents are replaced in place (render_clearing says
+        why), in one transaction with the text rendered for the generation."""
+        if transaction.startswith(render_replacement()):
+            self._run(transaction)  # removal, or a text that replaces the table by itself
+            return
+        snapshot = self._netlink.snapshot()
+        existing = snapshot.objects if snapshot is not None else TableObjects()
+        try:
+            self._run(render_clearing(existing) + transaction)
+        except KernelRejected as in_place:
+            # The base chain was changed by hand (its hook or priority), or the table changed
+            # between reading it and the commit: re-create the table in one transaction.
+            try:
+                self._run(render_replacement() + transaction)
+            except KernelRejected as replaced:
+                raise replaced from in_place
 
     def apply_delta(self, delta: Delta, now: float) -> None:
         self._netlink.apply_delta(delta, now)

@@ -171,6 +171,10 @@ class SettingsModel(_Strict):
     log_group: Annotated[int, Field(ge=0, le=65535)] = 100
     log_rate: Annotated[int, Field(ge=1, le=100000)] = 10
     log_burst: Annotated[int, Field(ge=1, le=100000)] = 20
+    # Drop packets to protected ports whose source the host would not route back out of
+    # the interface they came in on (reverse-path check): an allowed address spoofed from
+    # another link. Off by default: asymmetric routing (several uplinks) breaks it.
+    strict_source: bool = False
     owners: list[Annotated[str, Field(min_length=1)]] | None = None
 
 
@@ -388,6 +392,7 @@ class Settings:
     log_group: int = 100
     log_rate: int = 10
     log_burst: int = 20
+    strict_source: bool = False
     owners: tuple[str, ...] | None = None  # who may own entries; None: anyone
 
 

@@ -8,6 +8,8 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 packages=(nftables libnftables1 iproute2 libsystemd-dev pkg-config gcc python3-venv python3-dev
           systemd make sudo ruby)
+# The security battery runs real services in the lab namespaces and real clients against them.
+packages+=(nginx postgresql curl openssl)
 
 missing=()
 for package in "${packages[@]}"; do
@@ -20,7 +22,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   echo "setup: installing ${missing[*]}"
   apt-get update -qq
+  # Package scripts must not start nginx or PostgreSQL on the host: the tests start their own
+  # copies inside namespaces. policy-rc.d is the Debian switch for that; put back as found.
+  no_start=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && no_start=1
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ -z "$no_start" ] || rm -f /usr/sbin/policy-rc.d
 fi
 
 stamp="$VENV/.hostwall-installed"
