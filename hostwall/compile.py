@@ -15,6 +15,7 @@ def compile_policy(policy: Policy) -> Ruleset:
             ports=service.ports,
             protocols=service.protocols,
             action=service.action,
+            entry_counters=service.entry_counters,
             v4=_merged(service, 4),
             v6=_merged(service, 6),
         ))

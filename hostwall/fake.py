@@ -31,6 +31,8 @@ class _Table:
     counters: dict[str, Counter]
     sets: dict[str, tuple[Interval, ...]]
     marker: int | None = None
+    counted: set[str] = field(default_factory=set)  # sets declared with a counter
+    packets: dict[str, dict[tuple[int, int], int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,6 +55,9 @@ class FakeBackend:
         return KernelTable(
             self.table.comment, structure, dict(self.table.counters),
             dict(self.table.sets) if elements else None, marker=self.table.marker,
+            element_packets={name: {(i.first, i.last): self.table.packets.get(name, {}).get((i.first, i.last), 0)
+                                    for i in self.table.sets[name]}
+                             for name in self.table.counted} if elements else None,
         )
 
     def apply_delta(self, delta: Delta, now: float) -> None:
@@ -68,6 +73,7 @@ class FakeBackend:
             for interval in change.remove:
                 if elements.pop((interval.family, interval.first, interval.last), None) is None:
                     raise KernelRejected("the kernel rejected the element batch: No such file or directory")
+                self.table.packets.get(change.set_name, {}).pop((interval.first, interval.last), None)
             for interval in change.add:
                 key = (interval.family, interval.first, interval.last)
                 if key in elements:
@@ -78,6 +84,13 @@ class FakeBackend:
         self.table.sets = sets
         self.table.marker = delta.to_generation
         self.submitted += 1
+
+    def hit(self, set_name: str, address: int, packets: int = 1) -> None:
+        """What traffic does to the counter of the element of set_name holding address."""
+        assert self.table is not None and set_name in self.table.counted
+        element = next(i for i in self.table.sets[set_name] if i.contains(address))
+        counts = self.table.packets.setdefault(set_name, {})
+        counts[(element.first, element.last)] = counts.get((element.first, element.last), 0) + packets
 
     def count(self, counter: str, packets: int, size: int) -> None:
         """What traffic would do to a counter."""
@@ -112,6 +125,8 @@ def _parse_full_load(text: str) -> _Table:
             continue
         elif line == "\t}":
             current_set = None
+        elif current_set and line == "\t\tcounter":
+            table.counted.add(current_set)
         table.structure_lines.append(line)
     return table
 

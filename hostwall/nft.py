@@ -121,8 +121,10 @@ class NftBackend:
             listing = self._run(f"list table {_TABLE}", json_output=True)
         except TableNotFound:
             return None
-        counters, sets = parse_listing(json.loads(listing))
-        return dataclasses.replace(table, counters=counters, sets=sets)
+        document = json.loads(listing)
+        counters, sets = parse_listing(document)
+        return dataclasses.replace(table, counters=counters, sets=sets,
+                                   element_packets=parse_element_packets(document))
 
 
 def parse_listing(document: dict[str, Any]) -> tuple[dict[str, Counter], dict[str, tuple[Interval, ...]]]:
@@ -137,6 +139,25 @@ def parse_listing(document: dict[str, Any]) -> tuple[dict[str, Counter], dict[st
             family = 4 if body["type"] == "ipv4_addr" else 6
             sets[body["name"]] = tuple(sorted(_interval(family, e) for e in body.get("elem", [])))
     return counters, sets
+
+
+def parse_element_packets(document: dict[str, Any]) -> dict[str, dict[tuple[int, int], int]]:
+    """Per set declared with a counter, the packets each element counted."""
+    packets: dict[str, dict[tuple[int, int], int]] = {}
+    for item in document.get("nftables", []):
+        kind, body = next(iter(item.items()))
+        if kind != "set" or body["type"] not in ("ipv4_addr", "ipv6_addr"):
+            continue
+        family = 4 if body["type"] == "ipv4_addr" else 6
+        counted = {}
+        for element in body.get("elem", []):
+            counter = element.get("elem", {}).get("counter") if isinstance(element, dict) else None
+            if counter is not None:
+                interval = _interval(family, element)
+                counted[(interval.first, interval.last)] = int(counter.get("packets", 0))
+        if counted or any("counter" in statement for statement in body.get("stmt", [])):
+            packets[body["name"]] = counted
+    return packets
 
 
 def _interval(family: int, element: Any) -> Interval:

@@ -48,6 +48,7 @@ class ServiceRules:
     action: Literal["drop", "reject"]
     v4: Sequence[Interval] = ()
     v6: Sequence[Interval] = ()
+    entry_counters: bool = False
 
     def __post_init__(self) -> None:
         for family, given in ((4, self.v4), (6, self.v6)):
@@ -81,6 +82,8 @@ class ServiceRules:
             "protocols": list(self.protocols),
             "action": self.action,
             "timeouts": [self.has_timeouts(4), self.has_timeouts(6)],
+            # Only when on, so that rulesets recorded before the option keep their digest.
+            **({"entry_counters": True} if self.entry_counters else {}),
         }
 
     def has_timeouts(self, family: int) -> bool:
@@ -144,6 +147,7 @@ class Ruleset:
                 action=item["action"],
                 v4=intervals(4),
                 v6=intervals(6),
+                entry_counters=bool(item.get("entry_counters", False)),
             ))
         return cls(tuple(services), int(log[0]), int(log[1]), int(log[2]), bool(data.get("strict_source", False)))
 
@@ -175,6 +179,7 @@ class Ruleset:
                 action=item["action"],
                 v4=sets[f"{item['name']}_v4"],
                 v6=sets[f"{item['name']}_v6"],
+                entry_counters=bool(item.get("entry_counters", False)),
             )
             for item in services_data
         ]
@@ -332,6 +337,9 @@ def _set_lines(service: ServiceRules, family: int, now: float) -> Iterator[str]:
     yield f"\tset {service.set_name(family)} {{\n"
     yield f"\t\ttype ipv{family}_addr\n"
     yield f"\t\tflags {flags}\n"
+    if service.entry_counters:
+        # The kernel gives every element, including those a delta adds later, its own counter.
+        yield "\t\tcounter\n"
     if not timeouts:
         yield "\t\tauto-merge\n"
     intervals = service.intervals(family)
