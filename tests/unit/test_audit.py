@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import WriteFiles
 from test_cli import invoke
+from unit_support import WriteFiles
 
 from hostwall.audit import AuditOptions, Finding, audit, holdings
 from hostwall.cidr import Interval

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import WriteFiles
 from test_cli import invoke
+from unit_support import WriteFiles
 
 from hostwall.check import explain
 from hostwall.compile import compile_policy

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 import pytest
-from conftest import WriteFiles
 from test_cli import invoke
+from unit_support import WriteFiles
 
 from hostwall.cli import agent_view, main
 from hostwall.output import plain_table

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import WriteFiles
 from test_cli import invoke
+from unit_support import WriteFiles
 
 from hostwall import revoke as revoke_module
 from hostwall.errors import PolicyError
