@@ -235,15 +235,20 @@ def _print_plan(out: Output, plan: Plan, limit: int = 20) -> None:
     if not plan.changed:
         out.line("no changes: the kernel already holds this policy")
         return
-    for change in plan.services:
-        detail = f" ({'; '.join(change.details)})" if change.details else ""
-        out.line(f"service {change.name}: {change.status}{detail}")
-        for sign, items in (("+", change.added), ("-", change.removed)):
-            for interval in items[:limit]:
-                out.line(f"  {sign} {interval}")
-            if len(items) > limit:
-                out.line(f"  {sign} ... and {len(items) - limit} more")
+    _print_changes(out, plan.services, limit)
     out.line(f"plan: {plan.summary}")
+
+
+def _print_changes(out: Output, changes: tuple[ServiceChange, ...], limit: int) -> None:
+    """Each service's change, then its entries: added green, removed red on a terminal."""
+    for change in changes:
+        detail = f" ({'; '.join(change.details)})" if change.details else ""
+        out.line(f"service {change.name}: {change.status}{detail}", "bold")
+        for sign, items, style in (("+", change.added, "ok"), ("-", change.removed, "error")):
+            for interval in items[:limit]:
+                out.line(f"  {sign} {interval}", style)
+            if len(items) > limit:
+                out.line(f"  {sign} ... and {len(items) - limit} more", style)
 
 
 @main.command()
@@ -786,11 +791,14 @@ def generations(options: Options, as_json: bool) -> None:
         return
     if not items:
         options.out.line(f"no generations recorded in {options.state_dir}")
-    for g in items:
-        mark = "*" if current and current.generation == g.meta.number else " "
-        created = datetime.fromtimestamp(g.meta.created, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-        options.out.line(f"{mark}{g.meta.number:>6}  {created}  {g.meta.user:<10} {g.meta.entries:>7} entries  "
-                   f"{g.meta.digest[:12]}  {g.meta.message}")
+        return
+    loaded = [bool(current and current.generation == g.meta.number) for g in items]
+    rows = [["*" if is_loaded else "", str(g.meta.number),
+             datetime.fromtimestamp(g.meta.created, UTC).strftime("%Y-%m-%d %H:%M:%SZ"), g.meta.user,
+             str(g.meta.entries), g.meta.digest[:12], g.meta.message]
+            for g, is_loaded in zip(items, loaded, strict=True)]
+    options.out.table(["", "generation", "created", "user", "entries", "sha256", "message"], rows,
+                      styles=["ok" if is_loaded else None for is_loaded in loaded], right=(1, 4))
 
 
 @main.command()
@@ -845,18 +853,6 @@ def confirm(options: Options, wait: float, as_json: bool) -> None:
         options.out.line("nothing to confirm")
 
 
-def _changes_text(changes: tuple[ServiceChange, ...], limit: int = 50) -> list[str]:
-    lines = []
-    for change in changes:
-        detail = f" ({'; '.join(change.details)})" if change.details else ""
-        lines.append(f"service {change.name}: {change.status}{detail}")
-        for sign, items in (("+", change.added), ("-", change.removed)):
-            lines.extend(f"  {sign} {interval}" for interval in items[:limit])
-            if len(items) > limit:
-                lines.append(f"  {sign} ... and {len(items) - limit} more")
-    return lines
-
-
 @main.command()
 @click.argument("old", type=click.IntRange(min=1))
 @click.argument("new", type=click.IntRange(min=1))
@@ -876,7 +872,9 @@ def diff(options: Options, old: int, new: int, as_json: bool) -> None:
             {"name": c.name, "status": c.status, "details": list(c.details),
              "added": [str(i) for i in c.added], "removed": [str(i) for i in c.removed]} for c in changes]})
         return
-    options.out.line("\n".join(_changes_text(changes)) or f"generations {old} and {new} load the same ruleset")
+    if not changes:
+        options.out.line(f"generations {old} and {new} load the same ruleset")
+    _print_changes(options.out, changes, limit=50)
 
 
 @main.command("revert-unconfirmed", hidden=True)
@@ -1072,8 +1070,8 @@ def drops(options: Options, service: str | None, source_address: str | None, sin
         if as_json:
             _emit_json([{"source": s, "service": svc, "drops": n} for (s, svc), n in ranked])
         else:
-            for (address, name), count in ranked:
-                options.out.line(f"{count:>8}  {address:<40} {name}")
+            options.out.table(["drops", "source", "service"],
+                              [[str(count), address, name] for (address, name), count in ranked], right=(0,))
         return
     for entry in entries:
         if as_json:

@@ -17,8 +17,11 @@ from test_cli import invoke
 from unit_support import WriteFiles
 
 from hostwall.cli import agent_view, main
+from hostwall.engine import Engine
+from hostwall.fake import FakeBackend
 from hostwall.output import plain_table
-from hostwall.state import AgentState
+from hostwall.policy import load_policy
+from hostwall.state import AgentState, StateDir
 
 POLICY = (
     "services:\n  https:\n    allow:\n"
@@ -191,3 +194,33 @@ def test_agent_view() -> None:
     gone = agent_view(state(), 1002.0, lambda pid: False)
     assert gone.state == "stopped" and "did not stop cleanly" in gone.detail
     assert agent_view(state(running=False), 1060.0, lambda pid: False).detail == "stopped 1m ago"
+
+
+def _two_generations(root: Path) -> None:
+    """Generations 1 and 2 in the state directory, loaded into the in-memory kernel."""
+    engine = Engine(FakeBackend(), StateDir(root.parent / "state"))
+    engine.apply(load_policy(root), user="alice", message="first")
+    (root / "long.txt").write_text("198.51.100.0/24\n203.0.113.0/24\n")
+    engine.apply(load_policy(root), user="alice", message="partner-c grows")
+
+
+def test_generations_table_marks_the_loaded_one(root: Path) -> None:
+    _two_generations(root)
+    _, screen = run_in_terminal(root, "generations")
+    assert "┏" in screen and "partner-c grows" in screen
+    assert f"{ESCAPE}32m*" in screen  # the loaded generation, in green
+
+    piped = run_piped(root, "generations").stdout.splitlines()
+    assert piped[0].split() == ["generation", "created", "user", "entries", "sha256", "message"]
+    assert [line.split()[0] for line in piped[1:]] == ["1", "*"]
+    assert piped[2].split()[1:2] == ["2"]
+
+
+def test_diff_colours_added_and_removed_entries_on_a_terminal(root: Path) -> None:
+    _two_generations(root)
+    _, screen = run_in_terminal(root, "diff", "1", "2")
+    assert f"{ESCAPE}32m  + 203.0.113.0/24" in screen
+    _, screen = run_in_terminal(root, "diff", "2", "1")
+    assert f"{ESCAPE}1;31m  - 203.0.113.0/24" in screen  # bold red, as errors are
+    assert run_piped(root, "diff", "1", "2").stdout.splitlines() == [
+        "service https: entries", "  + 203.0.113.0/24"]
