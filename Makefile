@@ -8,22 +8,26 @@ INSTALL_VENV ?= /opt/hostwall
 UNITDIR ?= /etc/systemd/system
 CATALOGDIR ?= /usr/lib/systemd/catalog
 
-.PHONY: setup demo test lint unit netns bench clean install
+.PHONY: setup setup-tests demo test lint unit netns bench clean install
 
 setup:
 	./scripts/setup.sh
 
+# setup, plus the services the security tests run against (never part of `make install`)
+setup-tests:
+	./scripts/setup.sh --tests
+
 demo: setup
 	$(VENV)/bin/hostwall demo
 
-lint: setup
+lint: setup-tests
 	$(VENV)/bin/ruff check hostwall tests vagrant/library
 	$(VENV)/bin/mypy
 
-unit: setup
+unit: setup-tests
 	$(VENV)/bin/python -m pytest tests/unit
 
-netns: setup
+netns: setup-tests
 	$(VENV)/bin/python -m pytest tests/netns
 
 test: lint
@@ -50,7 +54,7 @@ install: setup
 	install -D -m 0644 units/hostwall.service $(UNITDIR)/hostwall.service
 	install -D -m 0644 units/hostwall.catalog $(CATALOGDIR)/hostwall.catalog
 	install -d -m 0755 /etc/hostwall/policies /etc/hostwall/examples
-	install -m 0644 policies/*.yaml policies/*.txt /etc/hostwall/examples/
+	install -m 0644 policies/*.yaml policies/*.txt policies/examples/*.yaml /etc/hostwall/examples/
 	install -D -m 0644 units/sudoers.hostwall $(INSTALL_VENV)/share/sudoers.hostwall
 	install -d -m 0700 /var/lib/hostwall
 	-journalctl --update-catalog

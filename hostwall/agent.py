@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import socket
 import threading
 import time
@@ -15,6 +16,7 @@ from typing import Protocol
 from hostwall import netns
 from hostwall.compile import compile_policy
 from hostwall.drops import (
+    MESSAGE_ID_AGENT,
     MESSAGE_ID_CHANGE,
     MESSAGE_ID_DRIFT,
     MESSAGE_ID_POLICY,
@@ -32,7 +34,7 @@ from hostwall.kernel import Counter
 from hostwall.nflog import ReadResult
 from hostwall.packet import PacketError, decode
 from hostwall.policy import BUILTIN_SERVICES, Policy, Service, Settings
-from hostwall.state import StateDir, atomic_write
+from hostwall.state import HEARTBEAT_SECONDS, AgentState, StateDir, atomic_write
 
 
 class PacketSource(Protocol):
@@ -238,6 +240,8 @@ class Agent:
         self._next_watchdog = clock()
         self._next_full_check = clock() + settings.full_check_seconds
         self._next_metrics = clock()
+        self._next_heartbeat = clock()
+        self._started_wall = wall_clock()
         self.counters = AgentCounters()
         self._last_fault: str | None = None
         self._last_fault_at = 0.0
@@ -251,6 +255,7 @@ class Agent:
 
         self._survive("start", converge)
         self._notifier.ready(self.status_text())
+        self._heartbeat(running=True)
 
     def reload(self) -> None:
         self._notifier.reloading()
@@ -261,6 +266,7 @@ class Agent:
         self._notifier.stopping()
         if self._streamer is not None:
             self._streamer.finish()
+        self._heartbeat(running=False)
 
     def tick(self, poll: float = 0.2) -> None:
         """One turn of the main loop: at most about poll seconds."""
@@ -276,6 +282,9 @@ class Agent:
         if now >= self._next_full_check:
             self._next_full_check = now + self._settings.full_check_seconds
             self._check_drift(full=True)
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + HEARTBEAT_SECONDS
+            self._heartbeat(running=True)
         if self._settings.metrics_file is not None and now >= self._next_metrics:
             self._next_metrics = now + self._settings.metrics_seconds
             self._survive("writing metrics", self.write_metrics)
@@ -413,6 +422,15 @@ class Agent:
             return f"generation {current.generation} loaded, {entries} entries, pending.json unreadable"
         waiting = f", generation {pending.generation} awaits confirmation" if pending else ""
         return f"generation {current.generation} loaded, {entries} entries{waiting}"
+
+    def _heartbeat(self, *, running: bool) -> None:
+        stats = self._streamer.stats if self._streamer is not None else StreamStats()
+        try:
+            self._state.set_agent(AgentState(os.getpid(), self._started_wall, self._wall(), self.status_text(),
+                                             running, stats.packets, stats.lost))
+        except HostwallError as error:
+            # status then shows a stale heartbeat, which is the truth about this agent.
+            self._record(f"cannot record the agent's state: {error}", MESSAGE_ID_AGENT, PRIORITY_WARNING)
 
     def _record(self, message: str, message_id: str, priority: int, generation: int | None = None) -> None:
         fields = {"HOSTWALL_GENERATION": str(generation)} if generation is not None else {}

@@ -6,8 +6,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from hostwall.cidr import Interval
 from hostwall.kernel import KernelTable
 from hostwall.policy import Entry, Policy, Service
+from hostwall.ruleset import Ruleset
 
 
 @dataclass(frozen=True)
@@ -72,3 +74,96 @@ def check_kernel(kernel: KernelTable, service_name: str, address: str) -> bool:
     name = f"{service_name}_v{parsed.version}"
     value = int(parsed)
     return any(i.contains(value) for i in sets.get(name, ()))
+
+
+NEIGHBOUR_PREFIX = {4: 16, 6: 48}
+NEIGHBOURS_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """An entry near a denied address, and why it is shown."""
+
+    service: str
+    entry: Entry
+    why: str  # "same /16", "same owner as a nearby entry", "allows it for another service"
+
+
+@dataclass(frozen=True)
+class Explanation:
+    decision: Decision
+    address: str
+    port: int
+    protocol: str
+    steps: tuple[str, ...]
+    merged: Interval | None = None  # the kernel element that holds the address
+    merged_entries: int = 0  # how many entries of the service lie in that element
+    neighbours: tuple[Neighbour, ...] = ()
+
+
+def _distance(entry: Entry, value: int) -> int:
+    interval = entry.interval
+    return 0 if interval.first <= value <= interval.last else min(abs(interval.first - value),
+                                                                 abs(interval.last - value))
+
+
+def explain(policy: Policy, ruleset: Ruleset, address: str, port_spec: str) -> Explanation:
+    """check_policy's answer with the reasoning behind it: the service the port belongs
+    to, the entries and the merged kernel element that match, and for a denial the
+    entries that might have been meant."""
+    decision = check_policy(policy, address, port_spec)
+    parsed, port, protocol = parse_target(address, port_spec)
+    value, family = int(parsed), parsed.version
+    steps: list[str] = []
+    service = _service_for(policy, port, protocol)
+    if service is None:
+        protected = ", ".join(f"{s.name} {','.join(map(str, s.ports))}/{'+'.join(s.protocols)}"
+                              for s in policy.services)
+        steps.append(f"{port}/{protocol} belongs to no service (protected: {protected}); hostwall lets it pass")
+        return Explanation(decision, str(parsed), port, protocol, tuple(steps))
+    steps.append(f"{port}/{protocol} belongs to service {service.name} "
+                 f"(ports {','.join(map(str, service.ports))}/{'+'.join(service.protocols)}, "
+                 f"defined {service.defined_in}, action {service.action})")
+    if not decision.entries:
+        steps.append(decision.reason)
+        if decision.allowed or decision.service is None:
+            return Explanation(decision, str(parsed), port, protocol, tuple(steps))
+        steps.append(f"so the packet meets the chain's final {service.action}")
+        return Explanation(decision, str(parsed), port, protocol, tuple(steps),
+                           neighbours=_neighbours(policy, service, value, family))
+    for entry in decision.entries:
+        steps.append(f"{parsed} is inside {entry.network}, {entry.origin}, owner {entry.owner}: "
+                     f"{entry.reason} (review by {entry.review_by})")
+    rules = ruleset.service(service.name)
+    merged: Interval | None = None
+    count = 0
+    if rules is not None:
+        merged = next((i for i in rules.intervals(family) if i.contains(value)), None)
+    if merged is not None:
+        count = sum(1 for e in service.entries
+                    if e.interval.family == family and merged.first <= e.interval.first <= merged.last)
+        steps.append(f"in the kernel it is part of the element {merged} of set {service.name}_v{family}, "
+                     f"merged from {count} entr{'y' if count == 1 else 'ies'}")
+    steps.append(f"so the chain svc_{service.name} accepts it")
+    return Explanation(decision, str(parsed), port, protocol, tuple(steps), merged, count)
+
+
+def _neighbours(policy: Policy, service: Service, value: int, family: int) -> tuple[Neighbour, ...]:
+    shift = (32 if family == 4 else 128) - NEIGHBOUR_PREFIX[family]
+    found: list[Neighbour] = []
+    for other in policy.services:
+        if other is service:
+            continue
+        for entry in other.entries:
+            if entry.interval.family == family and entry.interval.contains(value):
+                found.append(Neighbour(other.name, entry, f"allows it for service {other.name}"))
+    near = sorted((e for e in service.entries
+                   if e.interval.family == family and e.interval.first >> shift <= value >> shift
+                   <= e.interval.last >> shift), key=lambda e: _distance(e, value))[:NEIGHBOURS_SHOWN]
+    found.extend(Neighbour(service.name, e, f"same /{NEIGHBOUR_PREFIX[family]}") for e in near)
+    owners = {n.entry.owner for n in found}
+    shown = {id(n.entry) for n in found}
+    same_owner = sorted((e for e in service.entries if e.owner in owners and id(e) not in shown),
+                        key=lambda e: (e.interval.family != family, _distance(e, value)))[:NEIGHBOURS_SHOWN]
+    found.extend(Neighbour(service.name, e, f"same owner ({e.owner}) as an entry above") for e in same_owner)
+    return tuple(found)

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -19,13 +19,16 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from hostwall import __version__
-from hostwall.check import AddressError, check_kernel, check_policy
+from hostwall.audit import Usage
+from hostwall.check import AddressError, check_kernel, check_policy, explain
 from hostwall.compile import compile_policy
 from hostwall.engine import Engine, Status
-from hostwall.errors import HostwallError, PermissionDenied, PolicyError
+from hostwall.errors import HostwallError, PermissionDenied, PolicyError, Problem, StateError
+from hostwall.journal import JournalEntry
+from hostwall.output import Output
 from hostwall.plan import Plan, ServiceChange, diff_rulesets
-from hostwall.policy import Policy, Settings, load_policy
-from hostwall.state import DEFAULT_KEEP, DEFAULT_STATE_DIR, Pending, StateDir
+from hostwall.policy import Entries, Entry, Policy, Settings, load_policy
+from hostwall.state import DEFAULT_KEEP, DEFAULT_STATE_DIR, HEARTBEAT_SECONDS, AgentState, Pending, StateDir
 
 DEFAULT_POLICY_DIR = Path("/etc/hostwall/policies")
 EXIT_OK = 0
@@ -41,12 +44,18 @@ class Options:
     policy_dir: Path
     state_dir: Path
     keep_generations: int = DEFAULT_KEEP
+    quiet: bool = False
+
+    @property
+    def out(self) -> Output:
+        return Output(quiet=self.quiet)
 
     def state(self) -> StateDir:
         return StateDir(self.state_dir, keep=self.keep_generations)
 
-    def policy(self) -> Policy:
-        return load_policy(self.policy_dir, cache=self.state().list_cache())
+    def policy(self, path: Path | None = None) -> Policy:
+        with self.out.progress() as progress:
+            return load_policy(path or self.policy_dir, cache=self.state().list_cache(), progress=progress)
 
     def engine(self) -> Engine:
         from hostwall.nft import NftBackend
@@ -140,16 +149,27 @@ confirm_option = click.option(
               default=DEFAULT_STATE_DIR, show_default=True, help="Where generations are kept.")
 @click.option("--keep-generations", envvar="HOSTWALL_KEEP_GENERATIONS", type=click.IntRange(min=1),
               default=DEFAULT_KEEP, show_default=True, help="How many generations the state directory keeps.")
+@click.option("-q", "--quiet", is_flag=True, help="No output on success: the exit code says it. Errors still go "
+              "to stderr; --json output is still printed.")
 @click.pass_context
-def main(ctx: click.Context, netns: str | None, policy_dir: Path, state_dir: Path, keep_generations: int) -> None:
+def main(ctx: click.Context, netns: str | None, policy_dir: Path, state_dir: Path, keep_generations: int,
+         quiet: bool) -> None:
     """hostwall: protected service ports answer only to allowlisted sources.
 
     \b
     Exit codes: 0 ok, 1 unexpected error, 2 usage error, 3 invalid policy,
     4 kernel error, 5 not permitted, 6 state directory error, 7 lock busy,
-    10 needs attention (plan: changes pending; status: drift; check: denied).
+    10 needs attention (plan: changes pending; status: drift; check: denied;
+    audit: findings at or above --fail-on).
+
+    \b
+    Shell completion: eval "$(_HOSTWALL_COMPLETE=bash_source hostwall)" in ~/.bashrc,
+    or eval "$(_HOSTWALL_COMPLETE=zsh_source hostwall)" in ~/.zshrc.
+
+    \b
+    Example: hostwall --policy-dir policies/ audit --within 30d
     """
-    ctx.obj = Options(netns, policy_dir, state_dir, keep_generations)
+    ctx.obj = Options(netns, policy_dir, state_dir, keep_generations, quiet)
 
 
 pass_options = click.make_pass_decorator(Options)
@@ -166,7 +186,7 @@ def validate(options: Options, path: Path | None, as_json: bool) -> None:
     \b
     Example: hostwall validate /etc/hostwall/policies
     """
-    policy = load_policy(path or options.policy_dir, cache=options.state().list_cache())
+    policy = options.policy(path)
     ruleset = compile_policy(policy)
     entries = sum(len(s.entries) for s in policy.services)
     if as_json:
@@ -183,8 +203,8 @@ def validate(options: Options, path: Path | None, as_json: bool) -> None:
         })
         return
     for warning in policy.warnings():
-        click.echo(f"warning: {warning}", err=True)
-    click.echo(
+        options.out.warn(warning)
+    options.out.line(
         f"valid: {len(policy.files)} file(s), {len(policy.services)} services, {entries} entries "
         f"({ruleset.entry_count()} kernel elements after merging)"
     )
@@ -209,21 +229,26 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
     }
 
 
-def _print_plan(plan: Plan, limit: int = 20) -> None:
+def _print_plan(out: Output, plan: Plan, limit: int = 20) -> None:
     for reason in plan.drift.reasons:
-        click.echo(f"drift: {reason}")
+        out.line(f"drift: {reason}")
     if not plan.changed:
-        click.echo("no changes: the kernel already holds this policy")
+        out.line("no changes: the kernel already holds this policy")
         return
-    for change in plan.services:
+    _print_changes(out, plan.services, limit)
+    out.line(f"plan: {plan.summary}")
+
+
+def _print_changes(out: Output, changes: tuple[ServiceChange, ...], limit: int) -> None:
+    """Each service's change, then its entries: added green, removed red on a terminal."""
+    for change in changes:
         detail = f" ({'; '.join(change.details)})" if change.details else ""
-        click.echo(f"service {change.name}: {change.status}{detail}")
-        for sign, items in (("+", change.added), ("-", change.removed)):
+        out.line(f"service {change.name}: {change.status}{detail}", "bold")
+        for sign, items, style in (("+", change.added, "ok"), ("-", change.removed, "error")):
             for interval in items[:limit]:
-                click.echo(f"  {sign} {interval}")
+                out.line(f"  {sign} {interval}", style)
             if len(items) > limit:
-                click.echo(f"  {sign} ... and {len(items) - limit} more")
-    click.echo(f"plan: {plan.summary}")
+                out.line(f"  {sign} ... and {len(items) - limit} more", style)
 
 
 @main.command()
@@ -243,8 +268,8 @@ def plan(options: Options, as_json: bool) -> None:
         _emit_json(_plan_json(result))
     else:
         for warning in policy.warnings():
-            click.echo(f"warning: {warning}", err=True)
-        _print_plan(result)
+            options.out.warn(warning)
+        _print_plan(options.out, result)
     sys.exit(EXIT_NEEDS_ATTENTION if result.changed else EXIT_OK)
 
 
@@ -283,16 +308,16 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
         _emit_json(payload)
         return
     for warning in policy.warnings():
-        click.echo(f"warning: {warning}", err=True)
-    _print_plan(result.plan)
+        options.out.warn(warning)
+    _print_plan(options.out, result.plan)
     if result.applied:
         repaired = " (repaired drift)" if result.plan.drift and result.plan.table_present else ""
         how = "element delta" if result.method == "delta" else "full load"
-        click.echo(f"applied generation {result.generation} ({how}){repaired}")
+        options.out.line(f"applied generation {result.generation} ({how}){repaired}")
     if result.pending:
-        click.echo(_pending_text(result.pending))
+        options.out.line(_pending_text(result.pending))
     elif dry_run and result.plan.changed:
-        click.echo("dry run: nothing was applied")
+        options.out.line("dry run: nothing was applied")
 
 
 def _pending_json(pending: Pending | None) -> dict[str, Any] | None:
@@ -311,7 +336,7 @@ def _pending_text(pending: Pending) -> str:
             f"at {deadline} (in {left} s) unless `hostwall confirm` runs")
 
 
-def _status_json(status: Status) -> dict[str, Any]:
+def _status_json(status: Status, agent: AgentView, drops: DropsView) -> dict[str, Any]:
     return {
         "pending": _pending_json(status.pending),
         "loaded": status.loaded,
@@ -326,44 +351,131 @@ def _status_json(status: Status) -> dict[str, Any]:
              "dropped_packets": s.dropped.packets, "dropped_bytes": s.dropped.bytes}
             for s in status.services
         ],
+        "agent": {"state": agent.state, "detail": agent.detail,
+                  **({"pid": agent.record.pid, "status": agent.record.status,
+                      "heartbeat": datetime.fromtimestamp(agent.record.heartbeat, UTC).isoformat(),
+                      "started": datetime.fromtimestamp(agent.record.started, UTC).isoformat(),
+                      "drops_read": agent.record.drops_read, "lost": agent.record.lost}
+                     if agent.record else {})},
+        "last_drops": None if drops.error else [
+            {"time": datetime.fromtimestamp(e.timestamp, UTC).isoformat(), "message": e.message, **e.fields}
+            for e in drops.entries],
+        "last_drops_error": drops.error,
     }
 
 
+@dataclass(frozen=True)
+class AgentView:
+    state: str  # running, stale, stopped, unknown
+    detail: str
+    record: AgentState | None
+
+
+# A heartbeat older than this many intervals means the agent is hung or gone.
+STALE_HEARTBEATS = 3
+
+
+def agent_view(record: AgentState | None, now: float, alive: Callable[[int], bool]) -> AgentView:
+    if record is None:
+        return AgentView("unknown", "no agent has run with this state directory", None)
+    age = now - record.heartbeat
+    if not record.running:
+        return AgentView("stopped", f"stopped {_ago(age)}", record)
+    if not alive(record.pid):
+        return AgentView("stopped", f"pid {record.pid} is gone (last heartbeat {_ago(age)}; it did not stop "
+                         "cleanly)", record)
+    if age > STALE_HEARTBEATS * HEARTBEAT_SECONDS:
+        return AgentView("stale", f"pid {record.pid} has not reported for {_ago(age, suffix='')}", record)
+    return AgentView("running", f"pid {record.pid}, up {_ago(now - record.started, suffix='')}: {record.status}",
+                     record)
+
+
+def _ago(seconds: float, suffix: str = " ago") -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}{suffix}"
+    return f"{seconds}s{suffix}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class DropsView:
+    entries: tuple[JournalEntry, ...]
+    error: str | None = None
+
+
+def _last_drops(netns: str | None, count: int = 5, since_seconds: float = 86400) -> DropsView:
+    from hostwall.drops import MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY
+    from hostwall.journal import read_last
+
+    matches = {"HOSTWALL_NETNS": netns} if netns else {}
+    try:
+        entries = read_last(message_ids=(MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY), matches=matches, count=count,
+                            since=time.time() - since_seconds)
+    except HostwallError as error:
+        return DropsView((), str(error))
+    return DropsView(tuple(entries))
+
+
 @main.command()
+@click.option("--drops", "drop_count", type=click.IntRange(min=0), default=5, show_default=True,
+              help="How many of the last day's drop records to show (0: do not read the journal).")
 @json_option
 @pass_options
 @reports_errors
-def status(options: Options, as_json: bool) -> None:
-    """Loaded generation, per-service counters, and drift; exit 10 on drift or no table.
+def status(options: Options, drop_count: int, as_json: bool) -> None:
+    """One screen: generation, confirm deadline, per-service entries and counters, drift,
+    agent, last drops; exit 10 on drift or no table.
 
     \b
     Example: sudo hostwall status --json
     """
     require_privileges("status")
     result = options.engine().status()
+    agent = agent_view(options.state().agent(), time.time(), _pid_alive)
+    drops = _last_drops(options.netns, drop_count) if drop_count else DropsView(())
     if as_json:
-        _emit_json(_status_json(result))
+        _emit_json(_status_json(result, agent, drops))
+        sys.exit(EXIT_NEEDS_ATTENTION if result.drift or not result.loaded else EXIT_OK)
+    out = options.out
+    if not result.loaded:
+        out.line("not loaded: the kernel has no hostwall table", style="error")
     else:
-        if not result.loaded:
-            click.echo("not loaded: the kernel has no hostwall table")
+        out.line(f"generation {result.generation} loaded (recorded: {result.recorded_generation or 'none'})")
+    if result.pending:
+        out.line(_pending_text(result.pending), style="warning")
+    if result.services:
+        out.table(["service", "ports", "action", "entries", "accepted", "dropped"],
+                  [[s.name, s.ports, s.action, str(s.entries), str(s.accepted.packets), str(s.dropped.packets)]
+                   for s in result.services], right=(3, 4, 5))
+    for entry in result.expired:
+        stamp = datetime.fromtimestamp(entry.expired_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        out.line(f"expired: {entry.service} {entry.interval} at {stamp} (left the kernel; "
+                 "remove it from the policy)", style="warning")
+    for reason in result.drift.reasons:
+        out.line(f"drift: {reason}", style="error")
+    if result.loaded and not result.drift:
+        out.line("in sync: the kernel matches what hostwall wrote", style="ok")
+    out.line(f"agent: {agent.state}: {agent.detail}",
+             style={"running": "ok", "stale": "error", "stopped": "warning"}.get(agent.state))
+    if drops.error:
+        out.line(f"last drops: unavailable ({drops.error})", style="muted")
+    elif drop_count:
+        if not drops.entries:
+            out.line("last drops: none in the last 24 hours")
         else:
-            click.echo(f"generation {result.generation} loaded"
-                       f" (recorded: {result.recorded_generation or 'none'})")
-            click.echo(f"{'service':<14}{'ports':<22}{'action':<8}{'entries':>8}"
-                       f"{'accepted':>12}{'dropped':>12}")
-            for s in result.services:
-                click.echo(f"{s.name:<14}{s.ports:<22}{s.action:<8}{s.entries:>8}"
-                           f"{s.accepted.packets:>12}{s.dropped.packets:>12}")
-        if result.pending:
-            click.echo(_pending_text(result.pending))
-        for entry in result.expired:
-            stamp = datetime.fromtimestamp(entry.expired_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            click.echo(f"expired: {entry.service} {entry.interval} at {stamp} (left the kernel; "
-                       "remove it from the policy)")
-        for reason in result.drift.reasons:
-            click.echo(f"drift: {reason}")
-        if result.loaded and not result.drift:
-            click.echo("in sync: the kernel matches what hostwall wrote")
+            out.table(["time", "drop"], [[datetime.fromtimestamp(e.timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S"),
+                                          e.message] for e in drops.entries], title="last drops:")
     sys.exit(EXIT_NEEDS_ATTENTION if result.drift or not result.loaded else EXIT_OK)
 
 
@@ -372,18 +484,21 @@ def status(options: Options, as_json: bool) -> None:
 @click.argument("port")
 @click.option("--kernel/--no-kernel", "use_kernel", default=None,
               help="Also ask the kernel's sets (default: when running as root).")
+@click.option("--why", is_flag=True, help="The reasoning: the service, the entries (file:line), the merged kernel "
+              "element, and for a denial the nearest entries that might have been meant.")
 @json_option
 @pass_options
 @reports_errors
-def check(options: Options, address: str, port: str, use_kernel: bool | None, as_json: bool) -> None:
+def check(options: Options, address: str, port: str, use_kernel: bool | None, why: bool, as_json: bool) -> None:
     """Would ADDRESS reach PORT[/PROTO]? Exit 0 allowed, 10 denied.
 
     \b
-    Example: hostwall check 203.0.113.45 443/tcp
+    Example: hostwall check 203.0.113.45 443/tcp --why
     """
     policy = options.policy()
     try:
         decision = check_policy(policy, address, port)
+        explanation = explain(policy, compile_policy(policy), address, port) if why else None
     except AddressError as exc:
         raise click.BadParameter(str(exc)) from None
     if use_kernel is None:
@@ -395,22 +510,243 @@ def check(options: Options, address: str, port: str, use_kernel: bool | None, as
         kernel_allowed = check_kernel(table, decision.service, address) if table else None
     allowed = decision.allowed if kernel_allowed is None else kernel_allowed
     if as_json:
-        _emit_json({
+        payload: dict[str, Any] = {
             "allowed": allowed, "policy_allowed": decision.allowed, "kernel_allowed": kernel_allowed,
             "service": decision.service, "reason": decision.reason,
-            "entries": [{"cidr": str(e.network), "file": e.origin.file, "line": e.origin.line,
-                         "owner": e.owner, "reason": e.reason, "review_by": str(e.review_by)}
-                        for e in decision.entries],
-        })
-    else:
-        click.echo(f"{'allowed' if decision.allowed else 'denied'}: {decision.reason}")
-        for entry in decision.entries:
-            click.echo(f"  {entry.network} owner={entry.owner} reason={entry.reason!r} "
-                       f"review_by={entry.review_by} ({entry.origin})")
-        if kernel_allowed is not None:
-            agreement = "agrees" if kernel_allowed == decision.allowed else "DISAGREES (drift?)"
-            click.echo(f"kernel: {'allowed' if kernel_allowed else 'denied'} ({agreement})")
+            "entries": [_entry_json(e) for e in decision.entries],
+        }
+        if explanation is not None:
+            payload["why"] = {
+                "steps": list(explanation.steps),
+                "merged": str(explanation.merged) if explanation.merged else None,
+                "merged_entries": explanation.merged_entries,
+                "nearest": [{**_entry_json(n.entry), "service": n.service, "why": n.why}
+                            for n in explanation.neighbours],
+            }
+        _emit_json(payload)
+        sys.exit(EXIT_OK if allowed else EXIT_NEEDS_ATTENTION)
+    out = options.out
+    verdict = "allowed" if decision.allowed else "denied"
+    out.line(f"{verdict}: {decision.reason}", style=verdict)
+    for entry in decision.entries:
+        out.line(f"  {entry.network} owner={entry.owner} reason={entry.reason!r} "
+                 f"review_by={entry.review_by} ({entry.origin})")
+    if explanation is not None:
+        out.line("why:")
+        for number, step in enumerate(explanation.steps, start=1):
+            out.line(f"  {number}. {step}")
+        if explanation.neighbours:
+            out.table(["service", "entry", "owner", "where", "why shown"],
+                      [[n.service, str(n.entry.network), n.entry.owner, str(n.entry.origin), n.why]
+                       for n in explanation.neighbours], title="nearest entries (might have been meant):")
+        elif not decision.allowed and decision.service is not None:
+            out.line("no entry of this service lies in the same /16 (IPv6: /48), and no other service allows it")
+    if kernel_allowed is not None:
+        agreement = "agrees" if kernel_allowed == decision.allowed else "DISAGREES (drift?)"
+        out.line(f"kernel: {'allowed' if kernel_allowed else 'denied'} ({agreement})",
+                 style=None if kernel_allowed == decision.allowed else "error")
     sys.exit(EXIT_OK if allowed else EXIT_NEEDS_ATTENTION)
+
+
+def _entry_json(entry: Entry) -> dict[str, Any]:
+    return {"cidr": str(entry.network), "file": entry.origin.file, "line": entry.origin.line,
+            "owner": entry.owner, "reason": entry.reason, "review_by": str(entry.review_by)}
+
+
+def parse_within(text: str) -> timedelta:
+    """'30d', '2w', '12h'."""
+    match = re.fullmatch(r"([0-9]{1,5})([hdw])", text)
+    if not match:
+        raise click.BadParameter(f"{text!r}: use e.g. 30d, 2w or 12h")
+    hours = {"h": 1, "d": 24, "w": 24 * 7}[match[2]]
+    return timedelta(hours=int(match[1]) * hours)
+
+
+def _read_owners(path: Path) -> frozenset[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read the owners list {path}: {exc}", param_hint="--owners") from exc
+    return frozenset(line.split("#", 1)[0].strip() for line in text.splitlines()) - {""}
+
+
+@main.command()
+@click.option("--within", default="30d", show_default=True, metavar="DURATION",
+              help="Also report review dates this close: 30d, 2w, 12h.")
+@click.option("--owners", "owners_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Known owners, one a line ('#' comments); default: settings.owners of the policy, if any.")
+@click.option("--unused-days", type=click.IntRange(min=1), default=90, show_default=True,
+              help="Report entries no packet matched for this many days (needs per-entry counters).")
+@click.option("--usage/--no-usage", "use_usage", default=None,
+              help="Read per-entry counters from the kernel (default: when running as root).")
+@click.option("--fail-on", type=click.Choice(["error", "warning", "info", "never"]), default="error",
+              show_default=True, help="Exit 10 when a finding is at least this severe.")
+@json_option
+@pass_options
+@reports_errors
+def audit(options: Options, within: str, owners_file: Path | None, unused_days: int, use_usage: bool | None,
+          fail_on: str, as_json: bool) -> None:
+    """Review dates, expired and too broad entries, overlaps, unknown owners and unused
+    entries, each with a severity and what to do; exit 10 on findings at --fail-on or worse.
+
+    \b
+    Example: hostwall audit --within 30d --fail-on warning
+    """
+    from hostwall.audit import SEVERITIES, AuditOptions, at_least
+    from hostwall.audit import audit as run_audit
+
+    window = parse_within(within)
+    policy = options.policy()
+    owners = _read_owners(owners_file) if owners_file else None
+    usage, usage_note = _usage(options, use_usage)
+    findings = run_audit(policy, AuditOptions(now_utc(), window, owners, unused_days, usage))
+    counts = {severity: sum(1 for f in findings if f.severity == severity) for severity in SEVERITIES}
+    failed = fail_on != "never" and any(at_least(f.severity, fail_on) for f in findings)
+    if as_json:
+        _emit_json({"findings": [f.to_data() for f in findings], "counts": counts, "fail_on": fail_on,
+                    "failed": failed,
+                    "owners_checked": owners is not None or policy.settings.owners is not None,
+                    "unused_checked": usage is not None, "unused_note": usage_note})
+        sys.exit(EXIT_NEEDS_ATTENTION if failed else EXIT_OK)
+    out = options.out
+    if out.terminal:
+        out.table(["severity", "rule", "service", "entry", "owner", "where", "finding", "do"],
+                  [[f.severity, f.rule, f.service or "", f.subject, f.owner, f.where, f.message, f.action]
+                   for f in findings], styles=[f.severity for f in findings])
+    else:
+        for f in findings:
+            out.line(f"{f.severity}  {f.rule}  {f.where}  {f.service or '-'}  {f.subject}  owner={f.owner}: "
+                     f"{f.message}; do: {f.action}")
+    if usage_note:
+        out.line(f"unused entries not checked: {usage_note}", style="muted")
+    summary = ", ".join(f"{counts[s]} {s}" for s in reversed(SEVERITIES))
+    out.line(f"audit: {len(findings)} finding(s): {summary}" + (f"; failing on {fail_on}" if failed else ""),
+             style="error" if failed else "ok")
+    sys.exit(EXIT_NEEDS_ATTENTION if failed else EXIT_OK)
+
+
+def _usage(options: Options, use_usage: bool | None) -> tuple[Usage | None, str | None]:
+    """The kernel's per-entry counters, or None and why there are none."""
+    if use_usage is None:
+        use_usage = _has_net_admin()
+    if not use_usage:
+        return None, "reading the kernel's counters needs root (or --usage)"
+    require_privileges("audit --usage")
+    from hostwall.usage import kernel_usage
+
+    return kernel_usage(options.engine(), options.state())
+
+
+@main.command()
+@click.argument("owner", required=False)
+@json_option
+@pass_options
+@reports_errors
+def owners(options: Options, owner: str | None, as_json: bool) -> None:
+    """What each owner holds (every entry with OWNER): for offboarding and reviews.
+
+    \b
+    Example: hostwall owners partner-b
+    """
+    from hostwall.audit import holdings
+
+    policy = options.policy()
+    held = holdings(policy)
+    if owner is not None:
+        held = {owner: held.get(owner, [])}
+    if as_json:
+        _emit_json({name: {"entries": sum(h.entries for h in items), "services": sorted({h.service for h in items}),
+                           "items": [h.to_data() for h in items]} for name, items in held.items()})
+        return
+    out = options.out
+    if owner is None:
+        out.table(["owner", "entries", "services", "next review"],
+                  [[name, str(sum(h.entries for h in items)), ",".join(sorted({h.service for h in items})),
+                    str(min(h.review_by for h in items))] for name, items in held.items()], right=(1,))
+        return
+    items = held[owner]
+    if not items:
+        out.line(f"no entry is owned by {owner!r}")
+        return
+    out.table(["service", "entry", "entries", "review by", "where", "reason"],
+              [[h.service, h.subject, str(h.entries), str(h.review_by), h.where, h.reason] for h in items],
+              right=(2,))
+
+
+@main.command()
+@click.option("--owner", required=True, help="Remove every allow entry with this owner.")
+@click.option("--write", is_flag=True, help="Apply the edits to the policy files (default: only print them).")
+@json_option
+@pass_options
+@reports_errors
+def revoke(options: Options, owner: str, write: bool, as_json: bool) -> None:
+    """The exact policy edits that remove an owner's entries; --write applies them,
+    keeping every other line (comments, order) as it is, and validates the result.
+    The kernel changes only at the next apply.
+
+    \b
+    Example: hostwall revoke --owner partner-b --write && sudo hostwall apply -m "partner-b offboarded"
+    """
+    from hostwall.revoke import remove_owner
+    from hostwall.state import atomic_write
+
+    before = options.policy()
+    edits = []
+    for file in before.files:
+        edit = remove_owner(file.read_text(encoding="utf-8-sig"), str(file), owner)
+        if edit.removals:
+            edits.append(edit)
+    owners_list = before.settings.owners is not None and owner in before.settings.owners
+    written = False
+    unreferenced: list[str] = []
+    if write and edits:
+        originals = {edit.path: Path(edit.path).read_bytes() for edit in edits}
+        try:
+            for edit in edits:
+                atomic_write(Path(edit.path), edit.new.encode())
+            after = options.policy()
+        except (OSError, PolicyError) as exc:
+            for path, data in originals.items():
+                atomic_write(Path(path), data)
+            if isinstance(exc, PolicyError):
+                raise PolicyError([Problem(p.file, p.line, p.entry, f"{p.message} (after revoking {owner}; "
+                                           "the files were put back)") for p in exc.problems]) from exc
+            raise StateError(f"cannot write the policy: {exc}; the files were put back") from exc
+        written = True
+        unreferenced = sorted(_list_paths(before) - _list_paths(after))
+    if as_json:
+        _emit_json({"owner": owner, "written": written, "unreferenced_lists": unreferenced,
+                    "still_in_owners_list": owners_list,
+                    "edits": [{"file": e.path, "diff": e.diff(),
+                               "removals": [{"service": r.service, "entry": r.entry, "subject": r.subject,
+                                             "line": r.line, "first_line": r.first_line,
+                                             "last_line": r.last_line} for r in e.removals]} for e in edits]})
+        return
+    out = options.out
+    if not edits:
+        out.line(f"no entry is owned by {owner!r}: nothing to revoke")
+        return
+    for edit in edits:
+        for removal in edit.removals:
+            out.line(f"{edit.path}:{removal.first_line}-{removal.last_line}: remove {removal.entry} "
+                     f"({removal.subject})")
+    for edit in edits:
+        for line in edit.diff().splitlines():
+            out.line(line, style="error" if line.startswith("-") and not line.startswith("---") else None)
+    count = sum(len(e.removals) for e in edits)
+    if written:
+        out.line(f"revoked {owner}: {count} entr{'y' if count == 1 else 'ies'} removed from {len(edits)} file(s); "
+                 "the policy is valid. Load it with `sudo hostwall apply`", style="ok")
+        for path in unreferenced:
+            out.line(f"{path} is no longer referenced by any entry; delete it if nothing else uses it")
+    else:
+        out.line(f"dry run: {count} entr{'y' if count == 1 else 'ies'} of {owner}; --write applies these edits")
+    if owners_list:
+        out.line(f"{owner} is still in settings.owners; remove it there if they are gone")
+
+
+def _list_paths(policy: Policy) -> set[str]:
+    return {part.path for s in policy.services if isinstance(s.entries, Entries) for part in s.entries.lists}
 
 
 def now_utc() -> datetime:
@@ -454,12 +790,15 @@ def generations(options: Options, as_json: bool) -> None:
                     for g in items])
         return
     if not items:
-        click.echo(f"no generations recorded in {options.state_dir}")
-    for g in items:
-        mark = "*" if current and current.generation == g.meta.number else " "
-        created = datetime.fromtimestamp(g.meta.created, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-        click.echo(f"{mark}{g.meta.number:>6}  {created}  {g.meta.user:<10} {g.meta.entries:>7} entries  "
-                   f"{g.meta.digest[:12]}  {g.meta.message}")
+        options.out.line(f"no generations recorded in {options.state_dir}")
+        return
+    loaded = [bool(current and current.generation == g.meta.number) for g in items]
+    rows = [["*" if is_loaded else "", str(g.meta.number),
+             datetime.fromtimestamp(g.meta.created, UTC).strftime("%Y-%m-%d %H:%M:%SZ"), g.meta.user,
+             str(g.meta.entries), g.meta.digest[:12], g.meta.message]
+            for g, is_loaded in zip(items, loaded, strict=True)]
+    options.out.table(["", "generation", "created", "user", "entries", "sha256", "message"], rows,
+                      styles=["ok" if is_loaded else None for is_loaded in loaded], right=(1, 4))
 
 
 @main.command()
@@ -485,9 +824,9 @@ def rollback(options: Options, target: int | None, wait: float, confirm_within: 
                     "pending": _pending_json(result.pending)})
         return
     how = "stored transaction replayed" if result.replayed else f"rendered again: {result.rendered_because}"
-    click.echo(f"rolled back from generation {result.previous} to {result.generation} ({how})")
+    options.out.line(f"rolled back from generation {result.previous} to {result.generation} ({how})")
     if result.pending:
-        click.echo(_pending_text(result.pending))
+        options.out.line(_pending_text(result.pending))
 
 
 @main.command()
@@ -509,21 +848,9 @@ def confirm(options: Options, wait: float, as_json: bool) -> None:
     if as_json:
         _emit_json({"confirmed": confirmed.generation if confirmed else None})
     elif confirmed:
-        click.echo(f"generation {confirmed.generation} confirmed")
+        options.out.line(f"generation {confirmed.generation} confirmed")
     else:
-        click.echo("nothing to confirm")
-
-
-def _changes_text(changes: tuple[ServiceChange, ...], limit: int = 50) -> list[str]:
-    lines = []
-    for change in changes:
-        detail = f" ({'; '.join(change.details)})" if change.details else ""
-        lines.append(f"service {change.name}: {change.status}{detail}")
-        for sign, items in (("+", change.added), ("-", change.removed)):
-            lines.extend(f"  {sign} {interval}" for interval in items[:limit])
-            if len(items) > limit:
-                lines.append(f"  {sign} ... and {len(items) - limit} more")
-    return lines
+        options.out.line("nothing to confirm")
 
 
 @main.command()
@@ -545,7 +872,9 @@ def diff(options: Options, old: int, new: int, as_json: bool) -> None:
             {"name": c.name, "status": c.status, "details": list(c.details),
              "added": [str(i) for i in c.added], "removed": [str(i) for i in c.removed]} for c in changes]})
         return
-    click.echo("\n".join(_changes_text(changes)) or f"generations {old} and {new} load the same ruleset")
+    if not changes:
+        options.out.line(f"generations {old} and {new} load the same ruleset")
+    _print_changes(options.out, changes, limit=50)
 
 
 @main.command("revert-unconfirmed", hidden=True)
@@ -741,8 +1070,8 @@ def drops(options: Options, service: str | None, source_address: str | None, sin
         if as_json:
             _emit_json([{"source": s, "service": svc, "drops": n} for (s, svc), n in ranked])
         else:
-            for (address, name), count in ranked:
-                click.echo(f"{count:>8}  {address:<40} {name}")
+            options.out.table(["drops", "source", "service"],
+                              [[str(count), address, name] for (address, name), count in ranked], right=(0,))
         return
     for entry in entries:
         if as_json:
@@ -750,4 +1079,4 @@ def drops(options: Options, service: str | None, source_address: str | None, sin
                                    "message": entry.message, **entry.fields}, sort_keys=True))
         else:
             stamp = datetime.fromtimestamp(entry.timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
-            click.echo(f"{stamp}  {entry.message}")
+            options.out.line(f"{stamp}  {entry.message}")

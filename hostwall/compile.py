@@ -15,6 +15,7 @@ def compile_policy(policy: Policy) -> Ruleset:
             ports=service.ports,
             protocols=service.protocols,
             action=service.action,
+            entry_counters=service.entry_counters,
             v4=_merged(service, 4),
             v6=_merged(service, 6),
         ))
@@ -23,6 +24,7 @@ def compile_policy(policy: Policy) -> Ruleset:
         log_group=policy.settings.log_group,
         log_rate=policy.settings.log_rate,
         log_burst=policy.settings.log_burst,
+        strict_source=policy.settings.strict_source,
     )
 
 

@@ -364,8 +364,9 @@ class Engine:
                 f"the kernel accepted generation {number} but now lists "
                 f"{loaded.comment if loaded else 'no hostwall table'}; another process changed it"
             )
+        now = self._clock()
         self._state.set_current(
-            Current(number, ruleset.digest, loaded.structure, self._clock(), comment=loaded.comment)
+            Current(number, ruleset.digest, loaded.structure, now, comment=loaded.comment, counting_since=now)
         )
 
     def status(self) -> Status:

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from hostwall.cidr import Interval
 from hostwall.errors import KernelRejected
 from hostwall.kernel import Counter, KernelTable
-from hostwall.ruleset import GENERATION_SET, Delta, timeout_seconds
+from hostwall.ruleset import GENERATION_SET, Delta, render_removal, timeout_seconds
 
 _SET_OPEN = re.compile(r"^\tset (\w+) \{$")
 _ELEMENTS = re.compile(r"^\t\telements = \{ (.*) \}$")
-_COMMENT = re.compile(r'^\tcomment "(.*)"$')
+_COMMENT = re.compile(r'^\t\tcomment "(.*)"$')
 _COUNTER = re.compile(r"^\tcounter (\w+) \{\}$")
 
 
@@ -31,6 +31,8 @@ class _Table:
     counters: dict[str, Counter]
     sets: dict[str, tuple[Interval, ...]]
     marker: int | None = None
+    counted: set[str] = field(default_factory=set)  # sets declared with a counter
+    packets: dict[str, dict[tuple[int, int], int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -43,7 +45,7 @@ class FakeBackend:
         if self.reject_next is not None:
             reason, self.reject_next = self.reject_next, None
             raise KernelRejected(f"the kernel rejected the transaction: {reason}")
-        self.table = _parse_full_load(transaction)
+        self.table = None if transaction == render_removal() else _parse_full_load(transaction)
         self.submitted += 1
 
     def read_table(self, *, elements: bool) -> KernelTable | None:
@@ -53,6 +55,9 @@ class FakeBackend:
         return KernelTable(
             self.table.comment, structure, dict(self.table.counters),
             dict(self.table.sets) if elements else None, marker=self.table.marker,
+            element_packets={name: {(i.first, i.last): self.table.packets.get(name, {}).get((i.first, i.last), 0)
+                                    for i in self.table.sets[name]}
+                             for name in self.table.counted} if elements else None,
         )
 
     def apply_delta(self, delta: Delta, now: float) -> None:
@@ -68,6 +73,7 @@ class FakeBackend:
             for interval in change.remove:
                 if elements.pop((interval.family, interval.first, interval.last), None) is None:
                     raise KernelRejected("the kernel rejected the element batch: No such file or directory")
+                self.table.packets.get(change.set_name, {}).pop((interval.first, interval.last), None)
             for interval in change.add:
                 key = (interval.family, interval.first, interval.last)
                 if key in elements:
@@ -79,6 +85,13 @@ class FakeBackend:
         self.table.marker = delta.to_generation
         self.submitted += 1
 
+    def hit(self, set_name: str, address: int, packets: int = 1) -> None:
+        """What traffic does to the counter of the element of set_name holding address."""
+        assert self.table is not None and set_name in self.table.counted
+        element = next(i for i in self.table.sets[set_name] if i.contains(address))
+        counts = self.table.packets.setdefault(set_name, {})
+        counts[(element.first, element.last)] = counts.get((element.first, element.last), 0) + packets
+
     def count(self, counter: str, packets: int, size: int) -> None:
         """What traffic would do to a counter."""
         assert self.table is not None
@@ -88,13 +101,12 @@ class FakeBackend:
 
 def _parse_full_load(text: str) -> _Table:
     lines = text.splitlines()
-    expected_head = ["table inet hostwall {}", "delete table inet hostwall", "table inet hostwall {"]
-    if lines[:3] != expected_head or lines[-1] != "}":
+    if lines[:1] != ["table inet hostwall {"] or lines[-1] != "}":
         raise KernelRejected("the kernel rejected the transaction: not a hostwall full load")
     table = _Table(None, [], {}, {})
     current_set: str | None = None
-    for line in lines[3:-1]:
-        if match := _COMMENT.match(line):
+    for line in lines[1:-1]:
+        if current_set == GENERATION_SET and (match := _COMMENT.match(line)):
             table.comment = match[1]
             continue
         if match := _COUNTER.match(line):
@@ -113,6 +125,8 @@ def _parse_full_load(text: str) -> _Table:
             continue
         elif line == "\t}":
             current_set = None
+        elif current_set and line == "\t\tcounter":
+            table.counted.add(current_set)
         table.structure_lines.append(line)
     return table
 

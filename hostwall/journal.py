@@ -100,6 +100,34 @@ def read_entries(
         reader.wait(int(poll_seconds * 1_000_000))
 
 
+def read_last(*, message_ids: tuple[str, ...], count: int, matches: dict[str, str] | None = None,
+              since: float | None = None) -> list[JournalEntry]:
+    """The newest count matching records (oldest first), read backwards from the end, so
+    that a day of flood records costs nothing."""
+    from systemd import journal
+
+    try:
+        reader = journal.Reader()
+    except OSError as exc:
+        raise JournalUnavailable(f"cannot open the journal: {exc}") from exc
+    reader.add_match(SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER)
+    for key, value in (matches or {}).items():
+        reader.add_match(**{key: value})
+    for message_id in message_ids:
+        reader.add_match(MESSAGE_ID=message_id)
+    reader.seek_tail()
+    found: list[JournalEntry] = []
+    while len(found) < count:
+        raw = reader.get_previous()
+        if not raw:
+            break
+        entry = _entry(raw)
+        if since is not None and entry.timestamp < since:
+            break
+        found.append(entry)
+    return found[::-1]
+
+
 def _entry(raw: dict[str, Any]) -> JournalEntry:
     stamp = raw.get("__REALTIME_TIMESTAMP")
     timestamp = stamp.timestamp() if stamp is not None else 0.0

@@ -32,6 +32,9 @@ class KernelTable:
     counters: dict[str, Counter] = field(default_factory=dict)
     sets: dict[str, tuple[Interval, ...]] | None = None
     marker: int | None = None
+    # Packets per element (by first and last address) of the sets declared with a
+    # counter; read with the elements.
+    element_packets: dict[str, dict[tuple[int, int], int]] | None = None
 
     @property
     def generation(self) -> int | None:

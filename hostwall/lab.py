@@ -51,11 +51,11 @@ class Lab:
     def namespaces(self) -> list[str]:
         return [self.server, self.allowed.namespace, self.denied.namespace]
 
-    def start_services(self) -> None:
+    def start_services(self, tcp_ports: tuple[int, ...] = TCP_PORTS, udp_ports: tuple[int, ...] = UDP_PORTS) -> None:
         """Echo listeners on the protected ports (and 8080), dual-stack, in the server namespace."""
-        for port in TCP_PORTS:
+        for port in tcp_ports:
             self._start(_DualStackTCPServer, port, _TcpEcho)
-        for port in UDP_PORTS:
+        for port in udp_ports:
             self._start(_DualStackUDPServer, port, _UdpEcho)
 
     def _start(self, server_class: type[socketserver.BaseServer], port: int,

@@ -21,7 +21,7 @@ from hostwall.errors import (
 )
 from hostwall.kernel import Counter, KernelTable
 from hostwall.nftnl import NetlinkTable
-from hostwall.ruleset import TABLE_FAMILY, TABLE_NAME, Delta
+from hostwall.ruleset import TABLE_FAMILY, TABLE_NAME, Delta, TableObjects, render_clearing, render_replacement
 
 _TABLE = f"{TABLE_FAMILY} {TABLE_NAME}"
 
@@ -82,7 +82,22 @@ class NftBackend:
         return str(output)
 
     def submit(self, transaction: str) -> None:
-        self._run(transaction)
+        """A full load: the table's contents are replaced in place (render_clearing says
+        why), in one transaction with the text rendered for the generation."""
+        if transaction.startswith(render_replacement()):
+            self._run(transaction)  # removal, or a text that replaces the table by itself
+            return
+        snapshot = self._netlink.snapshot()
+        existing = snapshot.objects if snapshot is not None else TableObjects()
+        try:
+            self._run(render_clearing(existing) + transaction)
+        except KernelRejected as in_place:
+            # The base chain was changed by hand (its hook or priority), or the table changed
+            # between reading it and the commit: re-create the table in one transaction.
+            try:
+                self._run(render_replacement() + transaction)
+            except KernelRejected as replaced:
+                raise replaced from in_place
 
     def apply_delta(self, delta: Delta, now: float) -> None:
         self._netlink.apply_delta(delta, now)
@@ -106,8 +121,10 @@ class NftBackend:
             listing = self._run(f"list table {_TABLE}", json_output=True)
         except TableNotFound:
             return None
-        counters, sets = parse_listing(json.loads(listing))
-        return dataclasses.replace(table, counters=counters, sets=sets)
+        document = json.loads(listing)
+        counters, sets = parse_listing(document)
+        return dataclasses.replace(table, counters=counters, sets=sets,
+                                   element_packets=parse_element_packets(document))
 
 
 def parse_listing(document: dict[str, Any]) -> tuple[dict[str, Counter], dict[str, tuple[Interval, ...]]]:
@@ -122,6 +139,25 @@ def parse_listing(document: dict[str, Any]) -> tuple[dict[str, Counter], dict[st
             family = 4 if body["type"] == "ipv4_addr" else 6
             sets[body["name"]] = tuple(sorted(_interval(family, e) for e in body.get("elem", [])))
     return counters, sets
+
+
+def parse_element_packets(document: dict[str, Any]) -> dict[str, dict[tuple[int, int], int]]:
+    """Per set declared with a counter, the packets each element counted."""
+    packets: dict[str, dict[tuple[int, int], int]] = {}
+    for item in document.get("nftables", []):
+        kind, body = next(iter(item.items()))
+        if kind != "set" or body["type"] not in ("ipv4_addr", "ipv6_addr"):
+            continue
+        family = 4 if body["type"] == "ipv4_addr" else 6
+        counted = {}
+        for element in body.get("elem", []):
+            counter = element.get("elem", {}).get("counter") if isinstance(element, dict) else None
+            if counter is not None:
+                interval = _interval(family, element)
+                counted[(interval.first, interval.last)] = int(counter.get("packets", 0))
+        if counted or any("counter" in statement for statement in body.get("stmt", [])):
+            packets[body["name"]] = counted
+    return packets
 
 
 def _interval(family: int, element: Any) -> Interval:

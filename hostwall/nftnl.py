@@ -19,7 +19,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
@@ -29,7 +29,7 @@ from pyroute2.netlink.nfnetlink import nftsocket as nft
 from hostwall import netns
 from hostwall.cidr import Interval, family_max
 from hostwall.errors import KernelError, KernelRejected, KernelUnavailable, PermissionDenied
-from hostwall.ruleset import GENERATION_SET, TABLE_NAME, Delta, timeout_seconds
+from hostwall.ruleset import GENERATION_SET, TABLE_NAME, Delta, TableObjects, timeout_seconds
 
 NFPROTO_INET = 1
 NETLINK_NETFILTER = 12
@@ -56,10 +56,13 @@ NFTA_GEN_ID = 1
 NFTA_TABLE_NAME, NFTA_TABLE_USERDATA = 1, 6
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_HOOK, NFTA_CHAIN_POLICY, NFTA_CHAIN_TYPE = 1, 3, 4, 5, 7
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 1, 2, 4
-NFTA_SET_TABLE, NFTA_SET_NAME = 1, 2
+NFTA_SET_TABLE, NFTA_SET_NAME, NFTA_SET_FLAGS, NFTA_SET_USERDATA = 1, 2, 3, 13
+NFT_SET_ANONYMOUS = 0x1
+NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE = 1, 2, 3
+NFT_OBJECT_COUNTER = 1
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_DATA_VALUE = 1, 1, 1
-NFTNL_UDATA_TABLE_COMMENT = 0
+NFTNL_UDATA_SET_COMMENT = 7
 # What a chain, rule or set does; handles, use counts, element counts and counter values
 # change without any edit, so they stay out of the fingerprint.
 _CHAIN_ATTRS = (NFTA_CHAIN_NAME, NFTA_CHAIN_HOOK, NFTA_CHAIN_POLICY, NFTA_CHAIN_TYPE)
@@ -75,6 +78,7 @@ class Snapshot:
     comment: str | None
     structure: str
     generation: int | None
+    objects: TableObjects = field(default_factory=TableObjects)
 
 
 def _nft_type(message: int) -> int:
@@ -184,18 +188,33 @@ class NetlinkTable:
         tables = [t for t in self._dump(nft.NFT_MSG_GETTABLE, [], strict=strict) if t.get(NFTA_TABLE_NAME) == table]
         if not tables:
             return None
-        comment = _udata_comment(tables[0].get(NFTA_TABLE_USERDATA, b""))
+        comment = None
         structure: list[str] = []
+        items: dict[str, list[dict[int, bytes]]] = {}
         # Chain dumps are not filtered by table on every kernel: filter here as well.
         dumps = ((nft.NFT_MSG_GETCHAIN, NFTA_CHAIN_TABLE, "chain", _CHAIN_ATTRS),
                  (nft.NFT_MSG_GETRULE, NFTA_RULE_TABLE, "rule", _RULE_ATTRS),
                  (nft.NFT_MSG_GETSET, NFTA_SET_TABLE, "set", _SET_ATTRS))
         for kind, table_attr, label, wanted in dumps:
-            for item in self._dump(kind, [(table_attr, table)], strict=strict):
-                if item.get(table_attr) == table:
-                    structure.append(label + " " + " ".join(item.get(a, b"").hex() for a in wanted))
+            items[label] = [item for item in self._dump(kind, [(table_attr, table)], strict=strict)
+                            if item.get(table_attr) == table]
+            structure.extend(label + " " + " ".join(item.get(a, b"").hex() for a in wanted) for item in items[label])
+        named_sets = []
+        for item in items["set"]:
+            name = _name(item, NFTA_SET_NAME)
+            if name == GENERATION_SET:
+                comment = _udata_comment(item.get(NFTA_SET_USERDATA, b""), NFTNL_UDATA_SET_COMMENT)
+            if not int.from_bytes(item.get(NFTA_SET_FLAGS, b"\0\0\0\0"), "big") & NFT_SET_ANONYMOUS:
+                named_sets.append(name)
+        counters = [_name(item, NFTA_OBJ_NAME)
+                    for item in self._dump(nft.NFT_MSG_GETOBJ, [(NFTA_OBJ_TABLE, table)], strict=strict)
+                    if item.get(NFTA_OBJ_TABLE) == table
+                    and int.from_bytes(item.get(NFTA_OBJ_TYPE, b"\0\0\0\0"), "big") == NFT_OBJECT_COUNTER]
+        objects = TableObjects(tuple(_name(item, NFTA_CHAIN_NAME) for item in items["chain"]),
+                               tuple(named_sets), tuple(counters))
         digest = hashlib.sha256("\n".join(sorted(structure)).encode()).hexdigest()
-        return Snapshot(comment=comment, structure=digest, generation=self._generation_marker(strict))
+        return Snapshot(comment=comment, structure=digest, generation=self._generation_marker(strict),
+                        objects=objects)
 
     def _generation_marker(self, strict: bool = True) -> int | None:
         replies = self._dump(
@@ -357,13 +376,17 @@ def _messages(buffer: bytes, sequence: int) -> Iterator[tuple[int, int, bytes, i
         offset += (length + 3) & ~3
 
 
-def _udata_comment(udata: bytes) -> str | None:
+def _name(item: dict[int, bytes], attribute: int) -> str:
+    return item.get(attribute, b"").rstrip(b"\0").decode(errors="replace")
+
+
+def _udata_comment(udata: bytes, comment_type: int) -> str | None:
     """The comment in libnftnl's user data TLVs (type, length, value with its NUL)."""
     offset = 0
     while offset + 2 <= len(udata):
         kind, length = udata[offset], udata[offset + 1]
         value = udata[offset + 2:offset + 2 + length]
-        if kind == NFTNL_UDATA_TABLE_COMMENT:
+        if kind == comment_type:
             return value.rstrip(b"\0").decode(errors="replace")
         offset += 2 + length
     return None

@@ -10,7 +10,7 @@ import re
 import stat
 import struct
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from functools import cached_property
@@ -48,6 +48,8 @@ SERVICE_NAME = re.compile(r"[a-z][a-z0-9_]{0,23}")
 Protocol = Literal["tcp", "udp"]
 MAX_POLICY_BYTES = 64 * 1024 * 1024
 MAX_LIST_BYTES = 256 * 1024 * 1024
+PROGRESS_LINES = 4096
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True, order=True)
@@ -106,6 +108,8 @@ class AllowEntryModel(_Strict):
     reason: Annotated[str, Field(min_length=1)]
     review_by: date
     expires: datetime | None = None
+    broad_ok: bool = False
+    broad_reason: Annotated[str, Field(min_length=1)] | None = None
 
     @field_validator("cidr")
     @classmethod
@@ -134,13 +138,25 @@ class AllowEntryModel(_Strict):
     def _one_source(self) -> AllowEntryModel:
         if (self.cidr is None) == (self.file is None):
             raise ValueError("an allow entry has exactly one of cidr: or file:")
+        # A wide range waved through without a written reason is how /16s creep in.
+        if self.broad_ok and self.broad_reason is None:
+            raise ValueError("broad_ok: true needs broad_reason: saying why so wide a range is meant")
+        if self.broad_reason is not None and not self.broad_ok:
+            raise ValueError("broad_reason: is only read with broad_ok: true; add it or remove broad_reason")
         return self
+
+
+class WidestModel(_Strict):
+    ipv4: Annotated[int, Field(ge=0, le=32)] = 24
+    ipv6: Annotated[int, Field(ge=0, le=128)] = 48
 
 
 class ServiceModel(_Strict):
     ports: list[Any] | None = None
     protocols: list[Protocol] | None = None
     action: Literal["drop", "reject"] | None = None
+    widest: WidestModel | None = None
+    entry_counters: bool | None = None
     allow: list[AllowEntryModel] = Field(default_factory=list)
 
     @field_validator("ports")
@@ -165,6 +181,11 @@ class SettingsModel(_Strict):
     log_group: Annotated[int, Field(ge=0, le=65535)] = 100
     log_rate: Annotated[int, Field(ge=1, le=100000)] = 10
     log_burst: Annotated[int, Field(ge=1, le=100000)] = 20
+    # Drop packets to protected ports whose source the host would not route back out of
+    # the interface they came in on (reverse-path check): an allowed address spoofed from
+    # another link. Off by default: asymmetric routing (several uplinks) breaks it.
+    strict_source: bool = False
+    owners: list[Annotated[str, Field(min_length=1)]] | None = None
 
 
 class PolicyFileModel(_Strict):
@@ -192,6 +213,7 @@ class Entry:
     review_by: date
     expires: datetime | None
     origin: Origin
+    broad_ok: bool = False
 
     @cached_property
     def network(self) -> IPNetwork:
@@ -281,6 +303,8 @@ class ListFile:
     review_by: date
     expires: datetime | None
     label: str
+    broad_ok: bool = False
+    origin: Origin | None = None  # the file: entry in the policy file
 
     def __len__(self) -> int:
         return self.parsed.entries
@@ -298,7 +322,7 @@ class ListFile:
         expires = self.expires.timestamp() if self.expires is not None else PERMANENT
         return tuple(
             Entry(parse_interval(content, expires), self.owner, self.reason, self.review_by, self.expires,
-                  Origin(self.path, number, self.label))
+                  Origin(self.path, number, self.label), self.broad_ok)
             for number, content in _list_lines(self.data.decode("utf-8-sig"))
         )
 
@@ -351,6 +375,17 @@ class Entries(Sequence[Entry]):
 
 
 @dataclass(frozen=True)
+class Widest:
+    """The widest prefix per family that audit accepts without broad_ok."""
+
+    ipv4: int = 24
+    ipv6: int = 48
+
+    def of(self, family: int) -> int:
+        return self.ipv4 if family == 4 else self.ipv6
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     ports: tuple[PortRange, ...]
@@ -358,6 +393,8 @@ class Service:
     action: Literal["drop", "reject"]
     entries: Sequence[Entry]  # a tuple, or Entries when file: lists contribute
     defined_in: str
+    widest: Widest = Widest()
+    entry_counters: bool = False  # a packet counter on every kernel element (for audit)
 
 
 @dataclass(frozen=True)
@@ -365,6 +402,8 @@ class Settings:
     log_group: int = 100
     log_rate: int = 10
     log_burst: int = 20
+    strict_source: bool = False
+    owners: tuple[str, ...] | None = None  # who may own entries; None: anyone
 
 
 @dataclass(frozen=True)
@@ -525,10 +564,12 @@ class _ServiceDraft:
     first_seen: str = "?"
 
 
-def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None = None) -> Policy:
+def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None = None,
+                progress: Progress | None = None) -> Policy:
     """Load, validate and merge the policy at path (a file or a directory of *.yaml).
 
     With a cache, a ``file:`` list whose bytes were parsed before is not parsed again.
+    progress(label, lines done, lines) is told how parsing a long list goes.
     """
     now = now or datetime.now(UTC)
     files = policy_files(path)
@@ -553,7 +594,9 @@ def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None
                             f"settings are already given in {settings_file}; keep them in one file")
                 )
             else:
-                settings = Settings(**model.settings.model_dump())
+                values = model.settings.model_dump()
+                owners = values.pop("owners")
+                settings = Settings(**values, owners=tuple(owners) if owners is not None else None)
                 settings_file = name
         for service_name, declared in model.services.items():
             service_line = located.line_of(("services", service_name))
@@ -568,13 +611,14 @@ def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None
             draft = drafts.setdefault(
                 service_name, _ServiceDraft(service_name, None, None, [], f"{name}:{service_line}")
             )
-            defines = service.ports is not None or service.protocols is not None or service.action is not None
+            defines = any(value is not None for value in (service.ports, service.protocols, service.action,
+                                                          service.widest, service.entry_counters))
             if defines:
                 if draft.defined_in is not None:
                     problems.append(
                         Problem(name, service_line, f"services.{service_name}",
                                 f"service {service_name!r} is already defined in {draft.defined_in}; "
-                                "define ports/protocols/action in one file and only add allow "
+                                "define ports/protocols/action/widest/entry_counters in one file and only add allow "
                                 "entries elsewhere")
                     )
                 else:
@@ -583,7 +627,7 @@ def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None
             for index, allow in enumerate(service.allow):
                 entry_path = ("services", service_name, "allow", index)
                 origin = Origin(name, located.line_of(entry_path), f"services.{service_name}.allow[{index}]")
-                for part in _expand_entry(allow, origin, file, root, problems, sources, cache):
+                for part in _expand_entry(allow, origin, file, root, problems, sources, cache, progress):
                     if part.expires is not None and part.expires <= now:
                         expired.extend((part,) if isinstance(part, Entry) else part.entries)
                     else:
@@ -634,12 +678,12 @@ def _parse_file(
 
 def _expand_entry(
     allow: AllowEntryModel, origin: Origin, policy_file: Path, root: Path, problems: list[Problem],
-    sources: dict[str, bytes], cache: ListCache | None = None,
+    sources: dict[str, bytes], cache: ListCache | None = None, progress: Progress | None = None,
 ) -> list[Entry] | list[ListFile]:
     if allow.cidr is not None:
         expires = allow.expires.timestamp() if allow.expires is not None else PERMANENT
         return [Entry(parse_interval(allow.cidr, expires), allow.owner, allow.reason, allow.review_by,
-                      allow.expires, origin)]
+                      allow.expires, origin, allow.broad_ok)]
     assert allow.file is not None
     list_path = (policy_file.parent / allow.file)
     try:
@@ -655,14 +699,14 @@ def _expand_entry(
         if previous is not None:
             parsed = reparse_list(*previous, data)
         if parsed is None:
-            parsed = _parse_list(data, problems, origin, list_path, allow.file)
+            parsed = _parse_list(data, problems, origin, list_path, allow.file, progress)
         if parsed is None:
             return []
         if cache is not None:
             cache.put(digest, parsed, data, str(list_path))
     label = f"{origin.entry} (file: {allow.file}, from {origin})"  # one string shared by every line
     return [ListFile(str(list_path), data, digest, parsed, allow.owner, allow.reason, allow.review_by,
-                     allow.expires, label)]
+                     allow.expires, label, allow.broad_ok, origin)]
 
 
 def _list_lines(text: str) -> Iterator[tuple[int, str]]:
@@ -674,7 +718,8 @@ def _list_lines(text: str) -> Iterator[tuple[int, str]]:
 
 
 def _parse_list(
-    data: bytes, problems: list[Problem], origin: Origin, list_path: Path, name: str
+    data: bytes, problems: list[Problem], origin: Origin, list_path: Path, name: str,
+    progress: Progress | None = None,
 ) -> ParsedList | None:
     """Every line parsed and checked; None (with the problems added) if any is bad."""
     try:
@@ -686,7 +731,10 @@ def _parse_list(
     pairs: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
     count = 0
     failed = False
+    total = text.count("\n") + 1
     for number, content in _list_lines(text):
+        if progress is not None and not number % PROGRESS_LINES:
+            progress(f"parsing {name}", number, total)
         try:
             interval = parse_interval(content)
         except CidrError as exc:
@@ -845,6 +893,8 @@ def _finish_services(drafts: dict[str, _ServiceDraft], problems: list[Problem]) 
             action=definition.action or "drop",
             entries=entries,
             defined_in=where,
+            widest=Widest(definition.widest.ipv4, definition.widest.ipv6) if definition.widest else Widest(),
+            entry_counters=bool(definition.entry_counters),
         ))
     _check_port_claims(services, problems)
     return services

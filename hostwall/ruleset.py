@@ -48,6 +48,7 @@ class ServiceRules:
     action: Literal["drop", "reject"]
     v4: Sequence[Interval] = ()
     v6: Sequence[Interval] = ()
+    entry_counters: bool = False
 
     def __post_init__(self) -> None:
         for family, given in ((4, self.v4), (6, self.v6)):
@@ -81,6 +82,8 @@ class ServiceRules:
             "protocols": list(self.protocols),
             "action": self.action,
             "timeouts": [self.has_timeouts(4), self.has_timeouts(6)],
+            # Only when on, so that rulesets recorded before the option keep their digest.
+            **({"entry_counters": True} if self.entry_counters else {}),
         }
 
     def has_timeouts(self, family: int) -> bool:
@@ -93,16 +96,22 @@ class Ruleset:
     log_group: int = 100
     log_rate: int = 10
     log_burst: int = 20
+    strict_source: bool = False
     _digest: list[str] = field(default_factory=list, compare=False, repr=False)
 
     def service(self, name: str) -> ServiceRules | None:
         return next((s for s in self.services if s.name == name), None)
 
     def structure(self) -> dict[str, object]:
-        return {
+        structure: dict[str, object] = {
             "services": [s.structure() for s in self.services],
             "log": [self.log_group, self.log_rate, self.log_burst],
         }
+        # Present only when on, so that rulesets recorded before the setting existed keep
+        # their digests.
+        if self.strict_source:
+            structure["strict_source"] = True
+        return structure
 
     def to_data(self) -> dict[str, object]:
         """Everything as plain data (slow for large sets: one list per element)."""
@@ -138,8 +147,9 @@ class Ruleset:
                 action=item["action"],
                 v4=intervals(4),
                 v6=intervals(6),
+                entry_counters=bool(item.get("entry_counters", False)),
             ))
-        return cls(tuple(services), int(log[0]), int(log[1]), int(log[2]))
+        return cls(tuple(services), int(log[0]), int(log[1]), int(log[2]), bool(data.get("strict_source", False)))
 
     def sets(self) -> dict[str, IntervalSet]:
         return {s.set_name(family): s.intervals(family) for s in self.services for family in (4, 6)}
@@ -169,10 +179,11 @@ class Ruleset:
                 action=item["action"],
                 v4=sets[f"{item['name']}_v4"],
                 v6=sets[f"{item['name']}_v6"],
+                entry_counters=bool(item.get("entry_counters", False)),
             )
             for item in services_data
         ]
-        return cls(tuple(services), int(log[0]), int(log[1]), int(log[2]))
+        return cls(tuple(services), int(log[0]), int(log[1]), int(log[2]), bool(data.get("strict_source", False)))
 
     @property
     def digest(self) -> str:
@@ -237,28 +248,68 @@ def table_comment(generation: int, digest: str) -> str:
 
 
 def render_full_load(ruleset: Ruleset, generation: int, now: float) -> str:
-    """One transaction that replaces the hostwall table and nothing else.
-
-    ``table ... {}`` first makes the delete valid when the table does not exist yet;
-    the kernel applies the whole batch or none of it, so there is no moment without
-    the table.
-    """
+    """Everything hostwall puts in its table, to be loaded behind render_clearing()'s
+    commands in the same transaction (the backend adds them: they depend on what the
+    kernel holds at that moment, this text only on the generation, so it is recorded
+    and replayed byte for byte)."""
     return "".join(_full_load_lines(ruleset, generation, now))
 
 
-def render_removal() -> str:
-    """Remove the hostwall table, whether or not it exists, in one transaction."""
+@dataclass(frozen=True)
+class TableObjects:
+    """The names in the kernel's hostwall table that a full load replaces."""
+
+    chains: tuple[str, ...] = ()
+    sets: tuple[str, ...] = ()  # named sets only: anonymous ones go with their rules
+    counters: tuple[str, ...] = ()
+
+
+def render_clearing(existing: TableObjects) -> str:
+    """The start of a full-load transaction that replaces the table's contents in place.
+
+    The table and its base chain are never deleted: a packet crossing the commit while
+    two base chains share the hook reads the generation cursor once per chain, and can
+    meet the old chain's next (empty) rules after the new chain's current (empty)
+    ones, passing both. A set lookup also reads the cursor afresh, which is why the
+    protected ports are matched by rules, not by a map: every verdict a packet gets in
+    the base chain comes from one generation, and a set that misses mid-commit only
+    ever causes a drop. Measured with SYNs sent during 4,000 reloads: replacing the
+    table let 6 through, replacing the contents none (tests/netns/test_security_services.py).
+    """
+    table = f"{TABLE_FAMILY} {TABLE_NAME}"
+    lines = [f"table {table} {{ {_base_chain_declaration()}; }}\n", f"flush table {table}\n"]
+    lines += [f"delete chain {table} {name}\n" for name in existing.chains if name != INGRESS_CHAIN]
+    lines += [f"delete set {table} {name}\n" for name in existing.sets]
+    lines += [f"delete counter {table} {name}\n" for name in existing.counters]
+    return "".join(lines)
+
+
+def render_replacement() -> str:
+    """The start of a full load that deletes and re-creates the table: only when the
+    table cannot be cleared in place (its base chain was changed by hand). ``table
+    ... {}`` first makes the delete valid when the table does not exist yet."""
     table = f"{TABLE_FAMILY} {TABLE_NAME}"
     return f"table {table} {{}}\ndelete table {table}\n"
 
 
+def _base_chain_declaration() -> str:
+    return (f"chain {INGRESS_CHAIN} {{ type filter hook prerouting priority {INGRESS_PRIORITY}; "
+            "policy accept; }")
+
+
+def render_removal() -> str:
+    """Remove the hostwall table, whether or not it exists, in one transaction."""
+    return render_replacement()
+
+
 def _full_load_lines(ruleset: Ruleset, generation: int, now: float) -> Iterator[str]:
     table = f"{TABLE_FAMILY} {TABLE_NAME}"
-    yield f"table {table} {{}}\n"
-    yield f"delete table {table}\n"
     yield f"table {table} {{\n"
-    yield f'\tcomment "{table_comment(generation, ruleset.digest)}"\n'
-    yield f"\tset {GENERATION_SET} {{\n\t\ttype mark\n\t\telements = {{ {generation} }}\n\t}}\n"
+    # The generation set is re-created by every full load, so its comment (unlike the
+    # table's, which cannot change) labels the load; deltas move only its element.
+    yield (f"\tset {GENERATION_SET} {{\n\t\ttype mark\n"
+           f'\t\tcomment "{table_comment(generation, ruleset.digest)}"\n'
+           f"\t\telements = {{ {generation} }}\n\t}}\n")
     for service in ruleset.services:
         yield f"\tcounter {service.accepted_counter} {{}}\n"
         yield f"\tcounter {service.dropped_counter} {{}}\n"
@@ -267,14 +318,11 @@ def _full_load_lines(ruleset: Ruleset, generation: int, now: float) -> Iterator[
     yield f"\tchain {INGRESS_CHAIN} {{\n"
     yield f"\t\ttype filter hook prerouting priority {INGRESS_PRIORITY}; policy accept;\n"
     yield '\t\tiif "lo" accept\n'
-    dispatch = ", ".join(
-        f"{protocol} . {ports} : jump {service.chain}"
-        for service in ruleset.services
-        for protocol in service.protocols
-        for ports in service.ports
-    )
-    if dispatch:
-        yield f"\t\tmeta l4proto . th dport vmap {{ {dispatch} }}\n"
+    # Rules, not a verdict map: see render_clearing.
+    for service in ruleset.services:
+        for protocol in service.protocols:
+            for ports in service.ports:
+                yield f"\t\t{protocol} dport {ports} jump {service.chain}\n"
     yield "\t}\n"
     for service in ruleset.services:
         yield from _service_chain_lines(ruleset, service)
@@ -289,6 +337,9 @@ def _set_lines(service: ServiceRules, family: int, now: float) -> Iterator[str]:
     yield f"\tset {service.set_name(family)} {{\n"
     yield f"\t\ttype ipv{family}_addr\n"
     yield f"\t\tflags {flags}\n"
+    if service.entry_counters:
+        # The kernel gives every element, including those a delta adds later, its own counter.
+        yield "\t\tcounter\n"
     if not timeouts:
         yield "\t\tauto-merge\n"
     intervals = service.intervals(family)
@@ -345,13 +396,17 @@ def _service_chain_lines(ruleset: Ruleset, service: ServiceRules) -> Iterator[st
     yield f"\tchain {service.chain} {{\n"
     # Only traffic to the host itself; forwarded traffic is none of hostwall's business.
     yield "\t\tfib daddr type != local return\n"
+    dropped = f'counter name "{service.dropped_counter}"'
+    if ruleset.strict_source:
+        # Before the allowlist: an allowed address arriving on a link the host would not
+        # answer it through is spoofed. Not logged: its source says nothing about the sender.
+        yield f"\t\tfib saddr . iif oif missing {dropped} drop\n"
     yield f'\t\tip saddr @{service.set_name(4)} counter name "{service.accepted_counter}" accept\n'
     yield f'\t\tip6 saddr @{service.set_name(6)} counter name "{service.accepted_counter}" accept\n'
     yield (
         f"\t\tlimit rate {ruleset.log_rate}/second burst {ruleset.log_burst} packets "
         f'log prefix "{LOG_PREFIX}{service.name}" group {ruleset.log_group}\n'
     )
-    dropped = f'counter name "{service.dropped_counter}"'
     if service.action == "reject":
         yield f"\t\tmeta l4proto tcp {dropped} reject with tcp reset\n"
         yield f"\t\t{dropped} reject with icmpx type port-unreachable\n"

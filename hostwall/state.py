@@ -59,6 +59,23 @@ class GenerationMeta:
     files: dict[str, str]  # relative path -> sha256 of its content
 
 
+# How often the agent records that it is alive, for `hostwall status`.
+HEARTBEAT_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class AgentState:
+    """What the agent last said about itself; status compares heartbeat with the clock."""
+
+    pid: int
+    started: float
+    heartbeat: float
+    status: str
+    running: bool  # False once it stopped cleanly
+    drops_read: int = 0
+    lost: int = 0
+
+
 @dataclass(frozen=True)
 class Pending:
     """A generation applied with --confirm-within that reverts unless confirmed in time."""
@@ -77,6 +94,9 @@ class Current:
     # The table's comment, written by the last full load; element deltas leave it as it is.
     comment: str | None = None
     loaded_by: str = "full"  # "full" or "delta"
+    # When the last full load created the table, and with it every per-entry counter;
+    # deltas keep it. None in records written before counters were read.
+    counting_since: float | None = None
 
 
 def _sha256(data: bytes) -> str:
@@ -226,6 +246,22 @@ class StateDir:
 
     def set_pending(self, pending: Pending) -> None:
         self._write_or_fail(self.path / "pending.json", json.dumps(asdict(pending), indent=1).encode())
+
+    def agent(self) -> AgentState | None:
+        path = self.path / "agent.json"
+        try:
+            return AgentState(**json.loads(path.read_bytes()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            raise StateError(f"{path} is unreadable or corrupt: {exc}") from exc
+
+    def set_agent(self, agent: AgentState) -> None:
+        try:
+            # A heartbeat every few seconds: losing the last one in a crash costs nothing.
+            atomic_write(self.path / "agent.json", json.dumps(asdict(agent)).encode(), sync_dir=False)
+        except OSError as exc:
+            raise StateError(f"cannot write {self.path / 'agent.json'}: {exc.strerror}") from exc
 
     def pending_since(self) -> float:
         """When the pending confirmation was recorded (wall clock), or inf when none is."""

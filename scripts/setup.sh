@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything hostwall needs on a Debian/Ubuntu host: system packages, then a
 # virtual environment with the Python dependencies. Safe to run again.
+# With --tests it also installs what the test suite runs against (nginx, PostgreSQL),
+# which `make install` must never put on a production host.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +10,10 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 packages=(nftables libnftables1 iproute2 libsystemd-dev pkg-config gcc python3-venv python3-dev
           systemd make sudo ruby)
+# The security battery runs real services in the lab namespaces and real clients against them.
+if [ "${1:-}" = "--tests" ]; then
+  packages+=(nginx postgresql curl openssl)
+fi
 
 missing=()
 for package in "${packages[@]}"; do
@@ -20,7 +26,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   echo "setup: installing ${missing[*]}"
   apt-get update -qq
+  # Package scripts must not start nginx or PostgreSQL on the host: the tests start their own
+  # copies inside namespaces. policy-rc.d is the Debian switch for that; put back as found.
+  no_start=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && no_start=1
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ -z "$no_start" ] || rm -f /usr/sbin/policy-rc.d
 fi
 
 stamp="$VENV/.hostwall-installed"

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -205,3 +208,107 @@ def send_udp(namespace: str, address: str, port: int, count: int) -> None:
     with sock:
         for _ in range(count):
             sock.sendto(b"x", (address, port))
+
+
+def ip_json(*args: str) -> Any:
+    result = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=True, timeout=10)
+    return json.loads(result.stdout)
+
+
+def link_local_address(namespace: str, device: str, deadline: float) -> str:
+    """The device's fe80:: address once duplicate address detection has finished."""
+    while True:
+        addresses = [
+            info for entry in ip_json("-n", namespace, "-6", "addr", "show", "dev", device)
+            for info in entry.get("addr_info", []) if info.get("scope") == "link"
+        ]
+        ready = [info["local"] for info in addresses if not info.get("tentative")]
+        if ready:
+            return str(ready[0])
+        if time.monotonic() > deadline:
+            pytest.fail(f"no usable link-local address on {device} in {namespace}: {addresses}")
+        time.sleep(0.1)
+
+
+def counters(namespace: str) -> dict[str, int]:
+    """Packets counted by each of the hostwall table's named counters in namespace."""
+    listing = json.loads(run_nft(namespace, "-j", "list", "counters", "table", "inet", "hostwall").stdout)
+    return {item["counter"]["name"]: int(item["counter"]["packets"]) for item in listing["nftables"]
+            if "counter" in item}
+
+
+class Harness:
+    """Starts `hostwall agent` the way systemd would and collects what it notifies.
+
+    Like systemd, it reads the notification socket all the time: an AF_UNIX datagram
+    queue holds only a few messages, and a full one would block the agent's sd_notify.
+    """
+
+    def __init__(self, lab: Lab, policy_dir: Path, state_dir: Path, tmp: Path, *args: str,
+                 watchdog_usec: int = 1_000_000, wrapper: tuple[str, ...] = ()) -> None:
+        """wrapper: a command that execs the agent's command line given after it."""
+        self.socket_path = str(tmp / f"notify-{time.monotonic_ns()}")
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(self.socket_path)
+        self.socket.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+        self._closing = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(("HOSTWALL_", "NOTIFY_"))}
+        environment.update(NOTIFY_SOCKET=self.socket_path, WATCHDOG_USEC=str(watchdog_usec))
+        command = [*wrapper, sys.executable, "-m", "hostwall", "--netns", lab.server,
+                   "--policy-dir", str(policy_dir), "--state-dir", str(state_dir), "agent", *args]
+        self.process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+
+    def _read(self) -> None:
+        while not self._closing.is_set():
+            try:
+                message = self.socket.recv(4096).decode()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), message))
+
+    def wait_for(self, text: str, seconds: float = 15.0, occurrence: int = 1) -> float:
+        """Time (monotonic) the occurrence-th notification containing text arrived."""
+        deadline = time.monotonic() + seconds
+        while True:
+            seen = [stamp for stamp, message in list(self.messages) if text in message]
+            if len(seen) >= occurrence:
+                return seen[occurrence - 1]
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        stderr = ""
+        if self.process.poll() is not None and self.process.stderr:
+            stderr = self.process.stderr.read()
+        pytest.fail(f"no {text!r} notification; got {[m for _, m in self.messages]}; agent stderr: {stderr}")
+
+    def collect(self, seconds: float) -> None:
+        """Let notifications arrive for seconds (the reader thread stores them)."""
+        time.sleep(seconds + 0.15)
+
+    def count(self, text: str) -> int:
+        return sum(text in m for _, m in list(self.messages))
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        self.process.communicate(timeout=COMMAND_TIMEOUT)
+        return self.process.returncode
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=COMMAND_TIMEOUT)
+        # A failed test never called stop(): close the pipes here, or their finalizers
+        # warn in whichever later test the garbage collector happens to run.
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
+        self._closing.set()
+        self._reader.join(timeout=5)
+        self.socket.close()

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from netns_support import COMMAND_TIMEOUT, Cli, Journald, Nft, output, reach, wait_for_records
+from netns_support import Cli, Harness, Journald, Nft, output, reach, wait_for_records
 
 from hostwall.drops import MESSAGE_ID_DRIFT, MESSAGE_ID_POLICY
 from hostwall.engine import Engine
@@ -33,77 +29,6 @@ NOBODY = {("allowed", 4, "5432/tcp"): "timeout", ("denied", 4, "5432/tcp"): "tim
 def _policy(policy_dir: Path, cidrs: list[str]) -> None:
     allow = [{"cidr": c, "owner": "t", "reason": "t", "review_by": "2099-01-01"} for c in cidrs]
     (policy_dir / "policy.yaml").write_text(yaml.safe_dump({"services": {"postgres": {"allow": allow}}}))
-
-
-class Harness:
-    """Starts `hostwall agent` the way systemd would and collects what it notifies.
-
-    Like systemd, it reads the notification socket all the time: an AF_UNIX datagram
-    queue holds only a few messages, and a full one would block the agent's sd_notify.
-    """
-
-    def __init__(self, lab: Lab, policy_dir: Path, state_dir: Path, tmp: Path, *args: str,
-                 watchdog_usec: int = 1_000_000, wrapper: tuple[str, ...] = ()) -> None:
-        self.socket_path = str(tmp / f"notify-{time.monotonic_ns()}")
-        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.socket.bind(self.socket_path)
-        self.socket.settimeout(0.1)
-        self.messages: list[tuple[float, str]] = []
-        self._closing = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        environment = {k: v for k, v in os.environ.items() if not k.startswith(("HOSTWALL_", "NOTIFY_"))}
-        environment.update(NOTIFY_SOCKET=self.socket_path, WATCHDOG_USEC=str(watchdog_usec))
-        command = [*wrapper, sys.executable, "-m", "hostwall", "--netns", lab.server, "--policy-dir", str(policy_dir),
-                   "--state-dir", str(state_dir), "agent", *args]
-        self.process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
-
-    def _read(self) -> None:
-        while not self._closing.is_set():
-            try:
-                message = self.socket.recv(4096).decode()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.messages.append((time.monotonic(), message))
-
-    def wait_for(self, text: str, seconds: float = 15.0, occurrence: int = 1) -> float:
-        """Time (monotonic) the occurrence-th notification containing text arrived."""
-        deadline = time.monotonic() + seconds
-        while True:
-            seen = [stamp for stamp, message in list(self.messages) if text in message]
-            if len(seen) >= occurrence:
-                return seen[occurrence - 1]
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                break
-            time.sleep(0.02)
-        stderr = ""
-        if self.process.poll() is not None and self.process.stderr:
-            stderr = self.process.stderr.read()
-        pytest.fail(f"no {text!r} notification; got {[m for _, m in self.messages]}; agent stderr: {stderr}")
-
-    def collect(self, seconds: float) -> None:
-        """Let notifications arrive for seconds (the reader thread stores them)."""
-        time.sleep(seconds + 0.15)
-
-    def count(self, text: str) -> int:
-        return sum(text in m for _, m in list(self.messages))
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        self.process.communicate(timeout=COMMAND_TIMEOUT)
-        return self.process.returncode
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=COMMAND_TIMEOUT)
-        self._closing.set()
-        self._reader.join(timeout=5)
-        self.socket.close()
 
 
 @pytest.fixture

@@ -56,7 +56,8 @@ def _write(policy_dir: Path, postgres: list[dict[str, Any]], https: list[dict[st
 
 def _listing(nft: Nft) -> dict[str, Any]:
     """The table as the kernel lists it, without what changes on its own (handles,
-    counters, the remaining time of expiring elements)."""
+    counters, the remaining time of expiring elements) and the label of the full load the
+    table's contents came from (a delta moves the generation marker, not the label)."""
     document = json.loads(nft("-j", "list", "table", "inet", "hostwall").stdout)
     return _normalised(document)
 
@@ -64,7 +65,7 @@ def _listing(nft: Nft) -> dict[str, Any]:
 def _normalised(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _normalised(v) for k, v in value.items()
-                if k not in ("handle", "packets", "bytes", "expires", "metainfo")}
+                if k not in ("handle", "packets", "bytes", "expires", "metainfo", "comment")}
     if isinstance(value, list):
         return [_normalised(v) for v in value if not (isinstance(v, dict) and "metainfo" in v)]
     return value

@@ -20,6 +20,8 @@ from netns_support import (
     CliJson,
     Nft,
     PolicyWriter,
+    ip_json,
+    link_local_address,
     matrix,
     ping,
     probe_tcp_scoped,
@@ -108,34 +110,14 @@ def test_revoked_source_loses_its_established_connection(
     assert reach(lab, {("allowed", 4, "443/tcp"): "open"}) == {("allowed", 4, "443/tcp"): "open"}
 
 
-def _ip_json(*args: str) -> Any:
-    result = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=True, timeout=10)
-    return json.loads(result.stdout)
-
-
-def _link_local(namespace: str, device: str, deadline: float) -> str:
-    """The device's fe80:: address once duplicate address detection has finished."""
-    while True:
-        addresses = [
-            info for entry in _ip_json("-n", namespace, "-6", "addr", "show", "dev", device)
-            for info in entry.get("addr_info", []) if info.get("scope") == "link"
-        ]
-        ready = [info["local"] for info in addresses if not info.get("tentative")]
-        if ready:
-            return str(ready[0])
-        if time.monotonic() > deadline:
-            pytest.fail(f"no usable link-local address on {device} in {namespace}: {addresses}")
-        time.sleep(0.1)
-
-
 def test_ipv4_only_policy_still_denies_every_ipv6_source(
     lab: Lab, write_policy: PolicyWriter, cli_json: CliJson
 ) -> None:
     ok = lab.allowed
     deadline = time.monotonic() + 10
-    server_link_local = _link_local(lab.server, "hwok", deadline)
-    _link_local(ok.namespace, "eth0", deadline)
-    ifindex = int(_ip_json("-n", ok.namespace, "link", "show", "dev", "eth0")[0]["ifindex"])
+    server_link_local = link_local_address(lab.server, "hwok", deadline)
+    link_local_address(ok.namespace, "eth0", deadline)
+    ifindex = int(ip_json("-n", ok.namespace, "link", "show", "dev", "eth0")[0]["ifindex"])
 
     def link_local(port: int, timeout: float) -> tuple[str, str | None]:
         return probe_tcp_scoped(ok.namespace, server_link_local, port, ifindex, timeout)

@@ -153,7 +153,8 @@ def test_invalid_policy_json_reports_the_error_on_stdout(policy_dir: Path) -> No
         f"{file}:14: services.postgres.allow[0].owner (cidr 10.0.1.0/24): "
         "required key 'owner' is missing",
         f"{file}:15: services.postgres.allow[0].ower (cidr 10.0.1.0/24): unknown key 'ower'; "
-        "did you mean 'owner'? valid keys here: cidr, file, owner, reason, review_by, expires",
+        "did you mean 'owner'? valid keys here: cidr, file, owner, reason, review_by, expires, "
+        "broad_ok, broad_reason",
     ]
     assert report["error"].endswith("(and 1 more)")
 

@@ -9,6 +9,7 @@ and review the diff of tests/unit/golden/full_load.nft before committing it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import yaml
 from hostwall.cidr import Interval
 from hostwall.compile import compile_policy
 from hostwall.policy import load_policy
-from hostwall.ruleset import Ruleset, render_element, render_full_load
+from hostwall.ruleset import Ruleset, TableObjects, render_clearing, render_element, render_full_load
 
 GOLDEN = Path(__file__).parent / "golden"
 FIXED = datetime(2026, 6, 1, tzinfo=UTC)
@@ -60,31 +61,61 @@ def set_body(text: str, name: str) -> list[str]:
     return [line.strip() for line in match[1].splitlines()]
 
 
-def test_one_transaction_replaces_only_the_hostwall_table() -> None:
+def test_full_load_text_is_the_table_contents_labelled_by_the_generation_set() -> None:
     ruleset = golden_ruleset()
     lines = golden_text(ruleset).splitlines()
 
-    assert lines[:4] == [
-        "table inet hostwall {}",
-        "delete table inet hostwall",
-        "table inet hostwall {",
-        f'\tcomment "hostwall generation=7 sha256={ruleset.digest}"',
-    ]
+    assert lines[0] == "table inet hostwall {"
     assert lines[-1] == "}"
-    assert sum(line.startswith("table ") for line in lines) == 2
-    assert not any("flush" in line for line in lines)
+    assert sum(line.startswith("table ") for line in lines) == 1
+    assert not any("delete" in line or "flush" in line for line in lines)
+    assert set_body(golden_text(ruleset), "generation") == [
+        "type mark",
+        f'comment "hostwall generation=7 sha256={ruleset.digest}"',
+        "elements = { 7 }",
+    ]
 
 
-def test_ingress_chain_accepts_loopback_then_dispatches_by_port() -> None:
+def test_clearing_keeps_the_table_and_its_base_chain_and_removes_everything_else() -> None:
+    existing = TableObjects(chains=("ingress", "svc_old", "svc_https"), sets=("generation", "old_v4"),
+                            counters=("old_dropped",))
+    assert render_clearing(existing).splitlines() == [
+        "table inet hostwall { chain ingress { type filter hook prerouting priority -300; policy accept; }; }",
+        "flush table inet hostwall",
+        "delete chain inet hostwall svc_old",
+        "delete chain inet hostwall svc_https",
+        "delete set inet hostwall generation",
+        "delete set inet hostwall old_v4",
+        "delete counter inet hostwall old_dropped",
+    ]
+    assert "delete" not in render_clearing(TableObjects())
+
+
+def test_ingress_chain_accepts_loopback_then_dispatches_by_port_with_rules() -> None:
     assert chain(golden_text(), "ingress") == [
         "type filter hook prerouting priority -300; policy accept;",
         'iif "lo" accept',
-        "meta l4proto . th dport vmap { "
-        "tcp . 53 : jump svc_dns, udp . 53 : jump svc_dns, "
-        "tcp . 443 : jump svc_https, udp . 443 : jump svc_https, "
-        "tcp . 9100 : jump svc_metrics, tcp . 9200-9299 : jump svc_metrics, "
-        "tcp . 5432 : jump svc_postgres }",
+        "tcp dport 53 jump svc_dns",
+        "udp dport 53 jump svc_dns",
+        "tcp dport 443 jump svc_https",
+        "udp dport 443 jump svc_https",
+        "tcp dport 9100 jump svc_metrics",
+        "tcp dport 9200-9299 jump svc_metrics",
+        "tcp dport 5432 jump svc_postgres",
     ]
+
+
+def test_strict_source_drops_reverse_path_failures_before_the_allowlist() -> None:
+    strict = dataclasses.replace(golden_ruleset(), strict_source=True)
+    text = render_full_load(strict, 7, FIXED.timestamp())
+    assert chain(text, "svc_https")[:3] == [
+        "fib daddr type != local return",
+        'fib saddr . iif oif missing counter name "https_dropped" drop',
+        'ip saddr @https_v4 counter name "https_accepted" accept',
+    ]
+    assert "fib saddr" not in golden_text()
+    assert strict.digest != golden_ruleset().digest
+    assert Ruleset.from_data(strict.to_data()) == strict
 
 
 def test_service_chain_filters_only_local_traffic_and_logs_rate_limited() -> None:

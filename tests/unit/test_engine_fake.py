@@ -103,7 +103,8 @@ def test_first_apply_loads_and_records_generation_one(setup: Setup) -> None:
     assert kernel.sets["https_v6"] == ()
 
     assert setup.state.current() == Current(
-        1, desired.digest, kernel.structure, setup.clock.now, comment=kernel.comment, loaded_by="full"
+        1, desired.digest, kernel.structure, setup.clock.now, comment=kernel.comment, loaded_by="full",
+        counting_since=setup.clock.now,
     )
     assert json.loads((setup.state.path / "current.json").read_text())["generation"] == 1
 

@@ -235,7 +235,7 @@ def test_service_defined_in_two_files_is_an_error(write_files: WriteFiles) -> No
 
     assert_located(problem, root / "b.yaml", 3, "services.metrics")
     assert f"already defined in {root / 'a.yaml'}:2" in problem.message
-    assert "define ports/protocols/action in one file" in problem.message
+    assert "define ports/protocols/action/widest/entry_counters in one file" in problem.message
 
 
 @pytest.mark.parametrize("key", ["ports: [9101]", "protocols: [udp]", "action: drop"])
@@ -631,3 +631,11 @@ def test_directory_without_yaml_files(write_files: WriteFiles) -> None:
 def test_problems_from_several_files_are_all_reported(write_files: WriteFiles) -> None:
     root = write_files({"a.yaml": one_cidr("300.1.2.3"), "b.yaml": "bogus: 1\n"})
     assert [Path(p.file).name for p in problems(root)] == ["a.yaml", "b.yaml"]
+
+
+def test_every_example_policy_is_valid() -> None:
+    examples = sorted((Path(__file__).resolve().parents[2] / "policies" / "examples").glob("*.yaml"))
+    assert len(examples) >= 5
+    for path in examples:
+        policy = load_policy(path, now=datetime(2026, 11, 1, tzinfo=UTC))
+        assert policy.services and not policy.warnings(), path
