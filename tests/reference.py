@@ -239,7 +239,13 @@ def policies(draw: st.DrawFn, *, now: datetime | None = None, lab_safe: bool = F
         if expires is not None:
             allow["expires"] = expires.strftime("%Y-%m-%dT%H:%M:%SZ")
         documents["b.yaml"]["services"].setdefault(service, {}).setdefault("allow", []).append(allow)
-    files = {name: yaml.safe_dump(doc, sort_keys=False) for name, doc in documents.items() if doc["services"]}
+    # Options that change how the kernel holds the sets, never what they allow.
+    for service in draw(st.lists(st.sampled_from(sorted(definitions)), max_size=2, unique=True)):
+        documents["a.yaml"]["services"].setdefault(service, {})["entry_counters"] = True
+    if draw(st.booleans()):
+        documents["a.yaml"]["settings"] = {"strict_source": True}
+    files = {name: yaml.safe_dump(doc, sort_keys=False) for name, doc in documents.items()
+             if doc["services"] or doc.get("settings")}
     if not files:
         files["a.yaml"] = "services: {}\n"
     reference = Reference(tuple(

@@ -59,9 +59,11 @@ def kernel_sets(nft: Nft) -> Sets:
         elements = []
         for item_element in body.get("elem", []):
             expiry, element = math.inf, item_element
-            if isinstance(element, dict) and "elem" in element:
-                expiry = now + float(element["elem"].get("expires", element["elem"]["timeout"]))
-                element = element["elem"]["val"]
+            if isinstance(element, dict) and "elem" in element:  # with a timeout or a counter
+                inner = element["elem"]
+                if "timeout" in inner:
+                    expiry = now + float(inner.get("expires", inner["timeout"]))
+                element = inner["val"]
             if isinstance(element, str):
                 first = last = _address(family, element)
             elif "prefix" in element:

@@ -357,7 +357,8 @@ SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.f
                                                            "8000-8100", "https", "drop", "list.txt"]))
 KEYS = st.sampled_from(["services", "settings", "https", "postgres", "metrics", "allow", "cidr", "file", "owner",
                         "reason", "review_by", "expires", "ports", "protocols", "action", "log_group",
-                        "log_rate", "log_burst", "x"])
+                        "log_rate", "log_burst", "broad_ok", "broad_reason", "widest", "ipv4", "ipv6",
+                        "entry_counters", "strict_source", "owners", "x"])
 DOCUMENT_VALUES = st.recursive(SCALARS, lambda children: st.one_of(
     st.lists(children, max_size=4), st.dictionaries(KEYS, children, max_size=5)), max_leaves=25)
 
