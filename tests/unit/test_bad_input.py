@@ -290,6 +290,9 @@ def test_a_symlink_inside_the_policy_directory_is_fine(tmp_path: Path) -> None:
     write(directory, "a.yaml", GOOD.replace("cidr: 192.0.2.1/32", "file: current.txt"))
     (directory / "current.txt").symlink_to("lists/list.txt")
     assert len(load_policy(directory).service("https").entries) == 1  # type: ignore[union-attr]
+    # The policy directory itself may be a symlink (to a checkout, say): its target is the directory.
+    (tmp_path / "link").symlink_to(directory)
+    assert len(load_policy(tmp_path / "link").service("https").entries) == 1  # type: ignore[union-attr]
 
 
 def test_special_files_never_block_the_loader(tmp_path: Path, invalid: Invalid) -> None:
