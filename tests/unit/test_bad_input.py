@@ -176,11 +176,16 @@ def _unquoted(cidr: str) -> str:
     return yaml.safe_load(f"x: {cidr}")["x"] if cidr.startswith('"') else cidr
 
 
-@pytest.mark.parametrize("cidr", sorted(c for c in BAD_CIDRS if c != '""'))
+def _fits_a_list_line(cidr: str) -> bool:
+    # A list line is stripped of white space, so those cases mean something else there;
+    # NUL is covered by the parser test below, and an empty line is skipped by design.
+    text = _unquoted(cidr)
+    return bool(text) and text == text.strip() and "\0" not in text
+
+
+@pytest.mark.parametrize("cidr", sorted(c for c in BAD_CIDRS if _fits_a_list_line(c)))
 def test_a_bad_cidr_in_a_list_names_the_list_line(tmp_path: Path, invalid: Invalid, cidr: str) -> None:
     text = _unquoted(cidr)
-    if text != text.strip() or "\0" in text:
-        pytest.skip("a list line is stripped of white space; NUL is covered by the parser test below")
     directory = tmp_path / "policy"
     write(directory, "list.txt", f"192.0.2.0/25\n# comment\n{text}\n192.0.2.128/25\n")
     write(directory, "a.yaml", GOOD.replace("cidr: 192.0.2.1/32", "file: list.txt"))
