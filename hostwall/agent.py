@@ -271,7 +271,9 @@ class Agent:
     def tick(self, poll: float = 0.2) -> None:
         """One turn of the main loop: at most about poll seconds."""
         if self._streamer is not None:
-            self._streamer.step(poll)
+            streamer = self._streamer
+            if not self._survive("reading the kernel's drop logs", lambda: streamer.step(poll)):
+                time.sleep(poll)  # a broken socket fails at once: do not spin
         elif self._events is None:
             time.sleep(poll)
         now = self._clock()
@@ -289,7 +291,7 @@ class Agent:
             self._next_metrics = now + self._settings.metrics_seconds
             self._survive("writing metrics", self.write_metrics)
 
-    def _survive(self, what: str, step: Callable[[], object]) -> None:
+    def _survive(self, what: str, step: Callable[[], object]) -> bool:
         """Run step; a hostwall error in it is recorded, never fatal. The kernel keeps its
         ruleset whatever happens here, and an agent that exits stops drift repair and
         drop logs too (a corrupt state file would make systemd restart it in a loop).
@@ -302,6 +304,8 @@ class Agent:
             if message != self._last_fault or now - self._last_fault_at >= 60.0:
                 self._last_fault, self._last_fault_at = message, now
                 self._record(message, MESSAGE_ID_CHANGE, PRIORITY_WARNING)
+            return False
+        return True
 
     # -- converging --------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ would hold the last partial batch back, so a short timeout is configured.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import select
 import socket
@@ -108,8 +109,14 @@ class NflogSettings:
 class NflogReader:
     def __init__(self, settings: NflogSettings, netns_name: str | None = None) -> None:
         self.settings = settings
+        self._netns_name = netns_name
         self._sequence = 0
         self._expected_seq: int | None = None
+        self._broken = False
+        self._open()
+
+    def _open(self) -> None:
+        settings, netns_name = self.settings, self._netns_name
         try:
             with netns.entered(netns_name):
                 self._socket = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
@@ -167,11 +174,28 @@ class NflogReader:
     def fileno(self) -> int:
         return self._socket.fileno()
 
+    def _reopen(self) -> None:
+        with contextlib.suppress(OSError):
+            self._socket.close()
+        self._expected_seq = None  # a new binding numbers its packets afresh
+        self._open()
+        self._broken = False
+
     def read(self, timeout: float) -> ReadResult:
-        """Whatever arrives within timeout seconds (returns early once data came)."""
+        """Whatever arrives within timeout seconds (returns early once data came).
+
+        A socket that fails (any error but an overflow) is replaced by a new one, bound
+        to the group again, on this read or, if that fails too, on the next; the failure
+        is raised so that the caller can record it."""
+        if self._broken:
+            self._reopen()
         result = ReadResult()
-        if not select.select([self._socket], [], [], timeout)[0]:
-            return result
+        try:
+            if not select.select([self._socket], [], [], timeout)[0]:
+                return result
+        except (OSError, ValueError) as exc:  # ValueError: the descriptor was closed
+            self._broken = True
+            raise KernelError(f"reading NFLOG failed: {exc}; the socket is opened again") from exc
         while True:
             try:
                 size = self._socket.recv_into(self._buffer, flags=socket.MSG_DONTWAIT)
@@ -181,7 +205,8 @@ class NflogReader:
                 if exc.errno == errno.ENOBUFS:
                     # The socket overflowed; the sequence gap of the next packet says by how much.
                     continue
-                raise KernelError(f"reading NFLOG failed: {exc}") from exc
+                self._broken = True
+                raise KernelError(f"reading NFLOG failed: {exc}; the socket is opened again") from exc
             view = memoryview(self._buffer)[:size]
             for kind, _sequence, offset, length in _messages(view):
                 if kind != (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:

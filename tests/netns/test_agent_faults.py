@@ -1,5 +1,6 @@
 """The agent under abuse: SIGHUP storms while an editor replaces the policy, journald
-gone during reloads, and memory over a long run of drops and reloads.
+gone during reloads, a broken NFLOG socket, and memory over a long run of drops and
+reloads.
 
 Whatever happens, the kernel holds a generation that some valid policy produced, the
 agent keeps answering signals, and each recorded generation's policy files compile
@@ -21,8 +22,13 @@ import yaml
 from netns_support import Cli, Journald, Nft, send_udp
 from test_agent import harness  # noqa: F401  (the fixture that starts the agent like systemd)
 
+from hostwall.agent import Agent, DropStreamer, InterfaceNames
 from hostwall.compile import compile_policy
-from hostwall.lab import Lab
+from hostwall.drops import DropReporter, FloodControl, Record
+from hostwall.engine import Engine
+from hostwall.lab import Lab, probe_tcp
+from hostwall.nflog import NflogReader, NflogSettings
+from hostwall.nft import NftBackend
 from hostwall.policy import load_policy
 from hostwall.state import StateDir
 
@@ -215,3 +221,57 @@ def test_agent_memory_stays_flat_over_drops_and_reloads(
     assert max(samples[10:]) - warm < 8 * 1024, f"RSS grew from {warm} KiB: {samples}"
     assert max(samples) < 200 * 1024, samples
     assert agent.stop() == 0
+
+
+class _Notes:
+    """What systemd would be told; nothing here is asserted but that the agent ran."""
+
+    watchdog_interval: float | None = None
+
+    def ready(self, status: str) -> None: ...
+    def reloading(self) -> None: ...
+    def stopping(self) -> None: ...
+    def status(self, text: str) -> None: ...
+    def watchdog(self) -> None: ...
+
+
+class _Records:
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+
+    def send(self, record: Record) -> None:
+        self.records.append(record)
+
+
+def test_a_broken_nflog_socket_is_recorded_and_replaced(
+    lab: Lab, policy_dir: Path, state_dir: Path
+) -> None:
+    """The agent's NFLOG socket fails under it (its descriptor is closed): the agent
+    records the failure, keeps running, binds a new socket and logs the next drops."""
+    (policy_dir / "policy.yaml").write_text(_document([f"{lab.allowed.ipv4}/32"]))
+    backend = NftBackend(lab.server)
+    reader = NflogReader(NflogSettings(group=100), lab.server)
+    sink = _Records()
+    streamer = DropStreamer(reader, sink, DropReporter(FloodControl(), time.monotonic), InterfaceNames(lab.server),
+                            lambda: None)
+    agent = Agent(Engine(backend, StateDir(state_dir)), StateDir(state_dir), lambda: load_policy(policy_dir),
+                  _Notes(), sink, streamer=streamer)
+    try:
+        agent.start()
+        os.close(reader.fileno())  # the socket breaks under the reader
+        agent.tick(0.1)
+        faults = [r.message for r in sink.records if "drop logs failed" in r.message]
+        assert faults and "reading NFLOG failed" in faults[0], [r.message for r in sink.records]
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert probe_tcp(lab.denied.namespace, lab.denied.server_ipv4, 5432, 0.3) == "timeout"
+            agent.tick(0.3)
+            if any(r.fields.get("HOSTWALL_SRC") == lab.denied.ipv4 for r in sink.records):
+                break
+        drops = [r for r in sink.records if r.fields.get("HOSTWALL_SRC") == lab.denied.ipv4]
+        assert drops, "no drop was logged after the socket was replaced"
+    finally:
+        agent.stop()
+        reader.close()
+        backend.close()
