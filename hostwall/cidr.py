@@ -50,6 +50,9 @@ def parse_cidr(text: str) -> IPNetwork:
     # isdigit() alone admits other scripts' digits, which int() would read as numbers.
     if slash and not (len_part.isascii() and len_part.isdigit()):
         raise CidrError(f"{shown} has a bad prefix length; write e.g. /24 or /32")
+    if slash and len(len_part) > 1 and len_part.startswith("0"):
+        # Refused like leading zeros in octets: other parsers read them differently.
+        raise CidrError(f"{shown} has a prefix length with a leading zero; write /{int(len_part)}")
     try:
         network = ipaddress.ip_network(raw, strict=True)
     except ValueError as exc:

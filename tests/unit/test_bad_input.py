@@ -152,6 +152,8 @@ BAD_CIDRS = {
     "10.0.0.0/": "bad prefix length",
     "/24": "not an IPv4 or IPv6",
     "1.2.3": "not an IPv4 or IPv6",
+    "10.0.0.0/08": "leading zero",
+    "2001:db8::/032": "leading zero",
     "1.2.3.4/32/32": "bad prefix length",
     "example.com": "not an IPv4 or IPv6",
     "10.0.0.1 /32": "white space",
