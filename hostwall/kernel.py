@@ -43,7 +43,7 @@ class KernelTable:
 
     @property
     def base_generation(self) -> int | None:
-        """The generation whose full load created the table (the comment cannot change later)."""
+        """The generation whose full load wrote the label (deltas cannot change it)."""
         match = COMMENT_PATTERN.fullmatch(self.comment or "")
         return int(match[1]) if match else None
 

@@ -164,7 +164,8 @@ class NetlinkTable:
         return int.from_bytes(value, "big")
 
     def snapshot(self) -> Snapshot | None:
-        """The table's comment, structure fingerprint and generation marker, as of one
+        """The full load's label (the generation set's comment), the structure fingerprint,
+        the generation marker and the names a full load replaces, as of one
         nf_tables generation: read again when another tool's change lands while reading.
 
         On a ruleset that never holds still the last reading is taken as it is: at worst

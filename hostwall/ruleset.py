@@ -1,11 +1,11 @@
 """What hostwall puts in the kernel, as frozen data, and its rendering.
 
-The rendering is nft's native syntax rather than libnftables JSON: nft 1.0.6's JSON
-parser silently drops a table's comment, which is where the generation and content
-hash live, and native input loads a 100k-element set faster (see README, "Why native
-syntax"). Every value that reaches the text is an integer-derived address, a number,
-or a name matched against a strict pattern, so nothing an operator writes is
-interpreted by nft's own parser.
+The rendering is nft's native syntax rather than libnftables JSON: native input loads
+a 100k-element set faster (see README, "Native syntax, not JSON"), and nft 1.0.6's JSON
+parser silently drops comments, where the generation and content hash live. Every
+value that reaches the text is an integer-derived address, a number, or a name matched
+against a strict pattern, so nothing an operator writes is interpreted by nft's own
+parser.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ INGRESS_CHAIN = "ingress"
 # ports (README, "Fragments").
 INGRESS_PRIORITY = -300
 LOG_PREFIX = "hostwall:"
-# Holds one element, the number of the generation loaded. A table comment cannot be
-# changed after creation, but an element can, in the same batch as an element delta;
-# deleting the old marker also guards a delta against a concurrent change.
+# Holds one element, the number of the generation loaded, and in its comment the label
+# of the full load that created it. The comment cannot change, but the element can, in
+# the same batch as an element delta; deleting the old marker also guards a delta
+# against a concurrent change.
 GENERATION_SET = "generation"
 
 

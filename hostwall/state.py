@@ -91,7 +91,8 @@ class Current:
     digest: str
     structure: str
     applied: float
-    # The table's comment, written by the last full load; element deltas leave it as it is.
+    # The label written by the last full load (the generation set's comment); element
+    # deltas leave it as it is.
     comment: str | None = None
     loaded_by: str = "full"  # "full" or "delta"
     # When the last full load created the table, and with it every per-entry counter;
