@@ -2,7 +2,7 @@
 
 The rendering is nft's native syntax rather than libnftables JSON: native input loads
 a 100k-element set faster (see README, "Native syntax, not JSON"), and nft 1.0.6's JSON
-parser silently drops comments, where the generation and content hash live. Every
+parser silently drops a table's comment, so it is not trusted with the label. Every
 value that reaches the text is an integer-derived address, a number, or a name matched
 against a strict pattern, so nothing an operator writes is interpreted by nft's own
 parser.
