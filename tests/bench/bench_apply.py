@@ -31,18 +31,21 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     Figure,
     clearing_for,
+    format_profile,
     generate_entries,
     hostwall,
     in_netns,
     measure_process,
     median,
     namespaces,
+    profile,
     ratio_figure,
     recorded_transaction,
     root_tables,
@@ -61,10 +64,9 @@ def size_label(n: int) -> str:
     return f"{n // 1000}k" if n % 1000 == 0 else str(n)
 
 
-def full_load(netns_name: str, work: Path, label: str, repeat: int, details: dict[str, object]
+def full_load(netns_name: str, work: Path, policy: Path, label: str, repeat: int, details: dict[str, object]
               ) -> tuple[float, float, int, int]:
     """(hostwall seconds, nft seconds, hostwall peak kB, nft peak kB), medians."""
-    policy = work / "policy"
     runs: dict[str, list[float]] = {"hostwall": [], "nft": [], "hostwall_kb": [], "nft_kb": []}
     for index in range(repeat):
         state = work / f"state-{index}"
@@ -85,6 +87,16 @@ def full_load(netns_name: str, work: Path, label: str, repeat: int, details: dic
     details[label] = runs
     return (median(runs["hostwall"]), median(runs["nft"]), int(median(runs["hostwall_kb"])),
             int(median(runs["nft_kb"])))
+
+
+def profile_apply(netns_name: str, work: Path, policy: Path) -> dict[str, Any]:
+    drop_table(netns_name)
+    state = work / "state-profile"
+    try:
+        return profile(["--netns", netns_name, "--policy-dir", str(policy), "--state-dir", str(state),
+                        "apply", "-m", "profile"], work / "apply.prof")
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def rollback(netns_name: str, work: Path, n: int, repeat: int, details: dict[str, object]) -> tuple[float, float]:
@@ -117,6 +129,7 @@ def main() -> int:
                         help="the size the targets and the overlap and rollback figures use")
     parser.add_argument("--inline-size", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="profile (cProfile) each apply that misses its target")
     parser.add_argument("--json", type=Path, default=Path("/tmp/hostwall-bench-apply.json"))
     args = parser.parse_args()
     sizes = sorted({int(s) for s in args.sizes.split(",")} | {args.target_size} | ({300_000} if args.large else set()))
@@ -124,37 +137,29 @@ def main() -> int:
         parser.error("--repeat 1-20, sizes up to 1M")
     before = root_tables()
     figures: list[Figure] = []
-    details: dict[str, object] = {}
+    details: dict[str, Any] = {}
     group = "1 full apply"
+    target_n, inline_n = args.target_size, args.inline_size
+    cases = [(f"{size_label(n)} file lists", n, {"lists": True}, 1.5 if n == target_n else None) for n in sizes]
+    cases += [(f"{size_label(target_n)} file lists, 10% overlaps", target_n, {"lists": True, "overlap": 0.1}, None),
+              (f"{size_label(inline_n)} inline YAML entries with metadata", inline_n, {"lists": False}, 2.0)]
     with workdir("apply") as work, namespaces(f"hwbench-{os.getpid()}-apply") as (netns_name,):
-        for n in sizes:
-            write_policy(work / "policy", generate_entries(n), lists=True)
-            label = f"{size_label(n)} file lists"
-            seconds, limit, kb, limit_kb = full_load(netns_name, work, label, args.repeat, details)
-            target = n == args.target_size
-            figures.append(ratio_figure(group, f"hostwall apply, {label} (+{size_label(n // 4)} IPv6)", seconds,
-                                        limit, "nft -f of its text", "s", at_most=1.5 if target else None,
-                                        note=f"peak RSS {kb // 1024} MB vs nft {limit_kb // 1024} MB",
-                                        extra={"peak_kb": kb, "nft_peak_kb": limit_kb}))
-            shutil.rmtree(work / "policy")
-        n = args.target_size
-        write_policy(work / "policy", generate_entries(n, overlap=0.1), lists=True)
-        label = f"{size_label(n)} file lists, 10% overlaps"
-        seconds, limit, kb, limit_kb = full_load(netns_name, work, label, args.repeat, details)
-        figures.append(ratio_figure(group, f"hostwall apply, {label}", seconds, limit, "nft -f of its text", "s",
-                                    note=f"merged first; peak RSS {kb // 1024} MB vs nft {limit_kb // 1024} MB",
-                                    extra={"peak_kb": kb, "nft_peak_kb": limit_kb}))
-        shutil.rmtree(work / "policy")
-        n = args.inline_size
-        write_policy(work / "policy", generate_entries(n), lists=False)
-        label = f"{size_label(n)} inline YAML entries with metadata"
-        seconds, limit, kb, limit_kb = full_load(netns_name, work, label, args.repeat, details)
-        figures.append(ratio_figure(group, f"hostwall apply, {label}", seconds, limit, "nft -f of its text", "s",
-                                    at_most=2.0, note=f"peak RSS {kb // 1024} MB vs nft {limit_kb // 1024} MB",
-                                    extra={"peak_kb": kb, "nft_peak_kb": limit_kb}))
-        shutil.rmtree(work / "policy")
-        seconds, limit = rollback(netns_name, work, args.target_size, args.repeat, details)
-        figures.append(ratio_figure("3 rollback", f"hostwall rollback to a {size_label(args.target_size)} generation",
+        for label, n, variant, at_most in cases:
+            policy = work / f"policy-{len(figures)}"
+            write_policy(policy, generate_entries(n, overlap=float(variant.get("overlap", 0.0))),
+                         lists=bool(variant["lists"]))
+            seconds, limit, kb, limit_kb = full_load(netns_name, work, policy, label, args.repeat, details)
+            ipv6 = f" (+{size_label(n // 4)} IPv6)" if "overlap" not in variant else ""
+            figure = ratio_figure(group, f"hostwall apply, {label}{ipv6}", seconds, limit, "nft -f of its text", "s",
+                                  at_most=at_most, note=f"peak RSS {kb // 1024} MB vs nft {limit_kb // 1024} MB",
+                                  extra={"peak_kb": kb, "nft_peak_kb": limit_kb})
+            figures.append(figure)
+            if args.profile and figure.met is False:
+                figure.extra["profile"] = profile_apply(netns_name, work, policy)
+                print(format_profile(figure.extra["profile"]), flush=True)
+            shutil.rmtree(policy)
+        seconds, limit = rollback(netns_name, work, target_n, args.repeat, details)
+        figures.append(ratio_figure("3 rollback", f"hostwall rollback to a {size_label(target_n)} generation",
                                     seconds, limit, "nft -f of its text", "s", at_most=1.5,
                                     note="replaces a loaded table of the same size"))
     if root_tables() != before:

@@ -352,3 +352,33 @@ def clearing_for(netns_name: str) -> str:
     finally:
         table.close()
     return render_clearing(snapshot.objects if snapshot is not None else TableObjects())
+
+
+PROFILE_REPORT = r"""
+import json, pstats, sys
+stats = pstats.Stats(sys.argv[1])
+rows = []
+for (filename, line, function), (_cc, calls, tottime, cumtime, _callers) in stats.stats.items():
+    where = filename.rsplit("site-packages/", 1)[-1].rsplit("/work/", 1)[-1]
+    rows.append({"function": f"{where}:{line}({function})", "calls": calls, "tottime": tottime, "cumtime": cumtime})
+top_self = sorted(rows, key=lambda r: -r["tottime"])[:12]
+phases = sorted((r for r in rows if "hostwall/" in r["function"] and r["cumtime"] >= 0.03),
+                key=lambda r: -r["cumtime"])[:25]
+print(json.dumps({"total": max(r["cumtime"] for r in rows), "self": top_self, "cumulative": phases}))
+"""
+
+
+def profile(command_args: Sequence[str], output: Path) -> dict[str, Any]:
+    """One run of `python -m hostwall ARGS` under cProfile: the functions with the most
+    time of their own, and hostwall's functions by cumulative time (its phases)."""
+    run([sys.executable, "-m", "cProfile", "-o", str(output), "-m", "hostwall", *command_args])
+    report: dict[str, Any] = json.loads(run([sys.executable, "-c", PROFILE_REPORT, str(output)]).stdout)
+    return report
+
+
+def format_profile(report: dict[str, Any], lines: int = 8) -> str:
+    rows = [f"    {r['cumtime']:6.3f} s cum {r['tottime']:6.3f} s self  {r['function']}"
+            for r in report["cumulative"][:lines]]
+    rows += [f"    {r['tottime']:6.3f} s self ({r['calls']} calls)  {r['function']}" for r in report["self"][:lines]]
+    return f"  profile, {report['total']:.2f} s under cProfile; hostwall by cumulative time, then by own time:\n" + \
+        "\n".join(rows)
