@@ -41,11 +41,13 @@ from bench.common import (
     HOSTWALL,
     Figure,
     build_loadgen,
+    format_profile,
     generate_entries,
     hostwall,
     in_netns,
     link,
     namespaces,
+    profile_report,
     root_tables,
     run,
     workdir,
@@ -82,11 +84,14 @@ def journal_records(pid: int) -> list[dict[str, Any]]:
 
 
 def flood(loadgen: Path, client: str, server_ip: str, packets: int, rate: int, server: str, policy: Path,
-          state: Path) -> dict[str, Any]:
+          state: Path, profile_to: Path | None = None) -> dict[str, Any]:
     from hostwall.drops import MESSAGE_ID_AGENT, MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY
 
     (state / "agent.json").unlink(missing_ok=True)
-    agent = subprocess.Popen(hostwall(server, policy, state, "agent", "--full-check-interval", "3600"),
+    command = hostwall(server, policy, state, "agent", "--full-check-interval", "3600")
+    if profile_to is not None:  # the agent stops on SIGTERM by returning, so cProfile writes its file
+        command = [sys.executable, "-m", "cProfile", "-o", str(profile_to), *command[1:]]
+    agent = subprocess.Popen(command,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -129,6 +134,7 @@ def main() -> int:
     parser.add_argument("--packets", type=int, default=200_000)
     parser.add_argument("--rates", default="50000,0", help="datagrams per second, 0 = as fast as possible")
     parser.add_argument("--entries", type=int, default=1_000)
+    parser.add_argument("--profile", action="store_true", help="profile (cProfile) the agent where a target is missed")
     parser.add_argument("--json", type=Path, default=Path("/tmp/hostwall-bench-droplog.json"))
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
@@ -150,6 +156,11 @@ def main() -> int:
         for rate in rates:
             result = flood(loadgen, client, lab.server_ipv4, args.packets, rate, server, policy, state)
             results.append(result)
+            if args.profile and rate and rate <= 50_000 and result["lost"]:
+                print("  target missed: the same flood again with the agent under cProfile", flush=True)
+                result["profile"] = profile_report(work / "agent.prof", lambda path, rate=rate: flood(
+                    loadgen, client, lab.server_ipv4, args.packets, rate, server, policy, state, path))
+                print(format_profile(result["profile"]), flush=True)
             print(f"  {rate or 'max':>6}/s asked: sent {result['sent']} at {result['sent_per_s']:.0f}/s, "
                   f"dropped {result['dropped']}, received {result['received']} ({result['received_per_s']:.0f}/s), "
                   f"lost {result['lost']} (reader saw {result['reader_lost']}), {result['journal_records']} records, "

@@ -18,7 +18,7 @@ import signal
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,6 +372,13 @@ def profile(command_args: Sequence[str], output: Path) -> dict[str, Any]:
     """One run of `python -m hostwall ARGS` under cProfile: the functions with the most
     time of their own, and hostwall's functions by cumulative time (its phases)."""
     run([sys.executable, "-m", "cProfile", "-o", str(output), "-m", "hostwall", *command_args])
+    report: dict[str, Any] = json.loads(run([sys.executable, "-c", PROFILE_REPORT, str(output)]).stdout)
+    return report
+
+
+def profile_report(output: Path, run_profiled: Callable[[Path], object]) -> dict[str, Any]:
+    """The same report for a process that run_profiled(output) runs under cProfile."""
+    run_profiled(output)
     report: dict[str, Any] = json.loads(run([sys.executable, "-c", PROFILE_REPORT, str(output)]).stdout)
     return report
 
