@@ -9,7 +9,8 @@ and 15x less than `nft` itself. For each scenario (100k IPv4 prefixes; 100k IPv4
 25k IPv6) this measures, as medians of repeated runs:
 
   (a) full reload: `hostwall apply` of a structural change (the log rate);
-  (b) `nft -f` of the exact transaction text hostwall recorded for that load;
+  (b) `nft -f` of the exact transaction text hostwall submitted for that load (the
+      clearing commands for the table in place, then the recorded text);
   (c) one-entry changes through `hostwall apply`: an inline YAML entry added or removed,
       and one line of the 100k-line list file replaced (new content every time, so the
       cache of parsed lists cannot simply hit), and ten lines spread over the list;
@@ -170,6 +171,20 @@ def namespace(name: str) -> Iterator[str]:
     finally:
         subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=COMMAND_TIMEOUT, check=False)
         signal.signal(signal.SIGTERM, previous)
+
+
+def clearing(netns_name: str) -> str:
+    """The commands hostwall's backend puts in front of a full load's text for the table
+    the namespace holds now (they replace its contents in place)."""
+    from hostwall.nftnl import NetlinkTable
+    from hostwall.ruleset import TableObjects, render_clearing
+
+    table = NetlinkTable(netns_name)
+    try:
+        snapshot = table.snapshot()
+    finally:
+        table.close()
+    return render_clearing(snapshot.objects if snapshot is not None else TableObjects())
 
 
 def root_tables() -> str:
@@ -358,8 +373,12 @@ def _measure(scenario: Scenario, netns_name: str, hostwall: Hostwall, policy_dir
         row("full", "(a) hostwall apply: full reload").runs.append(apply(f"full {index}", "full"))
         current = StateDir(state_dir).current()
         assert current is not None
+        # The recorded text is what follows the clearing commands; without them it would
+        # add a second copy of every rule to the table that is there.
         text = state_dir / "generations" / f"{current.generation:08d}" / "transaction.nft"
-        row("nft_f", "(b) nft -f <hostwall's transaction text>").runs.append(nft("-f", str(text)))
+        submitted = state_dir / "submitted.nft"
+        submitted.write_text(clearing(netns_name) + text.read_text())
+        row("nft_f", "(b) nft -f <hostwall's transaction text>").runs.append(nft("-f", str(submitted)))
     log(f"  full reloads done ({repeat})")
 
     # (c) one inline entry added, then removed again: a one-element delta each time
