@@ -177,8 +177,10 @@ def main() -> int:
             group, f"flood {result['sent'] // 1000}k at {label}: events lost", result["lost"], "events",
             reference=result["dropped"], reference_name="dropped (rule counter)",
             target="== 0" if target else "", met=(result["lost"] == 0) if target else None,
-            note=(f"received {result['received_per_s'] / 1000:.0f}k/s; reader-seen gaps {result['reader_lost']}; "
-                  f"{result['journal_records']} journal records; agent CPU {result['agent_cpu_s']:.1f} s, "
+            note=(f"received {result['received']}, gaps seen by the reader {result['reader_lost']}"
+                  + (" (the rest never logged: the rule's log limit)" if result["lost"] and not result["reader_lost"]
+                     else "")
+                  + f"; {result['journal_records']} journal records; agent CPU {result['agent_cpu_s']:.1f} s, "
                   f"RSS {result['rss_kb_before'] // 1024}->{result['rss_kb_after'] // 1024} MB"),
             extra=result))
     write_figures(args.json, figures, {"results": results, "hostwall": HOSTWALL})

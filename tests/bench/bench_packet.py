@@ -18,6 +18,10 @@ Conditions (all in the server namespace, loaded with nft -f after `flush ruleset
   split     the same, with the single IPv4 addresses in a hash set (no interval flag)
             and the prefixes in the interval set, the client in the hash set; a layout
             hostwall does not use, measured so that the choice can be made on numbers
+  rules     hostwall's text with every set empty but for the client: what the chain
+            costs apart from the size of the sets
+  nofib     hostwall's text without the `fib daddr type != local return` rule (a route
+            lookup per packet): what that rule costs with the full sets
   linear    10k rules `ip saddr X accept` (iptables-nft makes the same expressions),
             the client's rule last, stateless like hostwall's chain: every packet
             walks them, as a one-rule-per-address tool without a conntrack shortcut does
@@ -95,6 +99,23 @@ def split_layout(text: str) -> str:
                   lambda m: f"\t\tip saddr @{m[2]}_hosts {m[3]}\n{m[1]}", result)
 
 
+_ELEMENTS = re.compile(r"\t\telements = \{ [^}]* \}\n")
+
+
+def rules_only(text: str, client: str) -> str:
+    """hostwall's text with its address sets emptied (the generation marker kept) and
+    the client added back to https_v4."""
+    emptied = _ELEMENTS.sub(lambda m: m[0] if "generation=" in text[max(0, m.start() - 200):m.start()] else "", text)
+    return emptied + f"add element inet hostwall https_v4 {{ {client} }}\n"
+
+
+def without_fib(text: str) -> str:
+    result = text.replace("\t\tfib daddr type != local return\n", "")
+    if result == text:
+        raise RuntimeError("no fib rule found in hostwall's text")
+    return result
+
+
 def measure(loadgen: Path, client_ns: str, server_ip: str, seconds: float, processes: int) -> tuple[float, int]:
     output = run(in_netns(client_ns, str(loadgen), "connect", server_ip, str(PORT), str(seconds),
                           str(5_000_000), str(processes)), timeout=seconds + 30).stdout.split()
@@ -122,6 +143,8 @@ def main() -> int:
         run(hostwall(server, work / "policy", work / "state", "apply", "-m", "bench"))
         texts = {"none": "", "hostwall": recorded_transaction(work / "state")}
         texts["split"] = split_layout(texts["hostwall"])
+        texts["rules"] = rules_only(texts["hostwall"], lab.client_ipv4)
+        texts["nofib"] = without_fib(texts["hostwall"])
         ipv4 = [e.cidr for e in entries if ":" not in e.cidr]
         texts["linear"] = linear_ruleset(ipv4[:LINEAR_RULES], lab.client_ipv4)
         for name, text in texts.items():
@@ -159,6 +182,10 @@ def main() -> int:
                      "no firewall", "conn/s", at_least=0.95, note="one interval set per family (hostwall's layout)"),
         ratio_figure("4 packet path", f"split layout {size} (hash set + interval set)", median(rates["split"]),
                      none, "no firewall", "conn/s", note="not hostwall's layout; measured for the choice"),
+        ratio_figure("4 packet path", "hostwall's chain with 1-element sets", median(rates["rules"]), none,
+                     "no firewall", "conn/s", note="the chain's cost apart from the sets' size"),
+        ratio_figure("4 packet path", f"hostwall {size} without the fib rule", median(rates["nofib"]), none,
+                     "no firewall", "conn/s", note="not hostwall's ruleset; the route lookup's share"),
         ratio_figure("4 packet path", f"{LINEAR_RULES // 1000}k one-rule-per-address rules", median(rates["linear"]),
                      none, "no firewall", "conn/s", note="ufw-style, stateless, client's rule last"),
     ]
