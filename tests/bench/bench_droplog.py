@@ -56,6 +56,8 @@ from bench.common import (
 )
 
 PORT = 443
+# Events NFLOG never numbered were dropped in the kernel before logging, not by the reader.
+UNNUMBERED = " (no sequence gap: the rest went in the kernel before NFLOG numbered them, e.g. at the log limit)"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -178,8 +180,7 @@ def main() -> int:
             reference=result["dropped"], reference_name="dropped (rule counter)",
             target="== 0" if target else "", met=(result["lost"] == 0) if target else None,
             note=(f"received {result['received']}, gaps seen by the reader {result['reader_lost']}"
-                  + (" (the rest never logged: the rule's log limit)" if result["lost"] and not result["reader_lost"]
-                     else "")
+                  + (UNNUMBERED if result["lost"] and not result["reader_lost"] else "")
                   + f"; {result['journal_records']} journal records; agent CPU {result['agent_cpu_s']:.1f} s, "
                   f"RSS {result['rss_kb_before'] // 1024}->{result['rss_kb_after'] // 1024} MB"),
             extra=result))
