@@ -212,9 +212,12 @@ class Hostwall:
     def __init__(self, netns_name: str, policy_dir: Path, state_dir: Path) -> None:
         import hostwall.cli
         import hostwall.nft
+        import hostwall.policy
 
-        self._cli, self._nft = hostwall.cli, hostwall.nft
-        self._originals = (hostwall.nft.NftBackend, hostwall.cli.load_policy)
+        # cli.py imports load_policy from hostwall.policy when a command runs, so the
+        # stand-in goes there.
+        self._cli, self._nft, self._policy = hostwall.cli, hostwall.nft, hostwall.policy
+        self._originals = (hostwall.nft.NftBackend, hostwall.policy.load_policy)
         self.args = ["--netns", netns_name, "--policy-dir", str(policy_dir), "--state-dir", str(state_dir)]
         self.state_dir = state_dir
         self.backends: list[Any] = []
@@ -234,7 +237,7 @@ class Hostwall:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._nft.NftBackend, self._cli.load_policy = self._originals
+        self._nft.NftBackend, self._policy.load_policy = self._originals
         self.release()
 
     def apply(self, message: str) -> tuple[float, dict[str, Any]]:
@@ -269,7 +272,7 @@ class Hostwall:
         def load_with_cache(path: Path, now: Any = None, cache: Any = None) -> Any:
             return original(path, now, cache=cache or StateDir(state_dir).list_cache())
 
-        self._cli.load_policy = load_with_cache if wanted else original
+        self._policy.load_policy = load_with_cache if wanted else original
 
     def check_cache_wiring(self) -> None:
         cache_dir = self.state_dir / "cache" / "lists"
@@ -284,9 +287,9 @@ import nftables
 import hostwall.agent, hostwall.cli, hostwall.nft, hostwall.policy, hostwall.state
 options = json.loads(os.environ["HWBENCH_CHILD"])
 if options["pass_cache"]:
-    original = hostwall.cli.load_policy
+    original = hostwall.policy.load_policy
     state = hostwall.state.StateDir(hostwall.state.Path(options["state_dir"]))
-    hostwall.cli.load_policy = lambda path, now=None, cache=None: original(path, now, cache=state.list_cache())
+    hostwall.policy.load_policy = lambda path, now=None, cache=None: original(path, now, cache=state.list_cache())
 kept = []
 class Kept(hostwall.nft.NftBackend):
     def __init__(self, *args, **kwargs):
@@ -557,7 +560,11 @@ def main() -> int:
         parser.error("--repeat must be 1-100 and --gap 0-10")
     scenarios = {"all": SCENARIOS, "v4": SCENARIOS[:1], "v6": SCENARIOS[1:]}[args.scenario]
 
-    import hostwall.cli  # noqa: F401  (imports are outside every measurement)
+    # Imports are outside every measurement (cli.py imports these only when a command runs).
+    import hostwall.cli
+    import hostwall.engine
+    import hostwall.nft
+    import hostwall.policy  # noqa: F401
 
     before = root_tables()
     pid = os.getpid()

@@ -126,7 +126,7 @@ def measure(loadgen: Path, client_ns: str, server_ip: str, seconds: float, proce
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--entries", type=int, default=100_000, help="IPv4 entries of the policy (default: 100k)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=4.0, help="per condition and round")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--json", type=Path, default=Path("/tmp/hostwall-bench-packet.json"))
