@@ -33,10 +33,12 @@ netns: setup-tests
 test: lint
 	$(VENV)/bin/python -m pytest
 
-# Changing one entry of a 100k allowlist vs a full reload and vs nft (root; own namespace).
+# Every benchmark (root; each in namespaces of its own), one table of figures, ratios and
+# targets, and bench-results.json; BENCH_ARGS=--large adds the 300k full load.
 # Then the property tests with ten times the examples of the default run.
+BENCH_ARGS ?=
 bench: setup
-	$(VENV)/bin/python tests/bench/bench_delta.py
+	$(VENV)/bin/python tests/bench/run_all.py $(BENCH_ARGS)
 	HOSTWALL_HYPOTHESIS=bench $(VENV)/bin/python -m pytest tests/unit/test_differential.py \
 		tests/unit/test_bad_input.py tests/netns/test_differential_kernel.py
 

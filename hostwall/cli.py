@@ -14,23 +14,30 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import wraps
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from hostwall import __version__
-from hostwall.audit import Usage
-from hostwall.check import AddressError, check_kernel, check_policy, explain
-from hostwall.compile import compile_policy
-from hostwall.engine import Engine, Status
 from hostwall.errors import HostwallError, PermissionDenied, PolicyError, Problem, StateError
-from hostwall.journal import JournalEntry
 from hostwall.output import Output
-from hostwall.plan import Plan, ServiceChange, diff_rulesets
-from hostwall.policy import Entries, Entry, Policy, Settings, load_policy
-from hostwall.state import DEFAULT_KEEP, DEFAULT_STATE_DIR, HEARTBEAT_SECONDS, AgentState, Pending, StateDir
+
+# The policy models (pydantic) and everything built on them are imported by the commands
+# that use them: `hostwall --help` and shell completion then start in a third of the time
+# (tests/bench/bench_cli.py).
+if TYPE_CHECKING:
+    from hostwall.audit import Usage
+    from hostwall.engine import Engine, Status
+    from hostwall.journal import JournalEntry
+    from hostwall.plan import Plan, ServiceChange
+    from hostwall.policy import Entry, Policy
+    from hostwall.state import AgentState, Pending, StateDir
 
 DEFAULT_POLICY_DIR = Path("/etc/hostwall/policies")
+# hostwall.state's defaults, repeated so that --help need not import it (a unit test
+# holds them equal).
+DEFAULT_STATE_DIR = Path("/var/lib/hostwall")
+DEFAULT_KEEP = 50
 EXIT_OK = 0
 EXIT_NEEDS_ATTENTION = 10  # plan: changes pending; status: drift; check: denied
 CAP_NET_ADMIN = 12
@@ -51,13 +58,18 @@ class Options:
         return Output(quiet=self.quiet)
 
     def state(self) -> StateDir:
+        from hostwall.state import StateDir
+
         return StateDir(self.state_dir, keep=self.keep_generations)
 
     def policy(self, path: Path | None = None) -> Policy:
+        from hostwall.policy import load_policy
+
         with self.out.progress() as progress:
             return load_policy(path or self.policy_dir, cache=self.state().list_cache(), progress=progress)
 
     def engine(self) -> Engine:
+        from hostwall.engine import Engine
         from hostwall.nft import NftBackend
 
         return Engine(NftBackend(self.netns), self.state(), spawn_reverter=self.spawn_reverter)
@@ -186,6 +198,8 @@ def validate(options: Options, path: Path | None, as_json: bool) -> None:
     \b
     Example: hostwall validate /etc/hostwall/policies
     """
+    from hostwall.compile import compile_policy
+
     policy = options.policy(path)
     ruleset = compile_policy(policy)
     entries = sum(len(s.entries) for s in policy.services)
@@ -261,6 +275,8 @@ def plan(options: Options, as_json: bool) -> None:
     \b
     Example: sudo hostwall plan
     """
+    from hostwall.compile import compile_policy
+
     require_privileges("plan")
     policy = options.policy()
     result = options.engine().plan(compile_policy(policy))
@@ -384,6 +400,8 @@ def agent_view(record: AgentState | None, now: float, alive: Callable[[int], boo
     if not alive(record.pid):
         return AgentView("stopped", f"pid {record.pid} is gone (last heartbeat {_ago(age)}; it did not stop "
                          "cleanly)", record)
+    from hostwall.state import HEARTBEAT_SECONDS
+
     if age > STALE_HEARTBEATS * HEARTBEAT_SECONDS:
         return AgentView("stale", f"pid {record.pid} has not reported for {_ago(age, suffix='')}", record)
     return AgentView("running", f"pid {record.pid}, up {_ago(now - record.started, suffix='')}: {record.status}",
@@ -495,6 +513,9 @@ def check(options: Options, address: str, port: str, use_kernel: bool | None, wh
     \b
     Example: hostwall check 203.0.113.45 443/tcp --why
     """
+    from hostwall.check import AddressError, check_kernel, check_policy, explain
+    from hostwall.compile import compile_policy
+
     policy = options.policy()
     try:
         decision = check_policy(policy, address, port)
@@ -746,6 +767,8 @@ def revoke(options: Options, owner: str, write: bool, as_json: bool) -> None:
 
 
 def _list_paths(policy: Policy) -> set[str]:
+    from hostwall.policy import Entries
+
     return {part.path for s in policy.services if isinstance(s.entries, Entries) for part in s.entries.lists}
 
 
@@ -842,6 +865,7 @@ def confirm(options: Options, wait: float, as_json: bool) -> None:
     """
     require_privileges("confirm")
     pending = options.state()
+    from hostwall.engine import Engine
     from hostwall.nft import NftBackend
 
     confirmed = Engine(NftBackend(options.netns), pending).confirm(wait=wait)
@@ -865,6 +889,8 @@ def diff(options: Options, old: int, new: int, as_json: bool) -> None:
     \b
     Example: sudo hostwall diff 41 42
     """
+    from hostwall.plan import diff_rulesets
+
     state = options.state()
     changes = diff_rulesets(state.generation(old).ruleset(), state.generation(new).ruleset())
     if as_json:
@@ -907,6 +933,8 @@ def _log_group(options: Options) -> int:
     try:
         return options.policy().settings.log_group
     except HostwallError:
+        from hostwall.policy import Settings
+
         return Settings().log_group
 
 
@@ -956,6 +984,7 @@ def agent(options: Options, log_group: int | None, flood_window: float, flood_re
 
     from hostwall.agent import Agent, AgentSettings, DropStreamer, InterfaceNames
     from hostwall.drops import MESSAGE_ID_AGENT, PRIORITY_INFO, DropReporter, FloodControl, Record
+    from hostwall.engine import Engine
     from hostwall.journal import JournalSink
     from hostwall.nfevents import RulesetEvents
     from hostwall.nflog import NflogReader, NflogSettings

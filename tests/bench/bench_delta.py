@@ -9,7 +9,8 @@ and 15x less than `nft` itself. For each scenario (100k IPv4 prefixes; 100k IPv4
 25k IPv6) this measures, as medians of repeated runs:
 
   (a) full reload: `hostwall apply` of a structural change (the log rate);
-  (b) `nft -f` of the exact transaction text hostwall recorded for that load;
+  (b) `nft -f` of the exact transaction text hostwall submitted for that load (the
+      clearing commands for the table in place, then the recorded text);
   (c) one-entry changes through `hostwall apply`: an inline YAML entry added or removed,
       and one line of the 100k-line list file replaced (new content every time, so the
       cache of parsed lists cannot simply hit), and ten lines spread over the list;
@@ -172,6 +173,20 @@ def namespace(name: str) -> Iterator[str]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def clearing(netns_name: str) -> str:
+    """The commands hostwall's backend puts in front of a full load's text for the table
+    the namespace holds now (they replace its contents in place)."""
+    from hostwall.nftnl import NetlinkTable
+    from hostwall.ruleset import TableObjects, render_clearing
+
+    table = NetlinkTable(netns_name)
+    try:
+        snapshot = table.snapshot()
+    finally:
+        table.close()
+    return render_clearing(snapshot.objects if snapshot is not None else TableObjects())
+
+
 def root_tables() -> str:
     # Read-only: the benchmark never changes the root namespace's firewall.
     return run(["nft", "list", "tables"]).stdout
@@ -197,9 +212,12 @@ class Hostwall:
     def __init__(self, netns_name: str, policy_dir: Path, state_dir: Path) -> None:
         import hostwall.cli
         import hostwall.nft
+        import hostwall.policy
 
-        self._cli, self._nft = hostwall.cli, hostwall.nft
-        self._originals = (hostwall.nft.NftBackend, hostwall.cli.load_policy)
+        # cli.py imports load_policy from hostwall.policy when a command runs, so the
+        # stand-in goes there.
+        self._cli, self._nft, self._policy = hostwall.cli, hostwall.nft, hostwall.policy
+        self._originals = (hostwall.nft.NftBackend, hostwall.policy.load_policy)
         self.args = ["--netns", netns_name, "--policy-dir", str(policy_dir), "--state-dir", str(state_dir)]
         self.state_dir = state_dir
         self.backends: list[Any] = []
@@ -219,7 +237,7 @@ class Hostwall:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._nft.NftBackend, self._cli.load_policy = self._originals
+        self._nft.NftBackend, self._policy.load_policy = self._originals
         self.release()
 
     def apply(self, message: str) -> tuple[float, dict[str, Any]]:
@@ -254,7 +272,7 @@ class Hostwall:
         def load_with_cache(path: Path, now: Any = None, cache: Any = None) -> Any:
             return original(path, now, cache=cache or StateDir(state_dir).list_cache())
 
-        self._cli.load_policy = load_with_cache if wanted else original
+        self._policy.load_policy = load_with_cache if wanted else original
 
     def check_cache_wiring(self) -> None:
         cache_dir = self.state_dir / "cache" / "lists"
@@ -269,9 +287,9 @@ import nftables
 import hostwall.agent, hostwall.cli, hostwall.nft, hostwall.policy, hostwall.state
 options = json.loads(os.environ["HWBENCH_CHILD"])
 if options["pass_cache"]:
-    original = hostwall.cli.load_policy
+    original = hostwall.policy.load_policy
     state = hostwall.state.StateDir(hostwall.state.Path(options["state_dir"]))
-    hostwall.cli.load_policy = lambda path, now=None, cache=None: original(path, now, cache=state.list_cache())
+    hostwall.policy.load_policy = lambda path, now=None, cache=None: original(path, now, cache=state.list_cache())
 kept = []
 class Kept(hostwall.nft.NftBackend):
     def __init__(self, *args, **kwargs):
@@ -358,8 +376,12 @@ def _measure(scenario: Scenario, netns_name: str, hostwall: Hostwall, policy_dir
         row("full", "(a) hostwall apply: full reload").runs.append(apply(f"full {index}", "full"))
         current = StateDir(state_dir).current()
         assert current is not None
+        # The recorded text is what follows the clearing commands; without them it would
+        # add a second copy of every rule to the table that is there.
         text = state_dir / "generations" / f"{current.generation:08d}" / "transaction.nft"
-        row("nft_f", "(b) nft -f <hostwall's transaction text>").runs.append(nft("-f", str(text)))
+        submitted = state_dir / "submitted.nft"
+        submitted.write_text(clearing(netns_name) + text.read_text())
+        row("nft_f", "(b) nft -f <hostwall's transaction text>").runs.append(nft("-f", str(submitted)))
     log(f"  full reloads done ({repeat})")
 
     # (c) one inline entry added, then removed again: a one-element delta each time
@@ -538,7 +560,11 @@ def main() -> int:
         parser.error("--repeat must be 1-100 and --gap 0-10")
     scenarios = {"all": SCENARIOS, "v4": SCENARIOS[:1], "v6": SCENARIOS[1:]}[args.scenario]
 
-    import hostwall.cli  # noqa: F401  (imports are outside every measurement)
+    # Imports are outside every measurement (cli.py imports these only when a command runs).
+    import hostwall.cli
+    import hostwall.engine
+    import hostwall.nft
+    import hostwall.policy  # noqa: F401
 
     before = root_tables()
     pid = os.getpid()

@@ -1,0 +1,200 @@
+"""Benchmark: the packet path. TCP connections per second from an allowed client
+namespace to a listener on 443 in a server namespace, with hostwall's 100k policy
+loaded, against no firewall at all, a one-rule-per-address ruleset (what ufw-style
+tools produce) and an alternative set layout.
+
+    sudo .venv/bin/python tests/bench/bench_packet.py [--entries N] [--rounds R] [--seconds S] [--json PATH]
+
+Each connection is SYN, SYN/ACK, ACK, RST (the client closes with a reset, so that no
+port waits in TIME_WAIT): three packets to 443 cross the server's prerouting hook.
+The load comes from tests/bench/loadgen.c (two processes, one per core), the listener
+is the same program accepting and closing. The conditions run in turns, R rounds in
+rotated order, and each figure is the median of its rounds.
+
+Conditions (all in the server namespace, loaded with nft -f after `flush ruleset`):
+  none      no ruleset at all
+  hostwall  the transaction text `hostwall apply` recorded for the policy: N IPv4 and
+            N/4 IPv6 prefixes from `file:` lists, the client among the https entries
+  split     the same, with the single IPv4 addresses in a hash set (no interval flag)
+            and the prefixes in the interval set, the client in the hash set; a layout
+            hostwall does not use, measured so that the choice can be made on numbers
+  rules     hostwall's text with every set empty but for the client: what the chain
+            costs apart from the size of the sets
+  nofib     hostwall's text without the `fib daddr type != local return` rule (a route
+            lookup per packet): what that rule costs with the full sets
+  linear    10k rules `ip saddr X accept` (iptables-nft makes the same expressions),
+            the client's rule last, stateless like hostwall's chain: every packet
+            walks them, as a one-rule-per-address tool without a conntrack shortcut does
+
+Only namespaces named hwbench-* are created, and deleted at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    Figure,
+    build_loadgen,
+    generate_entries,
+    hostwall,
+    in_netns,
+    link,
+    median,
+    namespaces,
+    ratio_figure,
+    recorded_transaction,
+    root_tables,
+    run,
+    workdir,
+    write_figures,
+    write_policy,
+)
+
+LINEAR_RULES = 10_000
+PORT = 443
+
+
+def linear_ruleset(entries: list[str], client: str) -> str:
+    """One accept rule per address, in front of a drop, as ufw-style tools load them."""
+    lines = ["table inet linear {", "\tchain ingress {",
+             "\t\ttype filter hook prerouting priority -300; policy accept;",
+             '\t\tiif "lo" accept', f"\t\ttcp dport {PORT} jump allow", "\t}", "\tchain allow {"]
+    lines += [f"\t\tip saddr {cidr} accept" for cidr in entries]
+    lines += [f"\t\tip saddr {client} accept", "\t\tdrop", "\t}", "}"]
+    return "\n".join(lines) + "\n"
+
+
+_SET_BLOCK = re.compile(r"\tset (?P<name>\w+_v4) \{\n(?P<head>(?:\t\t(?!elements)[^\n]*\n)*)"
+                        r"\t\telements = \{ (?P<elements>[^}]*) \}\n\t\}\n")
+
+
+def split_layout(text: str) -> str:
+    """hostwall's text with each IPv4 set's single addresses moved to a hash set, looked
+    up first, and its prefixes left in the interval set."""
+
+    def split(match: re.Match[str]) -> str:
+        name, elements = match["name"], match["elements"].split(", ")
+        hosts = [e.removesuffix("/32") for e in elements if "/" not in e or e.endswith("/32")]
+        prefixes = [e for e in elements if "/" in e and not e.endswith("/32")]
+        block = f"\tset {name}_hosts {{\n\t\ttype ipv4_addr\n"
+        if hosts:
+            block += "\t\telements = { " + ", ".join(hosts) + " }\n"
+        block += f"\t}}\n\tset {name} {{\n{match['head']}"
+        if prefixes:
+            block += "\t\telements = { " + ", ".join(prefixes) + " }\n"
+        return block + "\t}\n"
+
+    result, count = _SET_BLOCK.subn(split, text)
+    if count == 0:
+        raise RuntimeError("no IPv4 set found in hostwall's text")
+    return re.sub(r"(\t\tip saddr @(\w+_v4) (counter name \"\w+\" accept)\n)",
+                  lambda m: f"\t\tip saddr @{m[2]}_hosts {m[3]}\n{m[1]}", result)
+
+
+_ELEMENTS = re.compile(r"\t\telements = \{ [^}]* \}\n")
+
+
+def rules_only(text: str, client: str) -> str:
+    """hostwall's text with its address sets emptied (the generation marker kept) and
+    the client added back to https_v4."""
+    emptied = _ELEMENTS.sub(lambda m: m[0] if "generation=" in text[max(0, m.start() - 200):m.start()] else "", text)
+    return emptied + f"add element inet hostwall https_v4 {{ {client} }}\n"
+
+
+def without_fib(text: str) -> str:
+    result = text.replace("\t\tfib daddr type != local return\n", "")
+    if result == text:
+        raise RuntimeError("no fib rule found in hostwall's text")
+    return result
+
+
+def measure(loadgen: Path, client_ns: str, server_ip: str, seconds: float, processes: int) -> tuple[float, int]:
+    output = run(in_netns(client_ns, str(loadgen), "connect", server_ip, str(PORT), str(seconds),
+                          str(5_000_000), str(processes)), timeout=seconds + 30).stdout.split()
+    connections, failures, elapsed = int(output[0]), int(output[1]), float(output[2])
+    return connections / elapsed, failures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--entries", type=int, default=100_000, help="IPv4 entries of the policy (default: 100k)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=4.0, help="per condition and round")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--json", type=Path, default=Path("/tmp/hostwall-bench-packet.json"))
+    args = parser.parse_args()
+    if not (1 <= args.rounds <= 20 and 0.5 <= args.seconds <= 30 and 1 <= args.processes <= 16):
+        parser.error("--rounds 1-20, --seconds 0.5-30, --processes 1-16")
+    before = root_tables()
+    pid = os.getpid()
+    with workdir("packet") as work, namespaces(f"hwbench-{pid}-srv", f"hwbench-{pid}-cli") as (server, client):
+        lab = link(server, client, 1)
+        loadgen = build_loadgen(work)
+        entries = generate_entries(args.entries)
+        write_policy(work / "policy", entries, lists=True, extra={"https": [f"{lab.client_ipv4}/32"]})
+        run(hostwall(server, work / "policy", work / "state", "apply", "-m", "bench"))
+        texts = {"none": "", "hostwall": recorded_transaction(work / "state")}
+        texts["split"] = split_layout(texts["hostwall"])
+        texts["rules"] = rules_only(texts["hostwall"], lab.client_ipv4)
+        texts["nofib"] = without_fib(texts["hostwall"])
+        ipv4 = [e.cidr for e in entries if ":" not in e.cidr]
+        texts["linear"] = linear_ruleset(ipv4[:LINEAR_RULES], lab.client_ipv4)
+        for name, text in texts.items():
+            (work / f"{name}.nft").write_text(text)
+        budget = (args.seconds + 5) * len(texts) * args.rounds + 60
+        listener = subprocess.Popen(in_netns(server, str(loadgen), "server", str(PORT), str(budget)),
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            assert listener.stdout is not None
+            if listener.stdout.readline().strip() != "listening":
+                raise RuntimeError("the listener did not start")
+            rates: dict[str, list[float]] = {name: [] for name in texts}
+            names = list(texts)
+            for round_ in range(args.rounds):
+                for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                    run(in_netns(server, "nft", "flush", "ruleset"))
+                    if texts[name]:
+                        run(in_netns(server, "nft", "-f", str(work / f"{name}.nft")))
+                    rate, failures = measure(loadgen, client, lab.server_ipv4, args.seconds, args.processes)
+                    if failures:
+                        raise RuntimeError(f"{name}: {failures} connections failed (the client must be allowed)")
+                    rates[name].append(rate)
+                    print(f"  round {round_ + 1} {name:<9} {rate:>10.0f} connections/s", flush=True)
+        finally:
+            listener.kill()  # by its PID (the Popen object); it ends by itself at its deadline too
+            listener.wait(timeout=30)
+    if root_tables() != before:
+        print("warning: the root namespace's tables changed during the run (another process?)", file=sys.stderr)
+    none = median(rates["none"])
+    size = f"{args.entries // 1000}k"
+    figures: list[Figure] = [
+        Figure("4 packet path", "TCP connections/s, no firewall", none, "conn/s",
+               note=f"{args.processes} client processes, {args.seconds:g} s x {args.rounds} rounds"),
+        ratio_figure("4 packet path", f"hostwall {size} policy loaded", median(rates["hostwall"]), none,
+                     "no firewall", "conn/s", at_least=0.95, note="one interval set per family (hostwall's layout)"),
+        ratio_figure("4 packet path", f"split layout {size} (hash set + interval set)", median(rates["split"]),
+                     none, "no firewall", "conn/s", note="not hostwall's layout; measured for the choice"),
+        ratio_figure("4 packet path", "hostwall's chain with 1-element sets", median(rates["rules"]), none,
+                     "no firewall", "conn/s", note="the chain's cost apart from the sets' size"),
+        ratio_figure("4 packet path", f"hostwall {size} without the fib rule", median(rates["nofib"]), none,
+                     "no firewall", "conn/s", note="not hostwall's ruleset; the route lookup's share"),
+        ratio_figure("4 packet path", f"{LINEAR_RULES // 1000}k one-rule-per-address rules", median(rates["linear"]),
+                     none, "no firewall", "conn/s", note="ufw-style, stateless, client's rule last"),
+    ]
+    write_figures(args.json, figures, {"rates": rates})
+    for figure in figures:
+        ratio = f"{figure.ratio:.3f}" if figure.ratio is not None else ""
+        print(f"{figure.name:<48}{figure.value:>10.0f} {figure.unit:<7}{ratio:>7}  {figure.target} {figure.note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
