@@ -14,12 +14,11 @@ import hashlib
 import json
 import math
 import socket
-import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from hostwall.cidr import Interval, IntervalSet
+from hostwall.cidr import Interval, IntervalSet, format_address
 from hostwall.policy import PortRange
 
 TABLE_FAMILY = "inet"
@@ -374,23 +373,35 @@ def render_element(interval: Interval, now: float) -> str:
 
 
 def element_texts(intervals: IntervalSet, now: float) -> Iterator[str]:
-    """render_element of each interval; permanent IPv4 sets, the bulk of large
-    allowlists, are formatted straight from their records."""
-    if intervals.family != 4 or intervals.has_timeouts:
+    """render_element of each interval; permanent sets, the bulk of large allowlists,
+    are formatted straight from their records. inet_ntop writes IPv6 in the same RFC
+    5952 form as ipaddress, except below ::1:0:0:0 (it writes ::a.b.c.d forms there),
+    where ipaddress formats."""
+    if intervals.has_timeouts:
         for interval in intervals:
             yield render_element(interval, now)
         return
-    ranges, ntop, inet = intervals.ranges, socket.inet_ntop, socket.AF_INET
-    for offset in range(0, len(ranges), 8):
-        first, last = _V4_PAIR.unpack_from(ranges, offset)
-        size = last - first + 1
+    family = intervals.family
+    width = 4 if family == 4 else 16
+    ranges, from_bytes = intervals.ranges, int.from_bytes
+    bits = 8 * width
+    low = bytes(10)  # an IPv6 address starting with 80 zero bits
+
+    def text(address: bytes) -> str:
+        if family == 6 and address.startswith(low):
+            return format_address(6, from_bytes(address, "big"))
+        return socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, address)
+
+    for offset in range(0, len(ranges), 2 * width):
+        first_bytes, last_bytes = ranges[offset:offset + width], ranges[offset + width:offset + 2 * width]
+        first = from_bytes(first_bytes, "big")
+        size = from_bytes(last_bytes, "big") - first + 1
         if size & (size - 1) == 0 and first % size == 0:  # as str(Interval) decides
-            yield f"{ntop(inet, ranges[offset:offset + 4])}/{33 - size.bit_length()}"
+            yield f"{text(first_bytes)}/{bits + 1 - size.bit_length()}"
         else:
-            yield f"{ntop(inet, ranges[offset:offset + 4])}-{ntop(inet, ranges[offset + 4:offset + 8])}"
+            yield f"{text(first_bytes)}-{text(last_bytes)}"
 
 
-_V4_PAIR = struct.Struct(">II")
 
 
 def _service_chain_lines(ruleset: Ruleset, service: ServiceRules) -> Iterator[str]:

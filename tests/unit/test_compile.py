@@ -19,11 +19,20 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hostwall.cidr import Interval
+from hostwall.cidr import Interval, IntervalSet, merge_intervals
 from hostwall.compile import compile_policy
 from hostwall.policy import load_policy
-from hostwall.ruleset import Ruleset, TableObjects, render_clearing, render_element, render_full_load
+from hostwall.ruleset import (
+    Ruleset,
+    TableObjects,
+    element_texts,
+    render_clearing,
+    render_element,
+    render_full_load,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 FIXED = datetime(2026, 6, 1, tzinfo=UTC)
@@ -242,3 +251,15 @@ def test_long_timeouts_are_written_in_units_nft_accepts(seconds: int, rendered: 
     from hostwall.ruleset import _nft_duration
 
     assert _nft_duration(seconds) == rendered
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([4, 6]), st.lists(st.tuples(st.integers(0, 2**128 - 1), st.integers(0, 2**20)),
+                                         max_size=40))
+def test_fast_element_text_equals_the_interval_text(family: int, spans: list[tuple[int, int]]) -> None:
+    """element_texts formats permanent sets from their bytes; it must say exactly what
+    str(Interval) says, prefixes and ranges, in both families."""
+    top = 2**32 - 1 if family == 4 else 2**128 - 1
+    intervals = IntervalSet.of(family, merge_intervals(
+        Interval(family, start % top, min(start % top + length, top)) for start, length in spans))
+    assert list(element_texts(intervals, 0.0)) == [render_element(i, 0.0) for i in intervals]
