@@ -72,10 +72,8 @@ class JournalEntry:
     fields: dict[str, str]
 
 
-def read_entries(
-    *, message_ids: tuple[str, ...], since: float | None = None, matches: dict[str, str] | None = None,
-    follow: bool = False, poll_seconds: float = 1.0, stop: Callable[[], bool] = lambda: False,
-) -> Iterator[JournalEntry]:
+def _matching_reader(message_ids: tuple[str, ...], matches: dict[str, str] | None) -> Any:
+    """A journal reader of hostwall's records with these message ids and field values."""
     from systemd import journal
 
     try:
@@ -88,6 +86,14 @@ def read_entries(
     # Matches on different fields are ANDed, values of the same field ORed.
     for message_id in message_ids:
         reader.add_match(MESSAGE_ID=message_id)
+    return reader
+
+
+def read_entries(
+    *, message_ids: tuple[str, ...], since: float | None = None, matches: dict[str, str] | None = None,
+    follow: bool = False, poll_seconds: float = 1.0, stop: Callable[[], bool] = lambda: False,
+) -> Iterator[JournalEntry]:
+    reader = _matching_reader(message_ids, matches)
     if since is not None:
         reader.seek_realtime(since)
     while True:
@@ -104,17 +110,7 @@ def read_last(*, message_ids: tuple[str, ...], count: int, matches: dict[str, st
               since: float | None = None) -> list[JournalEntry]:
     """The newest count matching records (oldest first), read backwards from the end, so
     that a day of flood records costs nothing."""
-    from systemd import journal
-
-    try:
-        reader = journal.Reader()
-    except OSError as exc:
-        raise JournalUnavailable(f"cannot open the journal: {exc}") from exc
-    reader.add_match(SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER)
-    for key, value in (matches or {}).items():
-        reader.add_match(**{key: value})
-    for message_id in message_ids:
-        reader.add_match(MESSAGE_ID=message_id)
+    reader = _matching_reader(message_ids, matches)
     reader.seek_tail()
     found: list[JournalEntry] = []
     while len(found) < count:

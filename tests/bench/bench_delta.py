@@ -54,6 +54,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import clearing_for
+
 SEED = 20261128
 COMMAND_TIMEOUT = 120
 # First octets of ordinary unicast space: no private, loopback, link-local, CGN,
@@ -171,20 +174,6 @@ def namespace(name: str) -> Iterator[str]:
     finally:
         subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=COMMAND_TIMEOUT, check=False)
         signal.signal(signal.SIGTERM, previous)
-
-
-def clearing(netns_name: str) -> str:
-    """The commands hostwall's backend puts in front of a full load's text for the table
-    the namespace holds now (they replace its contents in place)."""
-    from hostwall.nftnl import NetlinkTable
-    from hostwall.ruleset import TableObjects, render_clearing
-
-    table = NetlinkTable(netns_name)
-    try:
-        snapshot = table.snapshot()
-    finally:
-        table.close()
-    return render_clearing(snapshot.objects if snapshot is not None else TableObjects())
 
 
 def root_tables() -> str:
@@ -380,7 +369,7 @@ def _measure(scenario: Scenario, netns_name: str, hostwall: Hostwall, policy_dir
         # add a second copy of every rule to the table that is there.
         text = state_dir / "generations" / f"{current.generation:08d}" / "transaction.nft"
         submitted = state_dir / "submitted.nft"
-        submitted.write_text(clearing(netns_name) + text.read_text())
+        submitted.write_text(clearing_for(netns_name) + text.read_text())
         row("nft_f", "(b) nft -f <hostwall's transaction text>").runs.append(nft("-f", str(submitted)))
     log(f"  full reloads done ({repeat})")
 
