@@ -160,11 +160,14 @@ def _family(address: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
-def _probe(kind: socket.SocketKind, namespace: str, address: str, port: int, timeout: float) -> str:
+def _probe(kind: socket.SocketKind, namespace: str, address: str, port: int, timeout: float,
+           source: str | None = None) -> str:
     with netns.entered(namespace):
         sock = socket.socket(_family(address), kind)
     with sock:
         sock.settimeout(timeout)
+        if source is not None:
+            sock.bind((source, 0))
         try:
             sock.connect((address, port))
             sock.sendall(b"ping")
@@ -175,9 +178,10 @@ def _probe(kind: socket.SocketKind, namespace: str, address: str, port: int, tim
             return "timeout"
 
 
-def probe_tcp(namespace: str, address: str, port: int, timeout: float = 1.0) -> str:
-    """'open' (connected and echoed), 'timeout' (silently dropped) or 'refused' (reset)."""
-    return _probe(socket.SOCK_STREAM, namespace, address, port, timeout)
+def probe_tcp(namespace: str, address: str, port: int, timeout: float = 1.0, source: str | None = None) -> str:
+    """'open' (connected and echoed), 'timeout' (silently dropped) or 'refused' (reset);
+    from source when given (one of the namespace's addresses)."""
+    return _probe(socket.SOCK_STREAM, namespace, address, port, timeout, source)
 
 
 def probe_udp(namespace: str, address: str, port: int, timeout: float = 1.0) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +23,9 @@ from hypothesis import strategies as st
 from netns_support import COMMAND_TIMEOUT, DENY_TIMEOUT, OPEN_TIMEOUT, Nft
 from reference import GeneratedPolicy, Reference, examples, mismatches, policies
 
-from hostwall import netns
 from hostwall.compile import compile_policy
 from hostwall.engine import Engine
-from hostwall.lab import Lab
+from hostwall.lab import Lab, probe_tcp
 from hostwall.nft import NftBackend
 from hostwall.policy import load_policy
 from hostwall.ruleset import render_full_load
@@ -149,21 +147,8 @@ def _remove_source(lab: Lab, address: str) -> None:
 
 
 def _probe_from(lab: Lab, source: str, port: int, timeout: float) -> str:
-    family = socket.AF_INET6 if ":" in source else socket.AF_INET
     target = lab.allowed.server_ipv6 if ":" in source else lab.allowed.server_ipv4
-    with netns.entered(lab.allowed.namespace):
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    with sock:
-        sock.settimeout(timeout)
-        sock.bind((source, 0))
-        try:
-            sock.connect((target, port))
-            sock.sendall(b"ping")
-            return "open" if sock.recv(16) == b"ping" else "closed"
-        except (ConnectionRefusedError, ConnectionResetError):
-            return "refused"
-        except TimeoutError:
-            return "timeout"
+    return probe_tcp(lab.allowed.namespace, target, port, timeout, source=source)
 
 
 def _candidates(generated: GeneratedPolicy) -> list[str]:
