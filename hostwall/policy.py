@@ -40,6 +40,7 @@ from hostwall.cidr import (
     merge_same_expiry,
     parse_cidr,
     parse_interval,
+    parse_list_lines,
 )
 from hostwall.errors import PolicyError, Problem
 
@@ -729,26 +730,28 @@ def _parse_list(
                                 origin.entry, f"cannot read list file {list_path}: not UTF-8 text"))
         return None
     pairs: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
-    count = 0
     failed = False
-    total = text.count("\n") + 1
-    for number, content in _list_lines(text):
-        if progress is not None and not number % PROGRESS_LINES:
-            progress(f"parsing {name}", number, total)
-        try:
-            interval = parse_interval(content)
-        except CidrError as exc:
-            problems.append(Problem(str(list_path), number, f"{origin.entry} file: {name}", str(exc)))
-            failed = True
-            continue
-        pairs[interval.family].append((interval.first, interval.last))
-        count += 1
+    lines = text.splitlines()
+    for start in range(0, len(lines), PROGRESS_LINES):
+        if progress is not None and start:
+            progress(f"parsing {name}", start, len(lines))
+        for number, content in parse_list_lines(lines[start:start + PROGRESS_LINES], start + 1, pairs[4], pairs[6]):
+            try:
+                interval = parse_interval(content)
+            except CidrError as exc:
+                problems.append(Problem(str(list_path), number, f"{origin.entry} file: {name}", str(exc)))
+                failed = True
+                continue
+            pairs[interval.family].append((interval.first, interval.last))
+    count = len(pairs[4]) + len(pairs[6])
     if failed:
         return None
-    merged = {family: encode_merged(family, merge_same_expiry(pairs[family])) for family in (4, 6)}
-    lines = {family: encode_merged(family, pairs[family]) for family in (4, 6)}  # sorted by the merge
-    return ParsedList(count, merged[4], merged[6], *(
-        None if len(lines[family]) == len(merged[family]) else lines[family] for family in (4, 6)))
+    records: dict[int, tuple[bytes, bytes | None]] = {}
+    for family in (4, 6):
+        merged = merge_same_expiry(pairs[family])  # which also sorts the lines' pairs
+        every_line = None if len(merged) == len(pairs[family]) else encode_merged(family, pairs[family])
+        records[family] = (encode_merged(family, merged), every_line)
+    return ParsedList(count, records[4][0], records[6][0], records[4][1], records[6][1])
 
 
 _BOM = b"\xef\xbb\xbf"
