@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
-from hostwall.cidr import Interval
+from hostwall.cidr import Interval, IntervalSet
 from hostwall.kernel import KernelTable
 from hostwall.ruleset import Ruleset, ServiceRules, table_comment
 from hostwall.state import Current
@@ -15,12 +18,57 @@ def _key(interval: Interval) -> tuple[int, int, int]:
     return (interval.family, interval.first, interval.last)
 
 
+class Joined(Sequence[Interval]):
+    """Sequences of intervals one after another, read in place (never copied)."""
+
+    def __init__(self, parts: Iterable[Sequence[Interval]]) -> None:
+        self._parts = [part for part in parts if len(part)]
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self._parts)
+
+    def __iter__(self) -> Iterator[Interval]:
+        return itertools.chain.from_iterable(self._parts)
+
+    @overload
+    def __getitem__(self, index: int) -> Interval: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Interval]: ...
+    def __getitem__(self, index: int | slice) -> Interval | list[Interval]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            return list(itertools.islice(self, start, stop, step))
+        if index < 0:
+            index += len(self)
+        for part in self._parts:
+            if 0 <= index < len(part):
+                return part[index]
+            index -= len(part)
+        raise IndexError("Joined index out of range")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(
+            a == b for a, b in zip(self, other, strict=True))
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"Joined({list(self)!r})"
+
+
+def _unexpired(intervals: IntervalSet, now: float) -> Sequence[Interval]:
+    if intervals.expiries is None:
+        return intervals  # every interval is permanent
+    return [interval for interval in intervals if interval.expires > now]
+
+
 @dataclass(frozen=True)
 class ServiceChange:
     name: str
     status: str  # "added", "removed", "changed" (ports/protocols/action) or "entries"
-    added: tuple[Interval, ...] = ()
-    removed: tuple[Interval, ...] = ()
+    added: Sequence[Interval] = ()
+    removed: Sequence[Interval] = ()
     details: tuple[str, ...] = ()
 
 
@@ -109,19 +157,25 @@ def make_plan(
     for service in desired.services:
         before = previous.service(service.name) if previous else None
         kernel_sets = kernel.sets if kernel is not None and kernel.sets is not None else {}
-        added: list[Interval] = []
+        added: list[Sequence[Interval]] = []
         removed: list[Interval] = []
         for family in (4, 6):
-            have = {_key(i): i for i in kernel_sets.get(service.set_name(family), ())}
+            in_kernel = kernel_sets.get(service.set_name(family), ())
+            if not in_kernel:
+                # A first load, or an empty set: everything wanted is added, already in
+                # address order. A 100k set is neither copied nor turned into objects.
+                added.append(_unexpired(service.intervals(family), now))
+                continue
+            have = {_key(i): i for i in in_kernel}
             want = {_key(i): i for i in service.intervals(family) if i.expires > now}
-            added.extend(want[k] for k in sorted(want.keys() - have.keys()))
+            added.append([want[k] for k in sorted(want.keys() - have.keys())])
             removed.extend(have[k] for k in sorted(have.keys() - want.keys()))
             if before is not None:
                 old = {_key(i): i.expires for i in before.intervals(family)}
-                added.extend(
+                added.append([
                     want[k] for k in sorted(want.keys() & have.keys())
                     if old.get(k, want[k].expires) != want[k].expires
-                )
+                ])
         if before is None and (previous is not None or kernel is None):
             status = "added"
         elif before is not None and before.structure() != service.structure():
@@ -129,8 +183,9 @@ def make_plan(
         else:
             status = "entries"
         details = _structure_details(before, service) if status == "changed" else ()
-        if status != "entries" or added or removed:
-            changes.append(ServiceChange(service.name, status, tuple(added), tuple(removed), details))
+        joined = Joined(added)
+        if status != "entries" or joined or removed:
+            changes.append(ServiceChange(service.name, status, joined, tuple(removed), details))
     for name in sorted(old_names - {s.name for s in desired.services}):
         changes.append(ServiceChange(name, "removed"))
     return Plan(changed=True, table_present=kernel is not None, drift=drift, services=tuple(changes))
