@@ -14,11 +14,11 @@ import hashlib
 import json
 import math
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from hostwall.cidr import Interval, IntervalSet, format_address
+from hostwall.cidr import Interval, IntervalSet
 from hostwall.policy import PortRange
 
 TABLE_FAMILY = "inet"
@@ -372,36 +372,36 @@ def render_element(interval: Interval, now: float) -> str:
     return text
 
 
-def element_texts(intervals: IntervalSet, now: float) -> Iterator[str]:
+# The size of a prefix's block -> its length, per address width.
+_PREFIX_LENGTHS = {bits: {1 << (bits - length): length for length in range(bits + 1)} for bits in (32, 128)}
+_LOW_IPV6 = 1 << 48  # IPv6 addresses below this start with 80 zero bits
+
+
+def element_texts(intervals: IntervalSet, now: float) -> Iterable[str]:
     """render_element of each interval; permanent sets, the bulk of large allowlists,
-    are formatted straight from their records. inet_ntop writes IPv6 in the same RFC
-    5952 form as ipaddress, except below ::1:0:0:0 (it writes ::a.b.c.d forms there),
-    where ipaddress formats."""
+    are formatted straight from their records in one loop. inet_ntop writes IPv6 in the
+    same RFC 5952 form as ipaddress, except below ::1:0:0:0 (it writes ::a.b.c.d forms
+    there), where str(Interval) formats."""
     if intervals.has_timeouts:
-        for interval in intervals:
-            yield render_element(interval, now)
-        return
-    family = intervals.family
+        return [render_element(interval, now) for interval in intervals]
+    family, ranges = intervals.family, intervals.ranges
     width = 4 if family == 4 else 16
-    ranges, from_bytes = intervals.ranges, int.from_bytes
-    bits = 8 * width
-    low = bytes(10)  # an IPv6 address starting with 80 zero bits
-
-    def text(address: bytes) -> str:
-        if family == 6 and address.startswith(low):
-            return format_address(6, from_bytes(address, "big"))
-        return socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, address)
-
-    for offset in range(0, len(ranges), 2 * width):
-        first_bytes, last_bytes = ranges[offset:offset + width], ranges[offset + width:offset + 2 * width]
-        first = from_bytes(first_bytes, "big")
-        size = from_bytes(last_bytes, "big") - first + 1
-        if size & (size - 1) == 0 and first % size == 0:  # as str(Interval) decides
-            yield f"{text(first_bytes)}/{bits + 1 - size.bit_length()}"
+    ntop, address_family = socket.inet_ntop, socket.AF_INET if family == 4 else socket.AF_INET6
+    lengths = _PREFIX_LENGTHS[8 * width]
+    low = _LOW_IPV6 if family == 6 else 0
+    texts: list[str] = []
+    append = texts.append
+    firsts, lasts = intervals.bounds()
+    for offset, first, last in zip(range(0, len(ranges), 2 * width), firsts, lasts, strict=True):
+        length = lengths.get(last - first + 1)
+        if first < low:
+            append(str(Interval(family, first, last)))
+        elif length is not None and not first & (last - first):  # as str(Interval) decides
+            append(f"{ntop(address_family, ranges[offset:offset + width])}/{length}")
         else:
-            yield f"{text(first_bytes)}-{text(last_bytes)}"
-
-
+            append(f"{ntop(address_family, ranges[offset:offset + width])}-"
+                   f"{ntop(address_family, ranges[offset + width:offset + 2 * width])}")
+    return texts
 
 
 def _service_chain_lines(ruleset: Ruleset, service: ServiceRules) -> Iterator[str]:
