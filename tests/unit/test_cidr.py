@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hostwall.cidr import PERMANENT, CidrError, Interval, merge_intervals, parse_cidr
+from hostwall.cidr import PERMANENT, CidrError, Interval, merge_intervals, parse_cidr, parse_interval, parse_list_lines
 
 
 def v4(first: str, last: str | None = None, expires: float = PERMANENT) -> Interval:
@@ -227,3 +227,43 @@ def test_merge_covers_exactly_the_input_with_the_longest_expiry(intervals: list[
         assert before.last < after.first, (before, after)
         if before.expires == after.expires:
             assert before.last + 1 < after.first, (before, after)
+
+
+def _one_at_a_time(line: str) -> Interval | str | None:
+    content = line.split("#", 1)[0].strip()
+    if not content:
+        return None
+    try:
+        return parse_interval(content)
+    except CidrError as exc:
+        return str(exc)
+
+
+_LIST_LINE = st.one_of(
+    st.builds(lambda a, n: f"{ipaddress.IPv4Address(a)}/{n}", st.integers(0, 2**32 - 1), st.integers(0, 33)),
+    st.builds(lambda a, n: f"{ipaddress.IPv6Address(a)}/{n}", st.integers(0, 2**128 - 1), st.integers(0, 129)),
+    st.builds(str, st.builds(ipaddress.IPv4Address, st.integers(0, 2**32 - 1))),
+    st.sampled_from(["", "  # comment", "10.0.0.0/8 # office", " 192.0.2.1 ", "::ffff:1.2.3.4", "::1", "::/96",
+                     "010.0.0.1", "10.0.0.0/08", "10.0.0.0/", "/24", "1.2.3", "fe80::1%eth0", "10.0.0.1\x00",
+                     "2001:db8::/32", "2001:DB8::/48", "10.0.0.0/+8", "10.0.0.0/ 8", "١٢.0.0.0/8"]),
+    st.text(alphabet="0123456789abcdef:./# %", max_size=24),
+)
+
+
+@given(st.lists(_LIST_LINE, max_size=40))
+def test_parse_list_lines_decides_as_parse_interval_does(lines: list[str]) -> None:
+    """The fast loop either decides a line exactly as parse_interval would, or leaves it
+    to parse_interval: each line ends up with parse_interval's interval or error."""
+    v4: list[tuple[int, int]] = []
+    v6: list[tuple[int, int]] = []
+    undecided = dict(parse_list_lines(lines, 1, v4, v6))
+    decided = {4: iter(v4), 6: iter(v6)}
+    for number, line in enumerate(lines, 1):
+        expected = _one_at_a_time(line)
+        if number in undecided:
+            assert isinstance(expected, Interval | str)
+            assert undecided[number] == line.split("#", 1)[0].strip()
+        elif expected is not None:
+            assert isinstance(expected, Interval), (line, expected)
+            assert next(decided[expected.family]) == (expected.first, expected.last)
+    assert next(decided[4], None) is None and next(decided[6], None) is None

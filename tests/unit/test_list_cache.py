@@ -80,7 +80,11 @@ def only_inline_parsing(monkeypatch: pytest.MonkeyPatch, inline: set[str]) -> No
         assert text in inline, f"parsed {text!r} although its list was cached"
         return parse(text, expires)
 
+    def refuse_whole_lists(lines: list[str], *args: object) -> list[tuple[int, str]]:
+        raise AssertionError(f"parsed a whole list ({len(lines)} lines) although it was cached")
+
     monkeypatch.setattr(hostwall.policy, "parse_interval", refuse_list_lines)
+    monkeypatch.setattr(hostwall.policy, "parse_list_lines", refuse_whole_lists)
 
 
 # --- the cache ------------------------------------------------------------------------------
