@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 import threading
@@ -34,7 +33,7 @@ from hostwall.kernel import Counter
 from hostwall.nflog import ReadResult
 from hostwall.packet import PacketError, decode
 from hostwall.policy import BUILTIN_SERVICES, Policy, Service, Settings
-from hostwall.state import HEARTBEAT_SECONDS, AgentState, StateDir, atomic_write
+from hostwall.state import HEARTBEAT_SECONDS, AgentState, StateDir, atomic_write, note_reverted, reverted_digest
 
 
 class PacketSource(Protocol):
@@ -148,30 +147,6 @@ def closed_policy() -> Policy:
         for name, builtin in sorted(BUILTIN_SERVICES.items())
     )
     return Policy(services=services, settings=Settings(), files=(), expired=())
-
-
-REVERTED_MARKER = "reverted.json"
-
-
-def note_reverted(state: StateDir, generation: int) -> None:
-    """Remember the digest of a generation that was rolled back for want of confirmation,
-    so that an automatic start does not load the same policy again from disk."""
-    try:
-        digest = state.generation(generation).meta.digest
-    except HostwallError:
-        return
-    atomic_write(state.path / REVERTED_MARKER, json.dumps({"generation": generation, "digest": digest}).encode())
-
-
-def reverted_digest(state: StateDir) -> str | None:
-    try:
-        return str(json.loads((state.path / REVERTED_MARKER).read_bytes())["digest"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def clear_reverted(state: StateDir) -> None:
-    (state.path / REVERTED_MARKER).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

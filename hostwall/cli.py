@@ -313,7 +313,7 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
     result = options.engine().apply(policy, user=_invoking_user(), message=message,
                                     dry_run=dry_run, wait=wait, confirm_within=confirm_within)
     if result.applied:
-        from hostwall.agent import clear_reverted
+        from hostwall.state import clear_reverted
 
         clear_reverted(options.state())  # an explicit apply overrides a past rollback
     if as_json:
@@ -913,7 +913,7 @@ def revert_unconfirmed(options: Options, generation: int) -> None:
     while (pending := state.pending()) is not None and pending.generation == generation:
         remaining = pending.deadline - time.time()
         if remaining <= 0:
-            from hostwall.agent import note_reverted
+            from hostwall.state import note_reverted
 
             if options.engine().revert_if_unconfirmed(generation):
                 note_reverted(state, generation)

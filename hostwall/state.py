@@ -558,3 +558,28 @@ def _replace(path: Path, data: bytes) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+# A generation rolled back for want of confirmation (the agent's marker; an apply clears it).
+REVERTED_MARKER = "reverted.json"
+
+
+def note_reverted(state: StateDir, generation: int) -> None:
+    """Remember the digest of a generation that was rolled back for want of confirmation,
+    so that an automatic start does not load the same policy again from disk."""
+    try:
+        digest = state.generation(generation).meta.digest
+    except StateError:
+        return
+    atomic_write(state.path / REVERTED_MARKER, json.dumps({"generation": generation, "digest": digest}).encode())
+
+
+def reverted_digest(state: StateDir) -> str | None:
+    try:
+        return str(json.loads((state.path / REVERTED_MARKER).read_bytes())["digest"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def clear_reverted(state: StateDir) -> None:
+    (state.path / REVERTED_MARKER).unlink(missing_ok=True)
