@@ -37,6 +37,7 @@ from hostwall.cidr import (
     Records,
     common_bytes,
     encode_merged,
+    merge_pairs,
     merge_same_expiry,
     parse_cidr,
     parse_interval,
@@ -748,8 +749,8 @@ def _parse_list(
         return None
     records: dict[int, tuple[bytes, bytes | None]] = {}
     for family in (4, 6):
-        merged = merge_same_expiry(pairs[family])  # which also sorts the lines' pairs
-        every_line = None if len(merged) == len(pairs[family]) else encode_merged(family, pairs[family])
+        merged = merge_pairs(family, pairs[family])
+        every_line = None if len(merged) == len(pairs[family]) else encode_merged(family, sorted(pairs[family]))
         records[family] = (encode_merged(family, merged), every_line)
     return ParsedList(count, records[4][0], records[6][0], records[4][1], records[6][1])
 

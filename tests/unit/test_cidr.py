@@ -10,7 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hostwall.cidr import PERMANENT, CidrError, Interval, merge_intervals, parse_cidr, parse_interval, parse_list_lines
+from hostwall.cidr import (
+    PERMANENT,
+    CidrError,
+    Interval,
+    merge_intervals,
+    merge_pairs,
+    merge_same_expiry,
+    parse_cidr,
+    parse_interval,
+    parse_list_lines,
+)
 
 
 def v4(first: str, last: str | None = None, expires: float = PERMANENT) -> Interval:
@@ -267,3 +277,10 @@ def test_parse_list_lines_decides_as_parse_interval_does(lines: list[str]) -> No
             assert isinstance(expected, Interval), (line, expected)
             assert next(decided[expected.family]) == (expected.first, expected.last)
     assert next(decided[4], None) is None and next(decided[6], None) is None
+
+
+@given(st.sampled_from([4, 6]), st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 300)), max_size=60))
+def test_merge_pairs_is_merge_same_expiry(family: int, starts: list[tuple[int, int]]) -> None:
+    top = 2**32 - 1 if family == 4 else 2**128 - 1
+    pairs = [(first, min(first + size, top)) for first, size in starts]
+    assert merge_pairs(family, pairs) == merge_same_expiry(list(pairs))
