@@ -22,6 +22,8 @@ Conditions (all in the server namespace, loaded with nft -f after `flush ruleset
             costs apart from the size of the sets
   nofib     hostwall's text without the `fib daddr type != local return` rule (a route
             lookup per packet): what that rule costs with the full sets
+  allowfirst  the allowlist rules in front of the fib rule
+  nocounter hostwall's text without the named counter on the accept rules
   linear    10k rules `ip saddr X accept` (iptables-nft makes the same expressions),
             the client's rule last, stateless like hostwall's chain: every packet
             walks them, as a one-rule-per-address tool without a conntrack shortcut does
@@ -116,6 +118,26 @@ def without_fib(text: str) -> str:
     return result
 
 
+_FIB_THEN_ALLOW = re.compile(r"(\t\tfib daddr type != local return\n)"
+                             r"((?:\t\tip6? saddr @\w+ counter name \"\w+\" accept\n)+)")
+
+
+def allow_first(text: str) -> str:
+    """hostwall's text with the allowlist rules in front of the fib rule: an allowed
+    packet is accepted before any route lookup."""
+    result, count = _FIB_THEN_ALLOW.subn(lambda m: m[2] + m[1], text)
+    if count == 0:
+        raise RuntimeError("no fib rule followed by allowlist rules in hostwall's text")
+    return result
+
+
+def without_accept_counter(text: str) -> str:
+    result = re.sub(r"(\t\tip6? saddr @\w+) counter name \"\w+\" accept", r"\1 accept", text)
+    if result == text:
+        raise RuntimeError("no counted accept rule in hostwall's text")
+    return result
+
+
 def measure(loadgen: Path, client_ns: str, server_ip: str, seconds: float, processes: int) -> tuple[float, int]:
     output = run(in_netns(client_ns, str(loadgen), "connect", server_ip, str(PORT), str(seconds),
                           str(5_000_000), str(processes)), timeout=seconds + 30).stdout.split()
@@ -145,6 +167,8 @@ def main() -> int:
         texts["split"] = split_layout(texts["hostwall"])
         texts["rules"] = rules_only(texts["hostwall"], lab.client_ipv4)
         texts["nofib"] = without_fib(texts["hostwall"])
+        texts["allowfirst"] = allow_first(texts["hostwall"])
+        texts["nocounter"] = without_accept_counter(texts["hostwall"])
         ipv4 = [e.cidr for e in entries if ":" not in e.cidr]
         texts["linear"] = linear_ruleset(ipv4[:LINEAR_RULES], lab.client_ipv4)
         for name, text in texts.items():
@@ -186,6 +210,10 @@ def main() -> int:
                      "no firewall", "conn/s", note="the chain's cost apart from the sets' size"),
         ratio_figure("4 packet path", f"hostwall {size} without the fib rule", median(rates["nofib"]), none,
                      "no firewall", "conn/s", note="not hostwall's ruleset; the route lookup's share"),
+        ratio_figure("4 packet path", f"hostwall {size}, allowlist before the fib rule", median(rates["allowfirst"]),
+                     none, "no firewall", "conn/s", note="an allowed packet needs no route lookup"),
+        ratio_figure("4 packet path", f"hostwall {size} without the accept counter", median(rates["nocounter"]),
+                     none, "no firewall", "conn/s", note="the named counter's share"),
         ratio_figure("4 packet path", f"{LINEAR_RULES // 1000}k one-rule-per-address rules", median(rates["linear"]),
                      none, "no firewall", "conn/s", note="ufw-style, stateless, client's rule last"),
     ]
