@@ -32,17 +32,30 @@ class YamlError(ValueError):
 @dataclass
 class LocatedData:
     data: Any
-    lines: dict[Path, int] = field(default_factory=dict)
+    line: int | None = None  # of the document's root node
+    # The lines of the children of every mapping and sequence built from the document, by
+    # the id of the dict or list built (data keeps each alive), then by key (the line of
+    # the key) or index. line_of walks data along a path, so paths are made only for the
+    # lines that are asked for.
+    children: dict[int, dict[Any, int]] = field(default_factory=dict)
 
     def line_of(self, path: Path) -> int | None:
         """The line of the deepest known node on the way to path."""
-        for end in range(len(path), -1, -1):
-            line = self.lines.get(path[:end])
-            if line is not None:
-                return line
-        return None
+        node, line = self.data, self.line
+        for part in path:
+            lines = self.children.get(id(node))
+            if lines is None or part not in lines:
+                break
+            line = lines[part]
+            node = node[part]
+        return line
 
 
+class _Repeated(Exception):
+    """A mapping or sequence reached a second time, through an alias."""
+
+
+_STR = "tag:yaml.org,2002:str"
 _SCALAR_TAGS = {
     "tag:yaml.org,2002:int": int,
     "tag:yaml.org,2002:float": float,
@@ -50,8 +63,22 @@ _SCALAR_TAGS = {
 
 
 def load(text: str) -> LocatedData:
+    root = _compose(text)
+    if root is None:
+        return LocatedData({})
     try:
-        root = yaml.compose(text, Loader=_Loader)
+        # Without aliases the node graph is a tree that the budget bounds, and the
+        # expansion check (a second walk over every node) has nothing to add. Any problem
+        # takes the thorough path too, so that errors come in the order it finds them.
+        return _located(root, seen=set())
+    except (_Repeated, YamlError):
+        _check_expansion(root, {}, set(), 0)
+        return _located(root, seen=None)
+
+
+def _compose(text: str) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -63,13 +90,11 @@ def load(text: str) -> LocatedData:
         raise YamlError(f"not valid YAML: control character U+{code:04X} is not allowed; remove it", line) from exc
     except yaml.YAMLError as exc:
         raise YamlError(f"not valid YAML: {' '.join(str(exc).split())}", None) from exc
-    located = LocatedData(None)
-    if root is None:
-        located.data = {}
-        return located
-    _check_expansion(root, {}, set(), 0)
-    budget = [MAX_NODES]
-    located.data = _build(root, (), located.lines, budget, 0)
+
+
+def _located(root: yaml.Node, seen: set[int] | None) -> LocatedData:
+    located = LocatedData(None, root.start_mark.line + 1)
+    located.data = _build(root, located.children, [MAX_NODES], 0, seen)
     return located
 
 
@@ -107,26 +132,36 @@ def _check_expansion(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int
     return size
 
 
-def _build(node: yaml.Node, path: Path, lines: dict[Path, int], budget: list[int], depth: int) -> Any:
+def _build(
+    node: yaml.Node, children: dict[int, dict[Any, int]], budget: list[int], depth: int,
+    seen: set[int] | None,
+) -> Any:
+    """The data of node; with seen, _Repeated when a mapping or sequence comes round again."""
     budget[0] -= 1
     if budget[0] < 0:
         raise YamlError("the document expands to too many nodes (alias bomb?)", node.start_mark.line + 1)
     if depth > MAX_DEPTH:
         raise YamlError(f"nesting deeper than {MAX_DEPTH} levels", node.start_mark.line + 1)
-    lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.ScalarNode):
-        return _scalar(node)
+        return node.value if node.tag == _STR else _scalar(node)
+    if seen is not None:
+        if id(node) in seen:
+            raise _Repeated
+        seen.add(id(node))
     if isinstance(node, yaml.SequenceNode):
-        return [
-            _build(child, (*path, index), lines, budget, depth + 1)
-            for index, child in enumerate(node.value)
-        ]
+        items = [_build(child, children, budget, depth + 1, seen) for child in node.value]
+        children[id(items)] = {index: child.start_mark.line + 1 for index, child in enumerate(node.value)}
+        return items
     if isinstance(node, yaml.MappingNode):
         mapping: dict[Any, Any] = {}
+        lines: dict[Any, int] = {}
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 raise YamlError("merge keys (<<) are not supported; write the keys out", key_node.start_mark.line + 1)
-            key = _build(key_node, (*path, "<key>"), {}, budget, depth + 1)
+            # The dict or list of a key is refused below and dropped, and its id may be
+            # reused at once: its lines must not land in children.
+            key_children = children if isinstance(key_node, yaml.ScalarNode) else {}
+            key = _build(key_node, key_children, budget, depth + 1, seen)
             if not isinstance(key, str | int):
                 raise YamlError("mapping keys must be plain strings", key_node.start_mark.line + 1)
             if key in mapping:
@@ -134,9 +169,9 @@ def _build(node: yaml.Node, path: Path, lines: dict[Path, int], budget: list[int
                     f"key {key!r} appears twice in the same mapping; keep one",
                     key_node.start_mark.line + 1,
                 )
-            lines[(*path, key)] = key_node.start_mark.line + 1
-            mapping[key] = _build(value_node, (*path, key), lines, budget, depth + 1)
-            lines[(*path, key)] = key_node.start_mark.line + 1
+            lines[key] = key_node.start_mark.line + 1
+            mapping[key] = _build(value_node, children, budget, depth + 1, seen)
+        children[id(mapping)] = lines
         return mapping
     raise YamlError(f"unsupported YAML node {node.tag}", node.start_mark.line + 1)  # pragma: no cover
 
