@@ -14,9 +14,33 @@ from typing import Any
 import yaml
 
 try:
-    _Loader: type[Any] = yaml.CSafeLoader
+    _SafeLoader: type[Any] = yaml.CSafeLoader
 except AttributeError:  # pragma: no cover - libyaml is a declared system dependency
-    _Loader = yaml.SafeLoader
+    _SafeLoader = yaml.SafeLoader
+
+
+class _Loader(_SafeLoader):  # type: ignore[misc]
+    """The safe loader, resolving the tag of each distinct plain scalar once.
+
+    Even libyaml's composer calls resolve() in Python for every node, trying regular
+    expressions on each plain scalar, and a policy repeats a few keys and values
+    (owner, reason, review_by and their values) thousands of times. Without path
+    resolvers, which the safe loader has none of, a plain scalar's tag depends on its
+    text alone.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._plain_tags: dict[str, str] | None = None if self.yaml_path_resolvers else {}
+
+    def resolve(self, kind: type[yaml.Node], value: Any, implicit: Any) -> str:
+        tags = self._plain_tags
+        if tags is None or kind is not yaml.ScalarNode or not implicit[0]:
+            return super().resolve(kind, value, implicit)  # type: ignore[no-any-return]
+        tag = tags.get(value)
+        if tag is None:
+            tag = tags[value] = super().resolve(kind, value, implicit)
+        return tag
 
 Path = tuple[str | int, ...]
 MAX_NODES = 2_000_000

@@ -183,6 +183,41 @@ def test_a_document_without_aliases_over_the_node_limit_gets_the_expansion_messa
         yamlsource.load("a: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n")
 
 
+def tags(node: yaml.Node | None, seen: set[int] | None = None) -> Iterator[tuple[int, str]]:
+    seen = set() if seen is None else seen
+    if node is None or id(node) in seen:
+        return
+    seen.add(id(node))
+    yield node.start_mark.index, node.tag
+    if isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            yield from tags(child, seen)
+    elif isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            yield from tags(key_node, seen)
+            yield from tags(value_node, seen)
+
+
+@examples(200)
+@given(documents())
+def test_tags_resolved_once_per_plain_scalar_are_the_safe_loaders(text: str) -> None:
+    try:
+        expected = list(tags(yaml.compose(text, Loader=yamlsource._SafeLoader)))
+    except yaml.YAMLError:
+        return
+    assert list(tags(yaml.compose(text, Loader=yamlsource._Loader))) == expected
+
+
+@examples(300)
+@given(st.lists(st.one_of(SCALARS.map(str), st.text("0123456789.:-+_eE xXoObBtTnNyY~", max_size=12)), max_size=6),
+       st.booleans())
+def test_a_plain_scalar_gets_the_same_tag_the_first_time_and_after(values: list[str], quoted: bool) -> None:
+    loader, reference = yamlsource._Loader(""), yamlsource._SafeLoader("")
+    for value in values + values:
+        implicit = (not quoted, quoted)
+        assert loader.resolve(yaml.ScalarNode, value, implicit) == reference.resolve(yaml.ScalarNode, value, implicit)
+
+
 def test_a_document_without_aliases_is_walked_once(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_: object) -> int:
         raise AssertionError("the expansion check ran")
