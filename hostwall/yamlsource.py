@@ -42,6 +42,7 @@ class _Loader(_SafeLoader):  # type: ignore[misc]
             tag = tags[value] = super().resolve(kind, value, implicit)
         return tag
 
+
 Path = tuple[str | int, ...]
 MAX_NODES = 2_000_000
 MAX_DEPTH = 64
@@ -91,9 +92,11 @@ def load(text: str) -> LocatedData:
     if root is None:
         return LocatedData({})
     try:
-        # Without aliases the node graph is a tree that the budget bounds, and the
-        # expansion check (a second walk over every node) has nothing to add. Any problem
-        # takes the thorough path too, so that errors come in the order it finds them.
+        # The expansion check walks every node a second time, and only aliases give it
+        # something to find: the first repeated mapping or sequence (an alias bomb, a
+        # cycle) stops this build within the document's own nodes, and an alias to a
+        # scalar adds one node, within the budget. After any error the thorough path
+        # runs as well, so that errors come in the order it finds them.
         return _located(root, seen=set())
     except (_Repeated, YamlError):
         _check_expansion(root, {}, set(), 0)
