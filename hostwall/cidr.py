@@ -103,7 +103,9 @@ def parse_interval(text: str, expires: float = PERMANENT) -> Interval:
     except (OSError, ValueError):  # ValueError: an embedded NUL, which C cannot be given
         return Interval.of(parse_cidr(text), expires)
     if slash:
-        if not (length.isascii() and length.isdigit() and length[0] != "0" and int(length) <= bits):
+        # The length check keeps int() from raising its own ValueError on thousands of digits.
+        if not (length.isascii() and length.isdigit() and length[0] != "0" and len(length) <= 3
+                and int(length) <= bits):
             return Interval.of(parse_cidr(text), expires)
         prefixlen = int(length)
     else:

@@ -14,9 +14,34 @@ from typing import Any
 import yaml
 
 try:
-    _Loader: type[Any] = yaml.CSafeLoader
+    _SafeLoader: type[Any] = yaml.CSafeLoader
 except AttributeError:  # pragma: no cover - libyaml is a declared system dependency
-    _Loader = yaml.SafeLoader
+    _SafeLoader = yaml.SafeLoader
+
+
+class _Loader(_SafeLoader):  # type: ignore[misc]
+    """The safe loader, resolving the tag of each distinct plain scalar once.
+
+    Even libyaml's composer calls resolve() in Python for every node, trying regular
+    expressions on each plain scalar, and a policy repeats a few keys and values
+    (owner, reason, review_by and their values) thousands of times. Without path
+    resolvers, which the safe loader has none of, a plain scalar's tag depends on its
+    text alone.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._plain_tags: dict[str, str] | None = None if self.yaml_path_resolvers else {}
+
+    def resolve(self, kind: type[yaml.Node], value: Any, implicit: Any) -> str:
+        tags = self._plain_tags
+        if tags is None or kind is not yaml.ScalarNode or not implicit[0]:
+            return super().resolve(kind, value, implicit)  # type: ignore[no-any-return]
+        tag = tags.get(value)
+        if tag is None:
+            tag = tags[value] = super().resolve(kind, value, implicit)
+        return tag
+
 
 Path = tuple[str | int, ...]
 MAX_NODES = 2_000_000
@@ -32,17 +57,30 @@ class YamlError(ValueError):
 @dataclass
 class LocatedData:
     data: Any
-    lines: dict[Path, int] = field(default_factory=dict)
+    line: int | None = None  # of the document's root node
+    # The lines of the children of every mapping and sequence built from the document, by
+    # the id of the dict or list built (data keeps each alive), then by key (the line of
+    # the key) or index. line_of walks data along a path, so paths are made only for the
+    # lines that are asked for.
+    children: dict[int, dict[Any, int]] = field(default_factory=dict)
 
     def line_of(self, path: Path) -> int | None:
         """The line of the deepest known node on the way to path."""
-        for end in range(len(path), -1, -1):
-            line = self.lines.get(path[:end])
-            if line is not None:
-                return line
-        return None
+        node, line = self.data, self.line
+        for part in path:
+            lines = self.children.get(id(node))
+            if lines is None or part not in lines:
+                break
+            line = lines[part]
+            node = node[part]
+        return line
 
 
+class _Repeated(Exception):
+    """A mapping or sequence reached a second time, through an alias."""
+
+
+_STR = "tag:yaml.org,2002:str"
 _SCALAR_TAGS = {
     "tag:yaml.org,2002:int": int,
     "tag:yaml.org,2002:float": float,
@@ -50,8 +88,24 @@ _SCALAR_TAGS = {
 
 
 def load(text: str) -> LocatedData:
+    root = _compose(text)
+    if root is None:
+        return LocatedData({})
     try:
-        root = yaml.compose(text, Loader=_Loader)
+        # The expansion check walks every node a second time, and only aliases give it
+        # something to find: the first repeated mapping or sequence (an alias bomb, a
+        # cycle) stops this build within the document's own nodes, and an alias to a
+        # scalar adds one node, within the budget. After any error the thorough path
+        # runs as well, so that errors come in the order it finds them.
+        return _located(root, seen=set())
+    except (_Repeated, YamlError):
+        _check_expansion(root, {}, set(), 0)
+        return _located(root, seen=None)
+
+
+def _compose(text: str) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -63,13 +117,11 @@ def load(text: str) -> LocatedData:
         raise YamlError(f"not valid YAML: control character U+{code:04X} is not allowed; remove it", line) from exc
     except yaml.YAMLError as exc:
         raise YamlError(f"not valid YAML: {' '.join(str(exc).split())}", None) from exc
-    located = LocatedData(None)
-    if root is None:
-        located.data = {}
-        return located
-    _check_expansion(root, {}, set(), 0)
-    budget = [MAX_NODES]
-    located.data = _build(root, (), located.lines, budget, 0)
+
+
+def _located(root: yaml.Node, seen: set[int] | None) -> LocatedData:
+    located = LocatedData(None, root.start_mark.line + 1)
+    located.data = _build(root, located.children, [MAX_NODES], 0, seen)
     return located
 
 
@@ -107,26 +159,36 @@ def _check_expansion(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int
     return size
 
 
-def _build(node: yaml.Node, path: Path, lines: dict[Path, int], budget: list[int], depth: int) -> Any:
+def _build(
+    node: yaml.Node, children: dict[int, dict[Any, int]], budget: list[int], depth: int,
+    seen: set[int] | None,
+) -> Any:
+    """The data of node; with seen, _Repeated when a mapping or sequence comes round again."""
     budget[0] -= 1
     if budget[0] < 0:
         raise YamlError("the document expands to too many nodes (alias bomb?)", node.start_mark.line + 1)
     if depth > MAX_DEPTH:
         raise YamlError(f"nesting deeper than {MAX_DEPTH} levels", node.start_mark.line + 1)
-    lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.ScalarNode):
-        return _scalar(node)
+        return node.value if node.tag == _STR else _scalar(node)
+    if seen is not None:
+        if id(node) in seen:
+            raise _Repeated
+        seen.add(id(node))
     if isinstance(node, yaml.SequenceNode):
-        return [
-            _build(child, (*path, index), lines, budget, depth + 1)
-            for index, child in enumerate(node.value)
-        ]
+        items = [_build(child, children, budget, depth + 1, seen) for child in node.value]
+        children[id(items)] = {index: child.start_mark.line + 1 for index, child in enumerate(node.value)}
+        return items
     if isinstance(node, yaml.MappingNode):
         mapping: dict[Any, Any] = {}
+        lines: dict[Any, int] = {}
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 raise YamlError("merge keys (<<) are not supported; write the keys out", key_node.start_mark.line + 1)
-            key = _build(key_node, (*path, "<key>"), {}, budget, depth + 1)
+            # The dict or list of a key is refused below and dropped, and its id may be
+            # reused at once: its lines must not land in children.
+            key_children = children if isinstance(key_node, yaml.ScalarNode) else {}
+            key = _build(key_node, key_children, budget, depth + 1, seen)
             if not isinstance(key, str | int):
                 raise YamlError("mapping keys must be plain strings", key_node.start_mark.line + 1)
             if key in mapping:
@@ -134,9 +196,9 @@ def _build(node: yaml.Node, path: Path, lines: dict[Path, int], budget: list[int
                     f"key {key!r} appears twice in the same mapping; keep one",
                     key_node.start_mark.line + 1,
                 )
-            lines[(*path, key)] = key_node.start_mark.line + 1
-            mapping[key] = _build(value_node, (*path, key), lines, budget, depth + 1)
-            lines[(*path, key)] = key_node.start_mark.line + 1
+            lines[key] = key_node.start_mark.line + 1
+            mapping[key] = _build(value_node, children, budget, depth + 1, seen)
+        children[id(mapping)] = lines
         return mapping
     raise YamlError(f"unsupported YAML node {node.tag}", node.start_mark.line + 1)  # pragma: no cover
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import time
 from collections.abc import Callable
@@ -123,6 +124,24 @@ def test_a_utf8_bom_is_accepted(write_files: WriteFiles) -> None:
     https = load_policy(root / "p.yaml", now=NOW).service("https")
     assert https is not None
     assert [str(e.network) for e in https.entries] == ["10.0.0.0/8"]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.parametrize("valid", [True, False])
+def test_loading_leaves_the_cyclic_collector_as_it_found_it(
+    write_files: WriteFiles, enabled: bool, valid: bool
+) -> None:
+    root = write_files({"p.yaml": one_cidr("10.0.0.0/8" if valid else "10.0.0.1/8")})
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        if valid:
+            load_policy(root, now=NOW)
+        else:
+            only_problem(root)
+        assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()
 
 
 # --- unknown keys -------------------------------------------------------------------
