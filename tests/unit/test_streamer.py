@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_ULOG
+from hypothesis import given
+from hypothesis import strategies as st
+from pyroute2.netlink import nla
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_ULOG, nfgen_msg
 from test_packet import ICMP, TCP, UDP, icmp_echo, ipv4_packet, ipv6_packet, tcp, udp
 
 from hostwall.agent import DropStreamer, InterfaceNames
@@ -27,7 +30,7 @@ from hostwall.drops import (
     Record,
 )
 from hostwall.journal import SYSLOG_IDENTIFIER, JournalSink
-from hostwall.nflog import NFULNL_MSG_PACKET, LoggedPacket, ReadResult, _decode, _messages, nflog_packet_msg
+from hostwall.nflog import NFULNL_MSG_PACKET, LoggedPacket, ReadResult, _decode, _messages
 
 
 class FakeClock:
@@ -216,6 +219,34 @@ def test_interface_names_from_the_kernel() -> None:
 PACKET_TYPE = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
 
 
+class nflog_packet_msg(nfgen_msg):  # type: ignore[misc]
+    """A logged packet as pyroute2 encodes and decodes it: the reference that the
+    reader's own parser (_decode) is checked against."""
+
+    nla_map = (
+        ("NFULA_UNSPEC", "none"),
+        ("NFULA_PACKET_HDR", "packet_hdr"),
+        ("NFULA_MARK", "be32"),
+        ("NFULA_TIMESTAMP", "timestamp"),
+        ("NFULA_IFINDEX_INDEV", "be32"),
+        ("NFULA_IFINDEX_OUTDEV", "be32"),
+        ("NFULA_IFINDEX_PHYSINDEV", "be32"),
+        ("NFULA_IFINDEX_PHYSOUTDEV", "be32"),
+        ("NFULA_HWADDR", "hex"),
+        ("NFULA_PAYLOAD", "cdata"),
+        ("NFULA_PREFIX", "asciiz"),
+        ("NFULA_UID", "be32"),
+        ("NFULA_SEQ", "be32"),
+        ("NFULA_SEQ_GLOBAL", "be32"),
+    )
+
+    class packet_hdr(nla):  # type: ignore[misc]
+        fields = (("hw_protocol", ">H"), ("hook", "B"), ("_pad", "B"))
+
+    class timestamp(nla):  # type: ignore[misc]
+        fields = (("sec", ">Q"), ("usec", ">Q"))
+
+
 def nflog_message(attrs: list[list[Any]], sequence: int = 0) -> bytes:
     message = nflog_packet_msg()
     message["nfgen_family"] = socket.AF_INET
@@ -247,6 +278,49 @@ def test_decode_a_logged_packet() -> None:
 
 def test_decode_without_optional_attributes() -> None:
     assert _decode(nflog_message([["NFULA_PAYLOAD", SSH_V4]])) == LoggedPacket("", None, SSH_V4, None, None)
+
+
+def _decoded_by_pyroute2(data: bytes) -> LoggedPacket:
+    message = nflog_packet_msg(data)
+    message.decode()
+    stamp = message.get_attr("NFULA_TIMESTAMP")
+    return LoggedPacket(
+        prefix=message.get_attr("NFULA_PREFIX") or "",
+        ifindex=message.get_attr("NFULA_IFINDEX_INDEV"),
+        payload=bytes(message.get_attr("NFULA_PAYLOAD") or b""),
+        sequence=message.get_attr("NFULA_SEQ"),
+        timestamp=stamp["sec"] + stamp["usec"] / 1e6 if stamp is not None else None,
+    )
+
+
+_U32 = st.integers(0, 2**32 - 1)
+_ATTRIBUTES = st.lists(st.one_of(
+    st.tuples(st.just("NFULA_PACKET_HDR"), st.fixed_dictionaries(
+        {"hw_protocol": st.sampled_from([0x0800, 0x86DD]), "hook": st.integers(0, 4), "_pad": st.just(0)})),
+    st.tuples(st.just("NFULA_MARK"), _U32),
+    st.tuples(st.just("NFULA_TIMESTAMP"), st.fixed_dictionaries(
+        {"sec": st.integers(0, 2**40), "usec": st.integers(0, 999_999)})),
+    st.tuples(st.sampled_from(["NFULA_IFINDEX_INDEV", "NFULA_IFINDEX_OUTDEV", "NFULA_UID", "NFULA_SEQ",
+                               "NFULA_SEQ_GLOBAL"]), _U32),
+    st.tuples(st.just("NFULA_PAYLOAD"), st.binary(min_size=1, max_size=160)),
+    st.tuples(st.just("NFULA_PREFIX"), st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=60)),
+), max_size=8, unique_by=lambda attr: attr[0])
+
+
+@given(_ATTRIBUTES)
+def test_decode_agrees_with_pyroute2(attrs: list[tuple[str, Any]]) -> None:
+    """The hand-written parser reads what pyroute2's message classes read, whatever the
+    kernel sends along (attributes in any order, padded or not, ones hostwall ignores)."""
+    data = nflog_message([list(attr) for attr in attrs], 7)
+    assert _decode(data) == _decoded_by_pyroute2(data)
+    framed = b"\xff" * 12 + data + b"\xee" * 8  # a message inside the receive buffer
+    assert _decode(memoryview(framed), 12, 12 + len(data)) == _decoded_by_pyroute2(data)
+
+
+def test_decode_skips_an_attribute_cut_short() -> None:
+    data = nflog_message([["NFULA_PREFIX", "hostwall:ssh"], ["NFULA_PAYLOAD", SSH_V4]])
+    cut = data[:-8]  # the payload attribute claims more bytes than the message holds
+    assert _decode(cut) == LoggedPacket("hostwall:ssh", None, b"", None, None)
 
 
 def test_messages_walks_concatenated_messages_with_padding() -> None:
