@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from hostwall.drops import (
     Record,
 )
 from hostwall.journal import SYSLOG_IDENTIFIER, JournalSink
-from hostwall.nflog import NFULNL_MSG_PACKET, LoggedPacket, ReadResult, _decode, _messages
+from hostwall.nflog import NFULNL_MSG_PACKET, LoggedPacket, NflogStream, ReadResult, _decode, _messages
 
 
 class FakeClock:
@@ -355,6 +355,60 @@ def test_messages_stops_at_a_length_below_the_header() -> None:
     assert list(_messages(memoryview(whole + broken))) == [(PACKET_TYPE, 1, 0, len(whole))]
     zero = struct.pack("=IHHII", 0, PACKET_TYPE, 0, 2, 0)
     assert list(_messages(memoryview(zero + whole))) == []
+
+
+# --- reading a socket in bounded batches ------------------------------------------------
+
+
+def _datagram(sequences: Iterable[int]) -> bytes:
+    """What one receive from an NFLOG socket returns: several logged packets in a row."""
+    return b"".join(nflog_message([["NFULA_PREFIX", "hostwall:https"], ["NFULA_PAYLOAD", SSH_V4],
+                                   ["NFULA_SEQ", sequence]], sequence) for sequence in sequences)
+
+
+@pytest.fixture
+def datagrams() -> Iterator[tuple[socket.socket, socket.socket]]:
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    yield sender, receiver
+    sender.close()
+    receiver.close()
+
+
+def test_a_read_returns_at_most_the_bound_and_the_next_reads_the_rest(
+        datagrams: tuple[socket.socket, socket.socket]) -> None:
+    """A socket that holds more than one read may return (as under a flood, when it never
+    runs dry) is read in batches of at most max_packets, in order, nothing lost; the rest
+    of a datagram cut by the bound comes first in the next read, which does not wait."""
+    sender, receiver = datagrams
+    for first in range(0, 320, 40):
+        sender.send(_datagram(range(first, first + 40)))
+    stream = NflogStream(receiver, 50, bytearray(1 << 16))
+    batches = []
+    for _ in range(20):  # bounded: 320 packets need 7 reads
+        result = stream.read(0.0)
+        assert result.lost == 0
+        if not result.packets:
+            break
+        batches.append([packet.sequence for packet in result.packets])
+    assert [len(batch) for batch in batches] == [50] * 6 + [20]
+    assert [sequence for batch in batches for sequence in batch] == list(range(320))
+
+
+def test_a_sequence_gap_is_counted_as_lost_once(datagrams: tuple[socket.socket, socket.socket]) -> None:
+    sender, receiver = datagrams
+    sender.send(_datagram(range(10)))
+    sender.send(_datagram(range(15, 20)))  # the kernel could not deliver 10-14
+    stream = NflogStream(receiver, 8, bytearray(1 << 16))
+    results = [stream.read(0.0) for _ in range(3)]
+    assert [len(r.packets) for r in results] == [8, 7, 0]
+    assert sum(r.lost for r in results) == 5
+
+
+def test_a_read_with_nothing_to_read_waits_at_most_its_timeout(
+        datagrams: tuple[socket.socket, socket.socket]) -> None:
+    _, receiver = datagrams
+    stream = NflogStream(receiver, 8, bytearray(1 << 16))
+    assert stream.read(0.01) == ReadResult()
 
 
 # --- journald sink ----------------------------------------------------------------------
