@@ -91,19 +91,27 @@ class DropStreamer:
         reporter: DropReporter,
         interfaces: Callable[[int | None], str],
         generation: Callable[[], int | None],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        lost_report_seconds: float = 10.0,
     ) -> None:
         self._source = source
         self._sink = sink
         self._reporter = reporter
         self._interfaces = interfaces
         self._generation = generation
+        self._clock = clock
+        self._lost_report_seconds = lost_report_seconds
+        self._lost_unreported = 0
+        self._lost_reported_at: float | None = None
         self.stats = StreamStats()
 
     def step(self, timeout: float) -> None:
+        """Reads one batch (the source bounds its size) and records it."""
         result = self._source.read(timeout)
-        if result.lost:
-            self.stats.lost += result.lost
-            self._emit([lost_record(result.lost, self.stats.lost)])
+        self.stats.lost += result.lost
+        self._lost_unreported += result.lost
+        self._report_lost(at_exit=False)
         generation = self._generation() if result.packets else None
         for logged in result.packets:
             service = service_of(logged.prefix)
@@ -121,7 +129,18 @@ class DropStreamer:
         self._emit(self._reporter.flush())
 
     def finish(self) -> None:
+        self._report_lost(at_exit=True)
         self._emit(self._reporter.flush_all())
+
+    def _report_lost(self, *, at_exit: bool) -> None:
+        """The first loss at once, then at most one record per lost_report_seconds with
+        the sum: while the socket overflows, nearly every bounded read sees a gap."""
+        if not self._lost_unreported:
+            return
+        now = self._clock()
+        if at_exit or self._lost_reported_at is None or now - self._lost_reported_at >= self._lost_report_seconds:
+            self._emit([lost_record(self._lost_unreported, self.stats.lost)])
+            self._lost_unreported, self._lost_reported_at = 0, now
 
     def _emit(self, records: list[Record]) -> None:
         for record in records:

@@ -79,7 +79,8 @@ class Harness:
         self.generation_calls = 0
         self.ifindexes: list[int | None] = []
         reporter = DropReporter(FloodControl(10.0, records_per_window, 10**9), self.clock)
-        self.streamer = DropStreamer(self.source, self.sink, reporter, self._interface, self._generation)
+        self.streamer = DropStreamer(self.source, self.sink, reporter, self._interface, self._generation,
+                                     clock=self.clock, lost_report_seconds=10.0)
 
     def _interface(self, ifindex: int | None) -> str:
         self.ifindexes.append(ifindex)
@@ -140,6 +141,7 @@ def test_lost_events_are_reported_with_a_running_total() -> None:
     assert first.message_id == MESSAGE_ID_LOST
     assert first.priority == PRIORITY_WARNING
     assert first.fields == {"HOSTWALL_LOST": "5", "HOSTWALL_LOST_TOTAL": "5"}
+    run.clock.now += 10
     run.streamer.step(0.2)
     second = run.sink.records[1]
     assert second.fields == {"HOSTWALL_LOST": "2", "HOSTWALL_LOST_TOTAL": "7"}
@@ -147,6 +149,19 @@ def test_lost_events_are_reported_with_a_running_total() -> None:
     run.streamer.step(0.2)
     assert len(run.sink.records) == 3
     assert run.streamer.stats.lost == 7
+
+
+def test_losses_in_many_reads_make_one_record_per_interval_and_the_rest_at_finish() -> None:
+    """While the socket overflows nearly every bounded read sees a gap: the journal gets
+    the first loss at once, then the sums, and every lost event is counted once."""
+    run = Harness([ReadResult(lost=3) for _ in range(50)])
+    for _ in range(50):  # 0.5 s apart: 25 s
+        run.streamer.step(0.2)
+        run.clock.now += 0.5
+    run.streamer.finish()
+    reports = [r for r in run.sink.records if r.message_id == MESSAGE_ID_LOST]
+    assert [r.fields["HOSTWALL_LOST"] for r in reports] == ["3", "60", "60", "27"]
+    assert reports[-1].fields["HOSTWALL_LOST_TOTAL"] == "150" == str(run.streamer.stats.lost)
 
 
 def test_generation_comes_from_the_callable_once_per_batch() -> None:
