@@ -31,7 +31,7 @@ from hostwall.drops import (
 from hostwall.engine import Engine
 from hostwall.errors import HostwallError, PolicyError
 from hostwall.kernel import Counter
-from hostwall.nflog import ReadResult
+from hostwall.nflog import LoggedPacket, ReadResult
 from hostwall.packet import PacketError, decode
 from hostwall.policy import BUILTIN_SERVICES, Policy, Service, Settings
 from hostwall.state import HEARTBEAT_SECONDS, AgentState, StateDir, atomic_write
@@ -107,13 +107,32 @@ class DropStreamer:
         self.stats = StreamStats()
 
     def step(self, timeout: float) -> None:
-        """Reads one batch (the source bounds its size) and records it."""
+        """Reads and records batches (the source bounds their size) for at most about
+        timeout seconds, until a read finds nothing. Each batch is recorded before the
+        next is read, so memory stays bounded; and while drops keep coming, the agent's
+        other duties (which read state files) run once a step, not between every two of
+        the kernel's messages."""
+        deadline = self._clock() + timeout
+        generation: int | None = None
+        asked = False
         result = self._source.read(timeout)
-        self.stats.lost += result.lost
-        self._lost_unreported += result.lost
-        self._report_lost(at_exit=False)
-        generation = self._generation() if result.packets else None
-        for logged in result.packets:
+        while True:
+            self.stats.lost += result.lost
+            self._lost_unreported += result.lost
+            self._report_lost(at_exit=False)
+            if not result.packets:
+                break
+            if not asked:
+                generation, asked = self._generation(), True
+            self._record(result.packets, generation)
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                break
+            result = self._source.read(remaining)
+        self._emit(self._reporter.flush())
+
+    def _record(self, batch: list[LoggedPacket], generation: int | None) -> None:
+        for logged in batch:
             service = service_of(logged.prefix)
             if service is None:
                 continue  # another tool logging to the same group
@@ -126,7 +145,6 @@ class DropStreamer:
                 continue
             drop = Drop(service, packet, self._interfaces(logged.ifindex), generation)
             self._emit(self._reporter.observe(drop))
-        self._emit(self._reporter.flush())
 
     def finish(self) -> None:
         self._report_lost(at_exit=True)

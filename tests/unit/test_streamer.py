@@ -103,7 +103,7 @@ def test_a_logged_packet_becomes_a_drop_record() -> None:
     assert record.fields["HOSTWALL_GENERATION"] == "3"
     assert record.fields["HOSTWALL_IIF"] == "net4"
     assert run.ifindexes == [4]
-    assert run.source.timeouts == [0.2]
+    assert run.source.timeouts == pytest.approx([0.2, 0.2])  # having read something, again for the time left
     assert (run.streamer.stats.packets, run.streamer.stats.records) == (1, 1)
     assert run.streamer.stats.by_service == {"ssh": 1}
 
@@ -165,14 +165,53 @@ def test_losses_in_many_reads_make_one_record_per_interval_and_the_rest_at_finis
 
 
 def test_generation_comes_from_the_callable_once_per_batch() -> None:
-    run = Harness([ReadResult([logged(SSH_V4), logged(HTTPS_V6)]), ReadResult(), ReadResult([logged(SSH_V4)])])
-    run.streamer.step(0.2)
+    run = Harness([ReadResult([logged(SSH_V4)]), ReadResult([logged(HTTPS_V6)]), ReadResult(), ReadResult(),
+                   ReadResult([logged(SSH_V4)])])
+    run.streamer.step(0.2)  # two batches, one generation
     assert [r.fields["HOSTWALL_GENERATION"] for r in run.sink.records] == ["3", "3"]
+    assert run.generation_calls == 1
     run.streamer.step(0.2)
     assert run.generation_calls == 1  # nothing read, nothing asked
     run.generation = 4
     run.streamer.step(0.2)
     assert run.sink.records[-1].fields["HOSTWALL_GENERATION"] == "4"
+
+
+class QueuedSource:
+    """A flood: a batch is queued on every read; each read takes read_seconds of the clock.
+    Records what the sink held when each read began."""
+
+    def __init__(self, clock: FakeClock, sink: ListSink, read_seconds: float) -> None:
+        self.clock, self.sink, self.read_seconds = clock, sink, read_seconds
+        self.timeouts: list[float] = []
+        self.records_at_read: list[int] = []
+
+    def read(self, timeout: float) -> ReadResult:
+        self.timeouts.append(timeout)
+        self.records_at_read.append(len(self.sink.records))
+        self.clock.now += self.read_seconds
+        return ReadResult([logged(ipv4_packet(UDP, udp(1000 + len(self.timeouts), 53), src=f"10.0.0.{n}"))
+                           for n in range(1, 3)])
+
+
+def test_during_a_flood_a_step_reads_batch_after_batch_for_its_timeout() -> None:
+    """Each batch is recorded before the next is read (memory stays bounded by the
+    source's batch size), the later reads wait only for what is left of the timeout, and
+    the step returns once it has passed, so the agent's other duties still run."""
+    clock, sink = FakeClock(), ListSink()
+    source = QueuedSource(clock, sink, 0.0625)
+    generation_calls = []
+
+    def generation() -> int:
+        generation_calls.append(clock.now)
+        return 3
+
+    streamer = DropStreamer(source, sink, DropReporter(FloodControl(10.0, 5, 10**9), clock),
+                            lambda _: "net2", generation, clock=clock)
+    streamer.step(0.25)
+    assert source.timeouts == [0.25, 0.1875, 0.125, 0.0625]
+    assert source.records_at_read == [0, 2, 4, 6]
+    assert streamer.stats.packets == 8 and len(generation_calls) == 1
 
 
 def test_no_generation_no_field() -> None:
@@ -183,7 +222,7 @@ def test_no_generation_no_field() -> None:
 
 def test_ended_windows_are_summarised_by_a_later_step_and_the_rest_by_finish() -> None:
     flood = [logged(ipv4_packet(UDP, udp(port, 53))) for port in range(1000, 1008)]
-    run = Harness([ReadResult(flood), ReadResult(), ReadResult(flood[:4])], records_per_window=5)
+    run = Harness([ReadResult(flood), ReadResult(), ReadResult(), ReadResult(flood[:4])], records_per_window=5)
     run.streamer.step(0.2)
     assert [r.message_id for r in run.sink.records] == [MESSAGE_ID_DROP] * 5
     run.clock.now += 10.0
