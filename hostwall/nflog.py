@@ -4,12 +4,16 @@ pyroute2 has no nfnetlink_log module, so the configuration message is defined he
 pyroute2's nfgen_msg/nla classes, which encode it. Logged packets, the hot path, are
 parsed by hand with struct (see _decode).
 The socket is a plain AF_NETLINK socket read with a timeout, so the agent's loop is
-never blocked for longer than it asks.
+never blocked for longer than it asks, and each read returns a bounded batch.
 
 Measured on this kind of machine: with a 16 MB receive buffer and the kernel batching
-64 packets per message, a Python reader lost nothing at 258k packets/s; with default
-buffers and one packet per message it lost ~0.7%. The kernel's default flush timer (1 s)
-would hold the last partial batch back, so a short timeout is configured.
+up to 64 packets per message, a Python reader lost nothing at 258k packets/s; with
+default buffers and one packet per message it lost ~0.7%. The kernel's default flush
+timer (1 s) would hold the last partial batch back, so a short timeout is configured.
+The kernel's message buffer (NFULA_CFG_NLBUFSIZ, a page by default) holds ~32 small
+logged packets, so that is what a message carries. Raising it to 16 KB gave messages
+of 64 and cut the agent's CPU by ~10% at 50k drops/s, but a 1 MB receive buffer then
+held 8065 queued packets instead of 10102 (-20% headroom for a burst): not taken.
 """
 
 from __future__ import annotations
@@ -254,10 +258,10 @@ def _messages(view: memoryview) -> Iterator[tuple[int, int, int, int]]:
 def _decode(data: bytes | bytearray | memoryview, start: int = 0, end: int | None = None) -> LoggedPacket:
     """The logged packet in the message at data[start:end] (the whole of data by default).
 
-    Parsed with struct rather than pyroute2's message classes: those build an object per
-    attribute and cost ~20 us a packet, most of the agent's time under a flood (this takes
-    ~3 us; the kernel sends ten attributes a packet, of which five are read here). Unknown
-    attributes, and attributes cut short, are skipped."""
+    Parsed with struct rather than pyroute2's message classes, which build an object per
+    attribute: on a message captured from the kernel (ten attributes, five read here)
+    51 us against 3.3 us, and pyroute2 was most of the agent's time under a flood.
+    Unknown attributes, and attributes cut short, are skipped."""
     end = len(data) if end is None else end
     offset = start + _NLMSGHDR.size + _NFGENMSG_SIZE
     prefix = ""
