@@ -30,7 +30,7 @@ from hostwall.drops import (
 from hostwall.engine import Engine
 from hostwall.errors import HostwallError, PolicyError
 from hostwall.kernel import Counter
-from hostwall.nflog import ReadResult
+from hostwall.nflog import LoggedPacket, ReadResult
 from hostwall.packet import PacketError, decode
 from hostwall.policy import BUILTIN_SERVICES, Policy, Service, Settings
 from hostwall.state import HEARTBEAT_SECONDS, AgentState, StateDir, atomic_write, note_reverted, reverted_digest
@@ -90,21 +90,48 @@ class DropStreamer:
         reporter: DropReporter,
         interfaces: Callable[[int | None], str],
         generation: Callable[[], int | None],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        lost_report_seconds: float = 10.0,
     ) -> None:
         self._source = source
         self._sink = sink
         self._reporter = reporter
         self._interfaces = interfaces
         self._generation = generation
+        self._clock = clock
+        self._lost_report_seconds = lost_report_seconds
+        self._lost_unreported = 0
+        self._lost_reported_at: float | None = None
         self.stats = StreamStats()
 
     def step(self, timeout: float) -> None:
+        """Reads and records batches (the source bounds their size) for at most about
+        timeout seconds, until a read finds nothing. Each batch is recorded before the
+        next is read, so memory stays bounded; and while drops keep coming, the agent's
+        other duties (which read state files) run once a step, not between every two of
+        the kernel's messages."""
+        deadline = self._clock() + timeout
+        generation: int | None = None
+        asked = False
         result = self._source.read(timeout)
-        if result.lost:
+        while True:
             self.stats.lost += result.lost
-            self._emit([lost_record(result.lost, self.stats.lost)])
-        generation = self._generation() if result.packets else None
-        for logged in result.packets:
+            self._lost_unreported += result.lost
+            self._report_lost(at_exit=False)
+            if not result.packets:
+                break
+            if not asked:
+                generation, asked = self._generation(), True
+            self._record(result.packets, generation)
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                break
+            result = self._source.read(remaining)
+        self._emit(self._reporter.flush())
+
+    def _record(self, batch: list[LoggedPacket], generation: int | None) -> None:
+        for logged in batch:
             service = service_of(logged.prefix)
             if service is None:
                 continue  # another tool logging to the same group
@@ -117,10 +144,20 @@ class DropStreamer:
                 continue
             drop = Drop(service, packet, self._interfaces(logged.ifindex), generation)
             self._emit(self._reporter.observe(drop))
-        self._emit(self._reporter.flush())
 
     def finish(self) -> None:
+        self._report_lost(at_exit=True)
         self._emit(self._reporter.flush_all())
+
+    def _report_lost(self, *, at_exit: bool) -> None:
+        """The first loss at once, then at most one record per lost_report_seconds with
+        the sum: while the socket overflows, nearly every bounded read sees a gap."""
+        if not self._lost_unreported:
+            return
+        now = self._clock()
+        if at_exit or self._lost_reported_at is None or now - self._lost_reported_at >= self._lost_report_seconds:
+            self._emit([lost_record(self._lost_unreported, self.stats.lost)])
+            self._lost_unreported, self._lost_reported_at = 0, now
 
     def _emit(self, records: list[Record]) -> None:
         for record in records:

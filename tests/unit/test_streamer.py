@@ -7,12 +7,15 @@ from __future__ import annotations
 import io
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_ULOG
+from hypothesis import given
+from hypothesis import strategies as st
+from pyroute2.netlink import nla
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_ULOG, nfgen_msg
 from test_packet import ICMP, TCP, UDP, icmp_echo, ipv4_packet, ipv6_packet, tcp, udp
 
 from hostwall.agent import DropStreamer, InterfaceNames
@@ -27,7 +30,7 @@ from hostwall.drops import (
     Record,
 )
 from hostwall.journal import SYSLOG_IDENTIFIER, JournalSink
-from hostwall.nflog import NFULNL_MSG_PACKET, LoggedPacket, ReadResult, _decode, _messages, nflog_packet_msg
+from hostwall.nflog import NFULNL_MSG_PACKET, LoggedPacket, NflogStream, ReadResult, _decode, _messages
 
 
 class FakeClock:
@@ -76,7 +79,8 @@ class Harness:
         self.generation_calls = 0
         self.ifindexes: list[int | None] = []
         reporter = DropReporter(FloodControl(10.0, records_per_window, 10**9), self.clock)
-        self.streamer = DropStreamer(self.source, self.sink, reporter, self._interface, self._generation)
+        self.streamer = DropStreamer(self.source, self.sink, reporter, self._interface, self._generation,
+                                     clock=self.clock, lost_report_seconds=10.0)
 
     def _interface(self, ifindex: int | None) -> str:
         self.ifindexes.append(ifindex)
@@ -99,7 +103,7 @@ def test_a_logged_packet_becomes_a_drop_record() -> None:
     assert record.fields["HOSTWALL_GENERATION"] == "3"
     assert record.fields["HOSTWALL_IIF"] == "net4"
     assert run.ifindexes == [4]
-    assert run.source.timeouts == [0.2]
+    assert run.source.timeouts == pytest.approx([0.2, 0.2])  # having read something, again for the time left
     assert (run.streamer.stats.packets, run.streamer.stats.records) == (1, 1)
     assert run.streamer.stats.by_service == {"ssh": 1}
 
@@ -137,6 +141,7 @@ def test_lost_events_are_reported_with_a_running_total() -> None:
     assert first.message_id == MESSAGE_ID_LOST
     assert first.priority == PRIORITY_WARNING
     assert first.fields == {"HOSTWALL_LOST": "5", "HOSTWALL_LOST_TOTAL": "5"}
+    run.clock.now += 10
     run.streamer.step(0.2)
     second = run.sink.records[1]
     assert second.fields == {"HOSTWALL_LOST": "2", "HOSTWALL_LOST_TOTAL": "7"}
@@ -146,15 +151,67 @@ def test_lost_events_are_reported_with_a_running_total() -> None:
     assert run.streamer.stats.lost == 7
 
 
+def test_losses_in_many_reads_make_one_record_per_interval_and_the_rest_at_finish() -> None:
+    """While the socket overflows nearly every bounded read sees a gap: the journal gets
+    the first loss at once, then the sums, and every lost event is counted once."""
+    run = Harness([ReadResult(lost=3) for _ in range(50)])
+    for _ in range(50):  # 0.5 s apart: 25 s
+        run.streamer.step(0.2)
+        run.clock.now += 0.5
+    run.streamer.finish()
+    reports = [r for r in run.sink.records if r.message_id == MESSAGE_ID_LOST]
+    assert [r.fields["HOSTWALL_LOST"] for r in reports] == ["3", "60", "60", "27"]
+    assert reports[-1].fields["HOSTWALL_LOST_TOTAL"] == "150" == str(run.streamer.stats.lost)
+
+
 def test_generation_comes_from_the_callable_once_per_batch() -> None:
-    run = Harness([ReadResult([logged(SSH_V4), logged(HTTPS_V6)]), ReadResult(), ReadResult([logged(SSH_V4)])])
-    run.streamer.step(0.2)
+    run = Harness([ReadResult([logged(SSH_V4)]), ReadResult([logged(HTTPS_V6)]), ReadResult(), ReadResult(),
+                   ReadResult([logged(SSH_V4)])])
+    run.streamer.step(0.2)  # two batches, one generation
     assert [r.fields["HOSTWALL_GENERATION"] for r in run.sink.records] == ["3", "3"]
+    assert run.generation_calls == 1
     run.streamer.step(0.2)
     assert run.generation_calls == 1  # nothing read, nothing asked
     run.generation = 4
     run.streamer.step(0.2)
     assert run.sink.records[-1].fields["HOSTWALL_GENERATION"] == "4"
+
+
+class QueuedSource:
+    """A flood: a batch is queued on every read; each read takes read_seconds of the clock.
+    Records what the sink held when each read began."""
+
+    def __init__(self, clock: FakeClock, sink: ListSink, read_seconds: float) -> None:
+        self.clock, self.sink, self.read_seconds = clock, sink, read_seconds
+        self.timeouts: list[float] = []
+        self.records_at_read: list[int] = []
+
+    def read(self, timeout: float) -> ReadResult:
+        self.timeouts.append(timeout)
+        self.records_at_read.append(len(self.sink.records))
+        self.clock.now += self.read_seconds
+        return ReadResult([logged(ipv4_packet(UDP, udp(1000 + len(self.timeouts), 53), src=f"10.0.0.{n}"))
+                           for n in range(1, 3)])
+
+
+def test_during_a_flood_a_step_reads_batch_after_batch_for_its_timeout() -> None:
+    """Each batch is recorded before the next is read (memory stays bounded by the
+    source's batch size), the later reads wait only for what is left of the timeout, and
+    the step returns once it has passed, so the agent's other duties still run."""
+    clock, sink = FakeClock(), ListSink()
+    source = QueuedSource(clock, sink, 0.0625)
+    generation_calls = []
+
+    def generation() -> int:
+        generation_calls.append(clock.now)
+        return 3
+
+    streamer = DropStreamer(source, sink, DropReporter(FloodControl(10.0, 5, 10**9), clock),
+                            lambda _: "net2", generation, clock=clock)
+    streamer.step(0.25)
+    assert source.timeouts == [0.25, 0.1875, 0.125, 0.0625]
+    assert source.records_at_read == [0, 2, 4, 6]
+    assert streamer.stats.packets == 8 and len(generation_calls) == 1
 
 
 def test_no_generation_no_field() -> None:
@@ -165,7 +222,7 @@ def test_no_generation_no_field() -> None:
 
 def test_ended_windows_are_summarised_by_a_later_step_and_the_rest_by_finish() -> None:
     flood = [logged(ipv4_packet(UDP, udp(port, 53))) for port in range(1000, 1008)]
-    run = Harness([ReadResult(flood), ReadResult(), ReadResult(flood[:4])], records_per_window=5)
+    run = Harness([ReadResult(flood), ReadResult(), ReadResult(), ReadResult(flood[:4])], records_per_window=5)
     run.streamer.step(0.2)
     assert [r.message_id for r in run.sink.records] == [MESSAGE_ID_DROP] * 5
     run.clock.now += 10.0
@@ -216,6 +273,34 @@ def test_interface_names_from_the_kernel() -> None:
 PACKET_TYPE = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
 
 
+class nflog_packet_msg(nfgen_msg):  # type: ignore[misc]
+    """A logged packet as pyroute2 encodes and decodes it: the reference that the
+    reader's own parser (_decode) is checked against."""
+
+    nla_map = (
+        ("NFULA_UNSPEC", "none"),
+        ("NFULA_PACKET_HDR", "packet_hdr"),
+        ("NFULA_MARK", "be32"),
+        ("NFULA_TIMESTAMP", "timestamp"),
+        ("NFULA_IFINDEX_INDEV", "be32"),
+        ("NFULA_IFINDEX_OUTDEV", "be32"),
+        ("NFULA_IFINDEX_PHYSINDEV", "be32"),
+        ("NFULA_IFINDEX_PHYSOUTDEV", "be32"),
+        ("NFULA_HWADDR", "hex"),
+        ("NFULA_PAYLOAD", "cdata"),
+        ("NFULA_PREFIX", "asciiz"),
+        ("NFULA_UID", "be32"),
+        ("NFULA_SEQ", "be32"),
+        ("NFULA_SEQ_GLOBAL", "be32"),
+    )
+
+    class packet_hdr(nla):  # type: ignore[misc]
+        fields = (("hw_protocol", ">H"), ("hook", "B"), ("_pad", "B"))
+
+    class timestamp(nla):  # type: ignore[misc]
+        fields = (("sec", ">Q"), ("usec", ">Q"))
+
+
 def nflog_message(attrs: list[list[Any]], sequence: int = 0) -> bytes:
     message = nflog_packet_msg()
     message["nfgen_family"] = socket.AF_INET
@@ -247,6 +332,49 @@ def test_decode_a_logged_packet() -> None:
 
 def test_decode_without_optional_attributes() -> None:
     assert _decode(nflog_message([["NFULA_PAYLOAD", SSH_V4]])) == LoggedPacket("", None, SSH_V4, None, None)
+
+
+def _decoded_by_pyroute2(data: bytes) -> LoggedPacket:
+    message = nflog_packet_msg(data)
+    message.decode()
+    stamp = message.get_attr("NFULA_TIMESTAMP")
+    return LoggedPacket(
+        prefix=message.get_attr("NFULA_PREFIX") or "",
+        ifindex=message.get_attr("NFULA_IFINDEX_INDEV"),
+        payload=bytes(message.get_attr("NFULA_PAYLOAD") or b""),
+        sequence=message.get_attr("NFULA_SEQ"),
+        timestamp=stamp["sec"] + stamp["usec"] / 1e6 if stamp is not None else None,
+    )
+
+
+_U32 = st.integers(0, 2**32 - 1)
+_ATTRIBUTES = st.lists(st.one_of(
+    st.tuples(st.just("NFULA_PACKET_HDR"), st.fixed_dictionaries(
+        {"hw_protocol": st.sampled_from([0x0800, 0x86DD]), "hook": st.integers(0, 4), "_pad": st.just(0)})),
+    st.tuples(st.just("NFULA_MARK"), _U32),
+    st.tuples(st.just("NFULA_TIMESTAMP"), st.fixed_dictionaries(
+        {"sec": st.integers(0, 2**40), "usec": st.integers(0, 999_999)})),
+    st.tuples(st.sampled_from(["NFULA_IFINDEX_INDEV", "NFULA_IFINDEX_OUTDEV", "NFULA_UID", "NFULA_SEQ",
+                               "NFULA_SEQ_GLOBAL"]), _U32),
+    st.tuples(st.just("NFULA_PAYLOAD"), st.binary(min_size=1, max_size=160)),
+    st.tuples(st.just("NFULA_PREFIX"), st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=60)),
+), max_size=8, unique_by=lambda attr: attr[0])
+
+
+@given(_ATTRIBUTES)
+def test_decode_agrees_with_pyroute2(attrs: list[tuple[str, Any]]) -> None:
+    """The hand-written parser reads what pyroute2's message classes read, whatever the
+    kernel sends along (attributes in any order, padded or not, ones hostwall ignores)."""
+    data = nflog_message([list(attr) for attr in attrs], 7)
+    assert _decode(data) == _decoded_by_pyroute2(data)
+    framed = b"\xff" * 12 + data + b"\xee" * 8  # a message inside the receive buffer
+    assert _decode(memoryview(framed), 12, 12 + len(data)) == _decoded_by_pyroute2(data)
+
+
+def test_decode_skips_an_attribute_cut_short() -> None:
+    data = nflog_message([["NFULA_PREFIX", "hostwall:ssh"], ["NFULA_PAYLOAD", SSH_V4]])
+    cut = data[:-8]  # the payload attribute claims more bytes than the message holds
+    assert _decode(cut) == LoggedPacket("hostwall:ssh", None, b"", None, None)
 
 
 def test_messages_walks_concatenated_messages_with_padding() -> None:
@@ -281,6 +409,60 @@ def test_messages_stops_at_a_length_below_the_header() -> None:
     assert list(_messages(memoryview(whole + broken))) == [(PACKET_TYPE, 1, 0, len(whole))]
     zero = struct.pack("=IHHII", 0, PACKET_TYPE, 0, 2, 0)
     assert list(_messages(memoryview(zero + whole))) == []
+
+
+# --- reading a socket in bounded batches ------------------------------------------------
+
+
+def _datagram(sequences: Iterable[int]) -> bytes:
+    """What one receive from an NFLOG socket returns: several logged packets in a row."""
+    return b"".join(nflog_message([["NFULA_PREFIX", "hostwall:https"], ["NFULA_PAYLOAD", SSH_V4],
+                                   ["NFULA_SEQ", sequence]], sequence) for sequence in sequences)
+
+
+@pytest.fixture
+def datagrams() -> Iterator[tuple[socket.socket, socket.socket]]:
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    yield sender, receiver
+    sender.close()
+    receiver.close()
+
+
+def test_a_read_returns_at_most_the_bound_and_the_next_reads_the_rest(
+        datagrams: tuple[socket.socket, socket.socket]) -> None:
+    """A socket that holds more than one read may return (as under a flood, when it never
+    runs dry) is read in batches of at most max_packets, in order, nothing lost; the rest
+    of a datagram cut by the bound comes first in the next read, which does not wait."""
+    sender, receiver = datagrams
+    for first in range(0, 320, 40):
+        sender.send(_datagram(range(first, first + 40)))
+    stream = NflogStream(receiver, 50, bytearray(1 << 16))
+    batches = []
+    for _ in range(20):  # bounded: 320 packets need 7 reads
+        result = stream.read(0.0)
+        assert result.lost == 0
+        if not result.packets:
+            break
+        batches.append([packet.sequence for packet in result.packets])
+    assert [len(batch) for batch in batches] == [50] * 6 + [20]
+    assert [sequence for batch in batches for sequence in batch] == list(range(320))
+
+
+def test_a_sequence_gap_is_counted_as_lost_once(datagrams: tuple[socket.socket, socket.socket]) -> None:
+    sender, receiver = datagrams
+    sender.send(_datagram(range(10)))
+    sender.send(_datagram(range(15, 20)))  # the kernel could not deliver 10-14
+    stream = NflogStream(receiver, 8, bytearray(1 << 16))
+    results = [stream.read(0.0) for _ in range(3)]
+    assert [len(r.packets) for r in results] == [8, 7, 0]
+    assert sum(r.lost for r in results) == 5
+
+
+def test_a_read_with_nothing_to_read_waits_at_most_its_timeout(
+        datagrams: tuple[socket.socket, socket.socket]) -> None:
+    _, receiver = datagrams
+    stream = NflogStream(receiver, 8, bytearray(1 << 16))
+    assert stream.read(0.01) == ReadResult()
 
 
 # --- journald sink ----------------------------------------------------------------------
