@@ -402,6 +402,23 @@ class IntervalSet(Sequence[Interval]):
     def __len__(self) -> int:
         return len(self.ranges) // self.record_size
 
+    def partition_singles(self) -> tuple[IntervalSet, IntervalSet]:
+        """(the intervals that are single addresses, the wider ones), each in this order."""
+        firsts, lasts = self.bounds()
+        singles = [index for index, (first, last) in enumerate(zip(firsts, lasts, strict=True)) if first == last]
+        if len(singles) in (0, len(self)):
+            empty = IntervalSet(self.family, ordered=True)
+            return (self, empty) if singles else (empty, self)
+        chosen = set(singles)
+        wider = [index for index in range(len(self)) if index not in chosen]
+        return self._pick(singles), self._pick(wider)
+
+    def _pick(self, indices: list[int]) -> IntervalSet:
+        size, ranges, expiries = self.record_size, self.ranges, self.expiries
+        picked = b"".join([ranges[i * size:(i + 1) * size] for i in indices])
+        times = None if expiries is None else b"".join([expiries[i * 8:(i + 1) * 8] for i in indices])
+        return IntervalSet(self.family, picked, times, ordered=self.ordered)
+
     def bounds(self) -> tuple[list[int], list[int]]:
         """The first and the last address of every interval."""
         return _decode_ranges(self.family, self.ranges)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from hostwall.cidr import Interval
 from hostwall.errors import KernelRejected
 from hostwall.kernel import Counter, KernelTable
-from hostwall.ruleset import GENERATION_SET, Delta, render_removal, timeout_seconds
+from hostwall.ruleset import GENERATION_SET, Delta, logical_set_name, render_removal, timeout_seconds
 
 _SET_OPEN = re.compile(r"^\tset (\w+) \{$")
 _ELEMENTS = re.compile(r"^\t\telements = \{ (.*) \}$")
@@ -112,15 +112,16 @@ def _parse_full_load(text: str) -> _Table:
         if match := _COUNTER.match(line):
             table.counters[match[1]] = Counter(0, 0)
         elif match := _SET_OPEN.match(line):
-            current_set = match[1]
-            table.sets[current_set] = ()
+            # Like NftBackend's listing: a hash set of single addresses joins its set.
+            current_set = logical_set_name(match[1])
+            table.sets.setdefault(current_set, ())
         elif current_set == GENERATION_SET and (match := _ELEMENTS.match(line)):
             table.marker = int(match[1])
             continue
         elif current_set and (match := _ELEMENTS.match(line)):
             family = 4 if current_set.endswith("_v4") else 6
             table.sets[current_set] = tuple(
-                sorted(_element(family, item) for item in match[1].split(", "))
+                sorted((*table.sets[current_set], *(_element(family, item) for item in match[1].split(", "))))
             )
             continue
         elif line == "\t}":

@@ -21,7 +21,15 @@ from hostwall.errors import (
 )
 from hostwall.kernel import Counter, KernelTable
 from hostwall.nftnl import NetlinkTable
-from hostwall.ruleset import TABLE_FAMILY, TABLE_NAME, Delta, TableObjects, render_clearing, render_replacement
+from hostwall.ruleset import (
+    TABLE_FAMILY,
+    TABLE_NAME,
+    Delta,
+    TableObjects,
+    logical_set_name,
+    render_clearing,
+    render_replacement,
+)
 
 _TABLE = f"{TABLE_FAMILY} {TABLE_NAME}"
 
@@ -137,7 +145,8 @@ def parse_listing(document: dict[str, Any]) -> tuple[dict[str, Counter], dict[st
             counters[body["name"]] = Counter(body.get("packets", 0), body.get("bytes", 0))
         elif kind == "set" and body["type"] in ("ipv4_addr", "ipv6_addr"):
             family = 4 if body["type"] == "ipv4_addr" else 6
-            sets[body["name"]] = tuple(sorted(_interval(family, e) for e in body.get("elem", [])))
+            name = logical_set_name(body["name"])  # a hash set of single addresses joins its set
+            sets[name] = tuple(sorted((*sets.get(name, ()), *(_interval(family, e) for e in body.get("elem", [])))))
     return counters, sets
 
 
@@ -156,7 +165,7 @@ def parse_element_packets(document: dict[str, Any]) -> dict[str, dict[tuple[int,
                 interval = _interval(family, element)
                 counted[(interval.first, interval.last)] = int(counter.get("packets", 0))
         if counted or any("counter" in statement for statement in body.get("stmt", [])):
-            packets[body["name"]] = counted
+            packets.setdefault(logical_set_name(body["name"]), {}).update(counted)
     return packets
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from hostwall import netns
 from hostwall.cidr import Interval, family_max
 from hostwall.errors import KernelError, KernelRejected, KernelUnavailable, PermissionDenied
-from hostwall.ruleset import GENERATION_SET, TABLE_NAME, Delta, TableObjects, timeout_seconds
+from hostwall.ruleset import GENERATION_SET, TABLE_NAME, Delta, TableObjects, hosts_set_name, timeout_seconds
 
 NFPROTO_INET = 1
 NETLINK_NETFILTER = 12
@@ -248,12 +248,17 @@ class NetlinkTable:
         messages = [self._batch_message(NFNL_MSG_BATCH_BEGIN)]
         messages += self._element_messages(NFT_MSG_DELSETELEM, GENERATION_SET,
                                            [_marker_element(delta.from_generation)])
-        for set_delta in delta.sets:
-            elements = [e for i in set_delta.remove for e in _interval_elements(i, now, with_timeout=False)]
-            messages += self._element_messages(NFT_MSG_DELSETELEM, set_delta.set_name, elements)
-        for set_delta in delta.sets:
-            elements = [e for i in set_delta.add for e in _interval_elements(i, now, with_timeout=True)]
-            messages += self._element_messages(NFT_MSG_NEWSETELEM, set_delta.set_name, elements)
+        removals = [(change.set_name, change.remove) for change in delta.sets]
+        additions = [(change.set_name, change.add) for change in delta.sets]
+        for kind, changes, with_timeout in ((NFT_MSG_DELSETELEM, removals, False),
+                                            (NFT_MSG_NEWSETELEM, additions, True)):
+            for set_name, intervals in changes:
+                # Single addresses live in the hash set beside the interval set (HOSTS_SUFFIX).
+                hosts = [_host_element(i, now, with_timeout=with_timeout) for i in intervals if i.first == i.last]
+                messages += self._element_messages(kind, hosts_set_name(set_name), hosts)
+                elements = [e for i in intervals if i.first != i.last
+                            for e in _interval_elements(i, now, with_timeout=with_timeout)]
+                messages += self._element_messages(kind, set_name, elements)
         messages += self._element_messages(NFT_MSG_NEWSETELEM, GENERATION_SET,
                                            [_marker_element(delta.to_generation)])
         messages.append(self._batch_message(NFNL_MSG_BATCH_END))
@@ -414,11 +419,20 @@ _INTERVAL_OPEN = _attribute(NFTA_SET_ELEM_USERDATA, bytes((NFTNL_UDATA_SET_ELEM_
 _INTERVAL_END = _attribute(NFTA_SET_ELEM_FLAGS, struct.pack(">I", NFT_SET_ELEM_INTERVAL_END))
 
 
+def _timeout(interval: Interval, now: float, with_timeout: bool) -> bytes:
+    if with_timeout and interval.expires != float("inf"):
+        return _attribute(NFTA_SET_ELEM_TIMEOUT, struct.pack(">Q", timeout_seconds(interval, now) * 1000))
+    return b""
+
+
+def _host_element(interval: Interval, now: float, *, with_timeout: bool) -> bytes:
+    """A single address in the hash set beside the interval set (see HOSTS_SUFFIX)."""
+    return _element(_address_bytes(interval.family, interval.first), _timeout(interval, now, with_timeout))
+
+
 def _interval_elements(interval: Interval, now: float, *, with_timeout: bool) -> list[bytes]:
     """The kernel form of one interval: a start element and an end element one past it."""
-    timeout = b""
-    if with_timeout and interval.expires != float("inf"):
-        timeout = _attribute(NFTA_SET_ELEM_TIMEOUT, struct.pack(">Q", timeout_seconds(interval, now) * 1000))
+    timeout = _timeout(interval, now, with_timeout)
     start = _address_bytes(interval.family, interval.first)
     if interval.last == family_max(interval.family):
         return [_element(start, timeout, _INTERVAL_OPEN)]

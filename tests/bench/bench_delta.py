@@ -146,6 +146,12 @@ def fresh_cidr(family: int, index: int) -> str:
     return f"{ipaddress.IPv6Address((0x20010DB8FFFF << 80) | ((index + 1) << 64))}/64"
 
 
+def kernel_set(set_name: str, cidr: str) -> str:
+    """The kernel set an element of set_name is in: single addresses are in its hash set."""
+    network = ipaddress.ip_network(cidr)
+    return f"{set_name}_hosts" if network.prefixlen == network.max_prefixlen else set_name
+
+
 def element(cidr: str) -> str:
     """A CIDR as nft writes an element (a /32 or /128 is the address alone)."""
     network = ipaddress.ip_network(cidr)
@@ -432,17 +438,18 @@ def _measure(scenario: Scenario, netns_name: str, hostwall: Hostwall, policy_dir
 
     # (d) the same changes through the nft CLI; in pairs that leave the kernel as recorded
     for _ in range(repeat):
-        cidr = element(fresh_cidr(family, next(counter)))
+        fresh = fresh_cidr(family, next(counter))
+        cidr, in_kernel = element(fresh), kernel_set(set_name, fresh)
         row("nft_add", f"(d) nft add element (IPv{family})").runs.append(
-            nft("add", "element", "inet", "hostwall", set_name, f"{{ {cidr} }}"))
+            nft("add", "element", "inet", "hostwall", in_kernel, f"{{ {cidr} }}"))
         row("nft_delete", f"(d) nft delete element (IPv{family})").runs.append(
-            nft("delete", "element", "inet", "hostwall", set_name, f"{{ {cidr} }}"))
-    recorded = element(lines[position])
+            nft("delete", "element", "inet", "hostwall", in_kernel, f"{{ {cidr} }}"))
+    recorded = lines[position]
     for _ in range(max(1, repeat // 2)):
-        other = element(fresh_cidr(family, next(counter)))
+        other = fresh_cidr(family, next(counter))
         for old, new in ((recorded, other), (other, recorded)):
-            batch = (f"delete element inet hostwall {set_name} {{ {old} }}\n"
-                     f"add element inet hostwall {set_name} {{ {new} }}\n")
+            batch = (f"delete element inet hostwall {kernel_set(set_name, old)} {{ {element(old)} }}\n"
+                     f"add element inet hostwall {kernel_set(set_name, new)} {{ {element(new)} }}\n")
             row("nft_replace", f"(d) nft -f: delete + add element (IPv{family})",
                 "as the list-line change").runs.append(nft("-f", "-", stdin=batch))
     log("  nft element changes done")

@@ -1,7 +1,7 @@
 """Benchmark: the packet path. TCP connections per second from an allowed client
 namespace to a listener on 443 in a server namespace, with hostwall's 100k policy
 loaded, against no firewall at all, a one-rule-per-address ruleset (what ufw-style
-tools produce) and an alternative set layout.
+tools produce) and hostwall's earlier set layout.
 
     sudo .venv/bin/python tests/bench/bench_packet.py [--entries N] [--rounds R] [--seconds S] [--json PATH]
 
@@ -15,14 +15,13 @@ Conditions (all in the server namespace, loaded with nft -f after `flush ruleset
   none      no ruleset at all
   hostwall  the transaction text `hostwall apply` recorded for the policy: N IPv4 and
             N/4 IPv6 prefixes from `file:` lists, the client among the https entries
-  split     the same, with the single IPv4 addresses in a hash set (no interval flag)
-            and the prefixes in the interval set, the client in the hash set; a layout
-            hostwall does not use, measured so that the choice can be made on numbers
+            (single addresses in hash sets, ranges in interval sets, the allowlist
+            before the fib rule)
+  interval  the same in hostwall's earlier layout: one interval set per family and the
+            fib rule first; measured so that the choice is made on numbers
   rules     hostwall's text with every set empty but for the client: what the chain
             costs apart from the size of the sets
-  nofib     hostwall's text without the `fib daddr type != local return` rule (a route
-            lookup per packet): what that rule costs with the full sets
-  allowfirst  the allowlist rules in front of the fib rule
+  nofib     hostwall's text without the `fib daddr type != local return` rule
   nocounter hostwall's text without the named counter on the accept rules
   linear    10k rules `ip saddr X accept` (iptables-nft makes the same expressions),
             the client's rule last, stateless like hostwall's chain: every packet
@@ -74,31 +73,39 @@ def linear_ruleset(entries: list[str], client: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-_SET_BLOCK = re.compile(r"\tset (?P<name>\w+_v4) \{\n(?P<head>(?:\t\t(?!elements)[^\n]*\n)*)"
-                        r"\t\telements = \{ (?P<elements>[^}]*) \}\n\t\}\n")
+_HOSTS_BLOCK = re.compile(r"\tset (?P<name>\w+)_hosts \{\n(?:\t\t(?!elements)[^\n]*\n)*"
+                          r"(?:\t\telements = \{ (?P<elements>[^}]*) \}\n)?\t\}\n")
+_SET_END = "\t}\n"
 
 
-def split_layout(text: str) -> str:
-    """hostwall's text with each IPv4 set's single addresses moved to a hash set, looked
-    up first, and its prefixes left in the interval set."""
+def one_interval_set(text: str) -> str:
+    """hostwall's text in its earlier layout: each family's single addresses back in the
+    interval set, no hash sets, and the fib rule in front of the allowlist."""
+    hosts: dict[str, str] = {}
 
-    def split(match: re.Match[str]) -> str:
-        name, elements = match["name"], match["elements"].split(", ")
-        hosts = [e.removesuffix("/32") for e in elements if "/" not in e or e.endswith("/32")]
-        prefixes = [e for e in elements if "/" in e and not e.endswith("/32")]
-        block = f"\tset {name}_hosts {{\n\t\ttype ipv4_addr\n"
-        if hosts:
-            block += "\t\telements = { " + ", ".join(hosts) + " }\n"
-        block += f"\t}}\n\tset {name} {{\n{match['head']}"
-        if prefixes:
-            block += "\t\telements = { " + ", ".join(prefixes) + " }\n"
-        return block + "\t}\n"
+    def drop_hosts(match: re.Match[str]) -> str:
+        if match["elements"]:
+            items = (item.split(" ", 1) for item in match["elements"].split(", "))
+            hosts[match["name"]] = ", ".join(" ".join([f"{item[0]}/{128 if ':' in item[0] else 32}", *item[1:]])
+                                             for item in items)
+        return ""
 
-    result, count = _SET_BLOCK.subn(split, text)
-    if count == 0:
-        raise RuntimeError("no IPv4 set found in hostwall's text")
-    return re.sub(r"(\t\tip saddr @(\w+_v4) (counter name \"\w+\" accept)\n)",
-                  lambda m: f"\t\tip saddr @{m[2]}_hosts {m[3]}\n{m[1]}", result)
+    result = _HOSTS_BLOCK.sub(drop_hosts, text)
+    if result == text:
+        raise RuntimeError("no hash set of single addresses in hostwall's text")
+    for name, elements in hosts.items():
+        head = f"\tset {name} {{\n"
+        start = result.index(head)
+        end = result.index(_SET_END, start)
+        body = result[start:end]
+        if "\t\telements = { " in body:
+            body = body.replace(" }\n", f", {elements} }}\n")
+        else:
+            body += f"\t\telements = {{ {elements} }}\n"
+        result = result[:start] + body + result[end:]
+    result = re.sub(r"\t\tip6? saddr @\w+_hosts [^\n]*\n", "", result)
+    return re.sub(r"((?:\t\tip6? saddr @\w+ counter name \"\w+\" accept\n)+)(\t\tfib daddr type != local return\n)",
+                  lambda m: m[2] + m[1], result)
 
 
 _ELEMENTS = re.compile(r"\t\telements = \{ [^}]* \}\n")
@@ -108,26 +115,13 @@ def rules_only(text: str, client: str) -> str:
     """hostwall's text with its address sets emptied (the generation marker kept) and
     the client added back to https_v4."""
     emptied = _ELEMENTS.sub(lambda m: m[0] if "generation=" in text[max(0, m.start() - 200):m.start()] else "", text)
-    return emptied + f"add element inet hostwall https_v4 {{ {client} }}\n"
+    return emptied + f"add element inet hostwall https_v4_hosts {{ {client} }}\n"
 
 
 def without_fib(text: str) -> str:
     result = text.replace("\t\tfib daddr type != local return\n", "")
     if result == text:
         raise RuntimeError("no fib rule found in hostwall's text")
-    return result
-
-
-_FIB_THEN_ALLOW = re.compile(r"(\t\tfib daddr type != local return\n)"
-                             r"((?:\t\tip6? saddr @\w+ counter name \"\w+\" accept\n)+)")
-
-
-def allow_first(text: str) -> str:
-    """hostwall's text with the allowlist rules in front of the fib rule: an allowed
-    packet is accepted before any route lookup."""
-    result, count = _FIB_THEN_ALLOW.subn(lambda m: m[2] + m[1], text)
-    if count == 0:
-        raise RuntimeError("no fib rule followed by allowlist rules in hostwall's text")
     return result
 
 
@@ -152,6 +146,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="per condition and round")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--json", type=Path, default=Path("/tmp/hostwall-bench-packet.json"))
+    parser.add_argument("--conditions", default="", help="only these conditions (comma-separated) besides none")
     args = parser.parse_args()
     if not (1 <= args.rounds <= 20 and 0.5 <= args.seconds <= 30 and 1 <= args.processes <= 16):
         parser.error("--rounds 1-20, --seconds 0.5-30, --processes 1-16")
@@ -164,13 +159,14 @@ def main() -> int:
         write_policy(work / "policy", entries, lists=True, extra={"https": [f"{lab.client_ipv4}/32"]})
         run(hostwall(server, work / "policy", work / "state", "apply", "-m", "bench"))
         texts = {"none": "", "hostwall": recorded_transaction(work / "state")}
-        texts["split"] = split_layout(texts["hostwall"])
+        texts["interval"] = one_interval_set(texts["hostwall"])
         texts["rules"] = rules_only(texts["hostwall"], lab.client_ipv4)
         texts["nofib"] = without_fib(texts["hostwall"])
-        texts["allowfirst"] = allow_first(texts["hostwall"])
         texts["nocounter"] = without_accept_counter(texts["hostwall"])
         ipv4 = [e.cidr for e in entries if ":" not in e.cidr]
         texts["linear"] = linear_ruleset(ipv4[:LINEAR_RULES], lab.client_ipv4)
+        if args.conditions:
+            texts = {name: text for name, text in texts.items() if name in {"none", *args.conditions.split(",")}}
         for name, text in texts.items():
             (work / f"{name}.nft").write_text(text)
         budget = (args.seconds + 5) * len(texts) * args.rounds + 60
@@ -199,23 +195,24 @@ def main() -> int:
         print("warning: the root namespace's tables changed during the run (another process?)", file=sys.stderr)
     none = median(rates["none"])
     size = f"{args.entries // 1000}k"
+    # condition -> (figure name, target, note)
+    described: dict[str, tuple[str, float | None, str]] = {
+        "hostwall": (f"hostwall {size} policy loaded", 0.95,
+                     "single addresses in a hash set, ranges in an interval set, allowlist before fib"),
+        "interval": (f"one interval set per family {size}, fib first", None,
+                     "hostwall's earlier layout; measured for the choice"),
+        "rules": ("hostwall's chain with 1-element sets", None, "the chain's cost apart from the sets' size"),
+        "nofib": (f"hostwall {size} without the fib rule", None, "not hostwall's ruleset; the route lookup's share"),
+        "nocounter": (f"hostwall {size} without the accept counter", None, "the named counter's share"),
+        "linear": (f"{LINEAR_RULES // 1000}k one-rule-per-address rules", None,
+                   "ufw-style, stateless, client's rule last"),
+    }
     figures: list[Figure] = [
         Figure("4 packet path", "TCP connections/s, no firewall", none, "conn/s",
                note=f"{args.processes} client processes, {args.seconds:g} s x {args.rounds} rounds"),
-        ratio_figure("4 packet path", f"hostwall {size} policy loaded", median(rates["hostwall"]), none,
-                     "no firewall", "conn/s", at_least=0.95, note="one interval set per family (hostwall's layout)"),
-        ratio_figure("4 packet path", f"split layout {size} (hash set + interval set)", median(rates["split"]),
-                     none, "no firewall", "conn/s", note="not hostwall's layout; measured for the choice"),
-        ratio_figure("4 packet path", "hostwall's chain with 1-element sets", median(rates["rules"]), none,
-                     "no firewall", "conn/s", note="the chain's cost apart from the sets' size"),
-        ratio_figure("4 packet path", f"hostwall {size} without the fib rule", median(rates["nofib"]), none,
-                     "no firewall", "conn/s", note="not hostwall's ruleset; the route lookup's share"),
-        ratio_figure("4 packet path", f"hostwall {size}, allowlist before the fib rule", median(rates["allowfirst"]),
-                     none, "no firewall", "conn/s", note="an allowed packet needs no route lookup"),
-        ratio_figure("4 packet path", f"hostwall {size} without the accept counter", median(rates["nocounter"]),
-                     none, "no firewall", "conn/s", note="the named counter's share"),
-        ratio_figure("4 packet path", f"{LINEAR_RULES // 1000}k one-rule-per-address rules", median(rates["linear"]),
-                     none, "no firewall", "conn/s", note="ufw-style, stateless, client's rule last"),
+        *(ratio_figure("4 packet path", name, median(rates[condition]), none, "no firewall", "conn/s",
+                       at_least=target, note=note)
+          for condition, (name, target, note) in described.items() if condition in rates),
     ]
     write_figures(args.json, figures, {"rates": rates})
     for figure in figures:

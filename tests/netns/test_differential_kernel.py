@@ -70,7 +70,10 @@ def kernel_sets(nft: Nft) -> Sets:
             else:
                 first, last = (_address(family, a) for a in element["range"])
             elements.append((first, last, expiry))
-        sets[body["name"]] = sorted(elements)
+        # The layout: single addresses in NAME_hosts (a hash set), wider ranges in NAME.
+        name, hosts = body["name"].removesuffix("_hosts"), body["name"].endswith("_hosts")
+        assert all((first == last) == hosts for first, last, _ in elements), f"{body['name']}: {elements}"
+        sets[name] = sorted(sets.get(name, []) + elements)
     return sets
 
 

@@ -323,7 +323,7 @@ def test_delta_refused_by_the_kernel_falls_back_to_a_full_load(
     _write(policy_dir, [_entry(f"{lab.allowed.ipv4}/32")], extra_file=["10.200.0.0/24", "10.200.1.1/32"])
     engine.apply(load_policy(policy_dir), user="t", message="base")
     # An element removed by hand: the delta's delete of it fails, the kernel aborts the batch.
-    nft("delete", "element", "inet", "hostwall", "https_v4", "{ 10.200.1.1 }")
+    nft("delete", "element", "inet", "hostwall", "https_v4_hosts", "{ 10.200.1.1 }")
     _write(policy_dir, [_entry(f"{lab.allowed.ipv4}/32")], extra_file=["10.200.0.0/24"])
     result = engine.apply(load_policy(policy_dir), user="t", message="shrink")
     assert (result.applied, result.method) == (True, "full")

@@ -160,6 +160,9 @@ def test_the_loaded_table_has_the_designed_structure(
     assert {name: (s["type"], s.get("flags")) for name, s in sets.items()} == {
         "https_v4": ("ipv4_addr", ["interval"]), "https_v6": ("ipv6_addr", ["interval"]),
         "postgres_v4": ("ipv4_addr", ["interval"]), "postgres_v6": ("ipv6_addr", ["interval"]),
+        # Single addresses: hash sets, one lookup whatever their size.
+        "https_v4_hosts": ("ipv4_addr", None), "https_v6_hosts": ("ipv6_addr", None),
+        "postgres_v4_hosts": ("ipv4_addr", None), "postgres_v6_hosts": ("ipv6_addr", None),
     }
     # The label of the full load is the generation set's comment.
     status_code, status = cli_json("status")

@@ -32,15 +32,17 @@ def _write(policy_dir: Path, cidrs: list[tuple[str, str]], *, counters: bool = T
 
 
 def _element_packets(nft: Nft) -> dict[str, int | None]:
-    """Each element of postgres_v4 and its packet counter (None: the element has none)."""
-    listing = json.loads(nft("-j", "list", "set", "inet", "hostwall", "postgres_v4").stdout)
-    body = next(item["set"] for item in listing["nftables"] if "set" in item)
+    """Each element of postgres_v4 (single addresses: postgres_v4_hosts) and its packet
+    counter (None: the element has none)."""
     result: dict[str, int | None] = {}
-    for element in body.get("elem", []):
-        value = element["elem"]["val"] if isinstance(element, dict) and "elem" in element else element
-        text = f"{value['prefix']['addr']}/{value['prefix']['len']}" if isinstance(value, dict) else f"{value}/32"
-        counter = element["elem"].get("counter") if isinstance(element, dict) and "elem" in element else None
-        result[text] = counter["packets"] if counter else None
+    for set_name in ("postgres_v4_hosts", "postgres_v4"):
+        listing = json.loads(nft("-j", "list", "set", "inet", "hostwall", set_name).stdout)
+        body = next(item["set"] for item in listing["nftables"] if "set" in item)
+        for element in body.get("elem", []):
+            value = element["elem"]["val"] if isinstance(element, dict) and "elem" in element else element
+            text = f"{value['prefix']['addr']}/{value['prefix']['len']}" if isinstance(value, dict) else f"{value}/32"
+            counter = element["elem"].get("counter") if isinstance(element, dict) and "elem" in element else None
+            result[text] = counter["packets"] if counter else None
     return result
 
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from bench.bench_packet import split_layout
+from bench.bench_packet import one_interval_set
 from bench.common import generate_entries, write_policy
 
 from hostwall.compile import compile_policy
@@ -56,9 +56,21 @@ def test_overlaps_are_merged_away(tmp_path: Path) -> None:
     assert 0.9 * len(entries) - 1 <= count < len(entries)
 
 
-def test_split_layout_moves_single_addresses_to_a_hash_set(tmp_path: Path) -> None:
+def test_one_interval_set_is_the_earlier_layout_with_the_same_elements(tmp_path: Path) -> None:
     write_policy(tmp_path, generate_entries(200), lists=True, extra={"https": ["10.99.1.2/32"]})
-    text = split_layout(render_full_load(compile_policy(load_policy(tmp_path, NOW)), 1, NOW.timestamp()))
-    hosts = text.split("set https_v4_hosts {", 1)[1].split("}", 1)[0]
-    assert "10.99.1.2" in hosts and "/" not in hosts
-    assert text.index("ip saddr @https_v4_hosts") < text.index("ip saddr @https_v4 ")
+    text = render_full_load(compile_policy(load_policy(tmp_path, NOW)), 1, NOW.timestamp())
+    earlier = one_interval_set(text)
+    assert "_hosts" not in earlier
+    https_v4 = earlier.split("set https_v4 {", 1)[1].split("}", 1)[0]
+    assert "10.99.1.2/32" in https_v4
+    chain = earlier.split("chain svc_https {", 1)[1]
+    assert chain.index("fib daddr type != local return") < chain.index("ip saddr @https_v4 ")
+
+    def elements(rendered: str) -> set[str]:
+        found = set()
+        for block in rendered.split("elements = { ")[2:]:  # the first is the generation marker
+            for item in block.split(" }", 1)[0].split(", "):
+                found.add(item if "/" in item else f"{item}/{128 if ':' in item else 32}")
+        return found
+
+    assert elements(earlier) == elements(text)

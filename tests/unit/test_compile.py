@@ -117,10 +117,11 @@ def test_ingress_chain_accepts_loopback_then_dispatches_by_port_with_rules() -> 
 def test_strict_source_drops_reverse_path_failures_before_the_allowlist() -> None:
     strict = dataclasses.replace(golden_ruleset(), strict_source=True)
     text = render_full_load(strict, 7, FIXED.timestamp())
+    # Forwarded traffic skips the spoof check too, so the route lookup stays first here.
     assert chain(text, "svc_https")[:3] == [
         "fib daddr type != local return",
         'fib saddr . iif oif missing counter name "https_dropped" drop',
-        'ip saddr @https_v4 counter name "https_accepted" accept',
+        'ip saddr @https_v4_hosts counter name "https_accepted" accept',
     ]
     assert "fib saddr" not in golden_text()
     assert strict.digest != golden_ruleset().digest
@@ -129,9 +130,11 @@ def test_strict_source_drops_reverse_path_failures_before_the_allowlist() -> Non
 
 def test_service_chain_filters_only_local_traffic_and_logs_rate_limited() -> None:
     assert chain(golden_text(), "svc_https") == [
-        "fib daddr type != local return",
+        'ip saddr @https_v4_hosts counter name "https_accepted" accept',
         'ip saddr @https_v4 counter name "https_accepted" accept',
+        'ip6 saddr @https_v6_hosts counter name "https_accepted" accept',
         'ip6 saddr @https_v6 counter name "https_accepted" accept',
+        "fib daddr type != local return",
         'limit rate 5/second burst 15 packets log prefix "hostwall:https" group 42',
         'counter name "https_dropped" drop',
     ]
@@ -155,18 +158,23 @@ def test_every_service_has_both_families_and_both_counters_even_when_empty() -> 
 
 def test_sets_hold_merged_elements_and_timeouts_without_auto_merge() -> None:
     text = golden_text()
-    assert set_body(text, "https_v4")[-1] == (
-        "elements = { 192.0.2.1-192.0.2.3, 198.51.100.0/24, 203.0.113.45/32 }"
-    )
+    # Single addresses in the hash set, wider ranges in the interval set.
+    assert set_body(text, "https_v4_hosts") == ["type ipv4_addr", "elements = { 203.0.113.45 }"]
+    assert set_body(text, "https_v4")[-1] == "elements = { 192.0.2.1-192.0.2.3, 198.51.100.0/24 }"
     assert set_body(text, "https_v6")[-1] == (
         "elements = { 2001:db8:c::/48, "
         "2001:db8:11::-2001:db8:12:ffff:ffff:ffff:ffff:ffff }"
     )
     # 2027-01-01T00:00:00Z is 214 days after FIXED.
+    assert set_body(text, "metrics_v4_hosts") == [
+        "type ipv4_addr",
+        "flags timeout",
+        "elements = { 10.0.9.5 timeout 214d }",
+    ]
     assert set_body(text, "metrics_v4") == [
         "type ipv4_addr",
         "flags interval, timeout",
-        "elements = { 10.0.9.5/32 timeout 214d, 10.0.9.8/29 }",
+        "elements = { 10.0.9.8/29 }",
     ]
 
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hostwall.cidr import Interval, IntervalSet, common_bytes, family_max, merge_intervals
-from hostwall.ruleset import element_texts, render_element
+from hostwall.ruleset import element_texts, host_texts, render_element, render_host
 
 EXPIRIES = st.sampled_from([math.inf, math.inf, 1000.0, 2000.0, 1500.5])
 
@@ -225,3 +225,18 @@ def test_a_replacement_far_away_decodes_only_the_changed_records(monkeypatch: py
     monkeypatch.setattr(IntervalSet, "__iter__", counting)
     assert old.diff(new) == ((base[0],), (Interval(4, 10**6, 10**6),))
     assert sum(decoded) < 200
+
+
+@given(st.sampled_from([4, 6]).flatmap(lambda family: st.tuples(st.just(family), merged(family))), st.booleans())
+@BOUNDED
+def test_partition_singles_splits_in_order_and_hosts_render_as_addresses(
+    case: tuple[int, list[Interval]], permanent: bool
+) -> None:
+    family, items = case
+    if permanent:
+        items = [Interval(i.family, i.first, i.last) for i in items]
+    singles, wider = IntervalSet.of(family, items).partition_singles()
+    assert list(singles) == [i for i in items if i.first == i.last]
+    assert list(wider) == [i for i in items if i.first != i.last]
+    assert host_texts(singles, 500.0) == [render_host(i, 500.0) for i in singles]
+    assert all("/" not in text for text in host_texts(singles, 500.0))
