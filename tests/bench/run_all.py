@@ -10,7 +10,7 @@ own network namespaces (hwbench-*) and removes them at the end, also on failure:
            (bench_apply.py; --large adds 300k)
   delta    2 one entry of a 100k set changed, vs a full reload and vs nft add element
            (bench_delta.py)
-  packet   4 TCP connections/s with the 100k policy vs no firewall, a split set layout
+  packet   4 TCP connections/s with the 100k policy vs no firewall, the earlier set layout
            and 10k one-rule-per-address rules (bench_packet.py)
   droplog  5 a 200k-datagram flood at 50k/s and as fast as sent, against the agent
            and journald (bench_droplog.py)
