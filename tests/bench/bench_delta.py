@@ -146,6 +146,14 @@ def fresh_cidr(family: int, index: int) -> str:
     return f"{ipaddress.IPv6Address((0x20010DB8FFFF << 80) | ((index + 1) << 64))}/64"
 
 
+def fresh_prefix(family: int, index: int) -> str:
+    """A /30 (IPv4) or /64 (IPv6) no list holds and fresh_cidr never gives: an element of
+    the interval set, where a single address goes to the hash set."""
+    if family == 4:
+        return f"{ipaddress.IPv4Address((198 << 24) | (19 << 16) | 0x8000 | (index * 4 % 0x8000))}/30"
+    return f"{ipaddress.IPv6Address((0x20010DB8FFFE << 80) | ((index + 1) << 64))}/64"
+
+
 def kernel_set(set_name: str, cidr: str) -> str:
     """The kernel set an element of set_name is in: single addresses are in its hash set."""
     network = ipaddress.ip_network(cidr)
@@ -438,12 +446,13 @@ def _measure(scenario: Scenario, netns_name: str, hostwall: Hostwall, policy_dir
 
     # (d) the same changes through the nft CLI; in pairs that leave the kernel as recorded
     for _ in range(repeat):
-        fresh = fresh_cidr(family, next(counter))
-        cidr, in_kernel = element(fresh), kernel_set(set_name, fresh)
-        row("nft_add", f"(d) nft add element (IPv{family})").runs.append(
-            nft("add", "element", "inet", "hostwall", in_kernel, f"{{ {cidr} }}"))
-        row("nft_delete", f"(d) nft delete element (IPv{family})").runs.append(
-            nft("delete", "element", "inet", "hostwall", in_kernel, f"{{ {cidr} }}"))
+        for fresh, kind in ((fresh_cidr(family, next(counter)), ""), (fresh_prefix(family, next(counter)), "_prefix")):
+            cidr, in_kernel = element(fresh), kernel_set(set_name, fresh)
+            label = f"{in_kernel}, {'a prefix' if kind else 'as the inline change'}"
+            row(f"nft_add{kind}", f"(d) nft add element (IPv{family}, {label})").runs.append(
+                nft("add", "element", "inet", "hostwall", in_kernel, f"{{ {cidr} }}"))
+            row(f"nft_delete{kind}", f"(d) nft delete element (IPv{family}, {label})").runs.append(
+                nft("delete", "element", "inet", "hostwall", in_kernel, f"{{ {cidr} }}"))
     recorded = lines[position]
     for _ in range(max(1, repeat // 2)):
         other = fresh_cidr(family, next(counter))
