@@ -4,6 +4,7 @@ concurrency, element deltas and expiry. Every kernel call goes to the lab's name
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bench.bench_packet import one_interval_set
 from netns_support import COMMAND_TIMEOUT, Cli, Nft, output, reach
 
 from hostwall.compile import compile_policy
@@ -327,6 +329,39 @@ def test_delta_refused_by_the_kernel_falls_back_to_a_full_load(
     _write(policy_dir, [_entry(f"{lab.allowed.ipv4}/32")], extra_file=["10.200.0.0/24"])
     result = engine.apply(load_policy(policy_dir), user="t", message="shrink")
     assert (result.applied, result.method) == (True, "full")
+    assert not engine.status().drift
+    assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
+
+
+def test_a_table_in_the_earlier_layout_is_converted_by_the_first_refused_delta(
+    lab: Lab, policy_dir: Path, state_dir: Path, backend: NftBackend, nft: Nft
+) -> None:
+    """What an earlier hostwall left: one interval set per family, fib first, and that
+    table's fingerprint in the state directory. A delta of ranges still applies to it;
+    the first delta with a single address is refused (there is no hash set) and the
+    full-load fallback converts the table."""
+    engine = Engine(backend, StateDir(state_dir))
+    _write(policy_dir, [_entry(f"{lab.allowed.ipv4}/32")], extra_file=["10.200.0.0/24"])
+    engine.apply(load_policy(policy_dir), user="t", message="base")
+    state = StateDir(state_dir)
+    current = state.current()
+    assert current is not None
+    backend.submit(one_interval_set(state.generation(current.generation).transaction()))
+    earlier = backend.read_table(elements=False)
+    assert earlier is not None and earlier.generation == current.generation
+    state.set_current(dataclasses.replace(current, structure=earlier.structure))
+    assert "_hosts" not in nft("list", "table", "inet", "hostwall").stdout
+    assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
+
+    _write(policy_dir, [_entry(f"{lab.allowed.ipv4}/32")], extra_file=["10.200.0.0/24", "10.201.0.0/24"])
+    assert engine.apply(load_policy(policy_dir), user="t", message="a range").method == "delta"
+    assert "_hosts" not in nft("list", "table", "inet", "hostwall").stdout
+
+    _write(policy_dir, [_entry(f"{lab.allowed.ipv4}/32")],
+           extra_file=["10.200.0.0/24", "10.201.0.0/24", "10.202.0.9/32"])
+    assert engine.apply(load_policy(policy_dir), user="t", message="a single address").method == "full"
+    assert "10.202.0.9" in nft("list", "set", "inet", "hostwall", "https_v4_hosts").stdout
+    assert "10.201.0.0/24" in nft("list", "set", "inet", "hostwall", "https_v4").stdout
     assert not engine.status().drift
     assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
 
