@@ -37,7 +37,9 @@ class Joined(Sequence[Interval]):
     def __getitem__(self, index: int | slice) -> Interval | list[Interval]:
         if isinstance(index, slice):
             start, stop, step = index.indices(len(self))
-            return list(itertools.islice(self, start, stop, step))
+            if step < 0:
+                return list(self)[index]
+            return list(itertools.islice(self, start, max(start, stop), step))
         if index < 0:
             index += len(self)
         for part in self._parts:
