@@ -8,7 +8,7 @@ INSTALL_VENV ?= /opt/hostwall
 UNITDIR ?= /etc/systemd/system
 CATALOGDIR ?= /usr/lib/systemd/catalog
 
-.PHONY: setup setup-tests demo test lint unit netns bench clean install
+.PHONY: setup setup-tests demo test lint unit unit-shifted netns bench clean install
 
 setup:
 	./scripts/setup.sh
@@ -30,8 +30,18 @@ unit: setup-tests
 netns: setup-tests
 	$(VENV)/bin/python -m pytest tests/netns
 
+# The unit tests also run with the clock moved ahead: a date written into a test that
+# will expire fails here today, not on the day it expires (tests/unit/conftest.py).
+CLOCK_SHIFTS ?= 45d 400d 5y
+
 test: lint
 	$(VENV)/bin/python -m pytest
+	$(MAKE) --no-print-directory unit-shifted
+
+unit-shifted: setup-tests
+	for shift in $(CLOCK_SHIFTS); do \
+		HOSTWALL_TEST_CLOCK_SHIFT=$$shift $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit || exit 1; \
+	done
 
 # Every benchmark (root; each in namespaces of its own), one table of figures, ratios and
 # targets, and bench-results.json; BENCH_ARGS=--large adds the 300k full load.

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from hostwall import netns
+from hostwall.clock import now as wall_now
 from hostwall.compile import compile_policy
 from hostwall.drops import (
     MESSAGE_ID_AGENT,
@@ -233,7 +234,7 @@ class Agent:
         counters: Callable[[], dict[str, Counter]] | None = None,
         settings: AgentSettings = AgentSettings(),
         clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
+        wall_clock: Callable[[], float] = wall_now,
         boot_time: float = 0.0,
     ) -> None:
         self._engine = engine

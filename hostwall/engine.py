@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from hostwall.cidr import Interval
+from hostwall.clock import now as wall_now
 from hostwall.compile import compile_policy
 from hostwall.errors import KernelError, KernelRejected, StateError
 from hostwall.kernel import Backend, Counter, KernelTable
@@ -140,7 +140,7 @@ class Engine:
         self,
         backend: Backend,
         state: StateDir,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = wall_now,
         spawn_reverter: Callable[[Pending], None] | None = None,
     ) -> None:
         self._backend = backend

@@ -44,6 +44,7 @@ from hostwall.cidr import (
     parse_interval,
     parse_list_lines,
 )
+from hostwall.clock import now_utc
 from hostwall.errors import PolicyError, Problem
 
 # Used with fullmatch: "$" alone would let a trailing newline into nft's input.
@@ -598,7 +599,7 @@ def _collector_paused() -> Iterator[None]:
 
 
 def _load_policy(path: Path, now: datetime | None, cache: ListCache | None, progress: Progress | None) -> Policy:
-    now = now or datetime.now(UTC)
+    now = now or now_utc()
     files = policy_files(path)
     root = policy_root(path)
     sources: dict[str, bytes] = {}

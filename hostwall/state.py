@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from hostwall.cidr import IntervalSet
+from hostwall.clock import now as wall_now
 from hostwall.errors import LockBusy, StateError
 from hostwall.policy import ParsedList
 from hostwall.ruleset import Ruleset
@@ -168,10 +169,12 @@ class Generation:
 
 
 class StateDir:
-    def __init__(self, path: Path, keep: int = DEFAULT_KEEP, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, keep: int = DEFAULT_KEEP, clock: Callable[[], float] = wall_now,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         self.keep = keep
         self._clock = clock
+        self._monotonic = monotonic
 
     @property
     def generations_dir(self) -> Path:
@@ -200,13 +203,14 @@ class StateDir:
         except OSError as exc:
             raise StateError(f"cannot open {lock_path}: {exc.strerror}") from exc
         try:
-            deadline = self._clock() + wait
+            # An interval: the monotonic clock, which no clock change moves.
+            deadline = self._monotonic() + wait
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    if self._clock() >= deadline:
+                    if self._monotonic() >= deadline:
                         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                         raise LockBusy(
                             f"another hostwall process (PID {holder}) holds {lock_path}; "

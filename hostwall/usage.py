@@ -10,11 +10,11 @@ the generations loaded as deltas since, whose sets say when each element appeare
 from __future__ import annotations
 
 import bisect
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from hostwall.cidr import Interval
+from hostwall.clock import now as wall_now
 from hostwall.engine import Engine
 from hostwall.errors import HostwallError
 from hostwall.plan import detect_drift
@@ -47,7 +47,7 @@ class KernelUsage:
         return packets, since
 
 
-def kernel_usage(engine: Engine, state: StateDir, clock: Callable[[], float] = time.time
+def kernel_usage(engine: Engine, state: StateDir, clock: Callable[[], float] = wall_now
                  ) -> tuple[KernelUsage | None, str | None]:
     """Evidence from the kernel, or None and why there is none."""
     kernel = engine.kernel_table()

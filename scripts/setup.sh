@@ -40,6 +40,8 @@ stamp="$VENV/.hostwall-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e '.[dev]'
+  # setuptools advises on every editable install that a folder named like the package
+  # shadows it; that is the point of one here. Deprecations and other warnings still show.
+  PYTHONWARNINGS="ignore:Editable installation" "$VENV/bin/python" -m pip install -q -e '.[dev]'
   touch "$stamp"
 fi

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from test_cli import invoke
-from unit_support import WriteFiles
+from unit_support import PINNED_NOW, WriteFiles
 
 from hostwall.audit import AuditOptions, Finding, audit, holdings
 from hostwall.cidr import Interval
 from hostwall.errors import PolicyError
 from hostwall.policy import load_policy
 
-NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+# The library calls take this moment; the commands read it from the pinned clock.
+NOW = PINNED_NOW
+pytestmark = pytest.mark.usefixtures("pinned_clock")
 
 
 def entry(cidr: str, owner: str = "platform", review_by: str = "2027-01-01", extra: str = "") -> str:
@@ -207,7 +209,7 @@ def audit_json(root: Path, *args: str) -> tuple[int, dict[str, object]]:
 
 
 def test_command_json_and_fail_on(write_files: WriteFiles) -> None:
-    due = (datetime.now(UTC) + timedelta(days=5)).date()
+    due = (NOW + timedelta(days=5)).date()
     root = write_files({"policy.yaml": policy(entry("203.0.113.45/32", review_by=str(due)))})
 
     code, report = audit_json(root)

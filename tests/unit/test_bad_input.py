@@ -13,7 +13,7 @@ import inspect
 import os
 import tempfile
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import examples
+from unit_support import PINNED_NOW
 
 from hostwall import policy as policy_module
 from hostwall.cidr import CidrError, parse_cidr, parse_interval
@@ -388,11 +389,11 @@ DOCUMENT_VALUES = _nested(4)
 
 def _accepts_or_policy_error(directory: Path) -> None:
     try:
-        loaded = load_policy(directory)
+        loaded = load_policy(directory, now=PINNED_NOW)
     except PolicyError as error:
         assert str(error) and "\n" not in str(error)
         return
-    render_full_load(compile_policy(loaded), 1, datetime.now(UTC).timestamp())
+    render_full_load(compile_policy(loaded), 1, PINNED_NOW.timestamp())
 
 
 @examples(200)
@@ -414,7 +415,17 @@ def test_fuzz_random_bytes_only_ever_raise_policy_error(tmp_path: Path, data: by
 
 TEMPLATE = (GOOD + "  metrics:\n    ports: [9100, '9200-9300']\n    protocols: [tcp, udp]\n    action: reject\n"
             "    allow:\n    - file: list.txt\n" + META.replace("    ", "      ")
-            + "      expires: 2030-01-01T00:00:00Z\n" + "settings:\n  log_group: 5\n")
+            + f"      expires: {PINNED_NOW + timedelta(days=200):%Y-%m-%dT%H:%M:%SZ}\n"
+            + "settings:\n  log_group: 5\n")
+
+
+def test_the_mutation_template_keeps_an_expiring_entry_in_play(tmp_path: Path) -> None:
+    """The fuzzer below starts from TEMPLATE: unmutated, its list must load as an expiring
+    set, or the fuzzing no longer covers expiry and nothing would say so."""
+    write(tmp_path, "list.txt", "192.0.2.0/24\n")
+    write(tmp_path, "a.yaml", TEMPLATE)
+    ruleset = compile_policy(load_policy(tmp_path, now=PINNED_NOW))
+    assert "timeout" in render_full_load(ruleset, 1, PINNED_NOW.timestamp())
 
 
 @examples(300)

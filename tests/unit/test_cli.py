@@ -16,7 +16,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 import hostwall
-from hostwall.cli import _has_net_admin, main
+from hostwall.cli import main
+from hostwall.cli.common import has_net_admin
 from hostwall.compile import compile_policy
 from hostwall.policy import load_policy
 
@@ -303,7 +304,7 @@ def run_unprivileged(args: list[str], cwd: Path) -> subprocess.CompletedProcess[
         if shutil.which("setpriv") is None:
             pytest.skip("running as root and setpriv (util-linux) is missing: cannot drop root")
         command = [*NOBODY, *command]
-    elif _has_net_admin():
+    elif has_net_admin():
         pytest.skip("this unprivileged process has CAP_NET_ADMIN, so it is not unprivileged")
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOSTWALL_")}
     env["PYTHONDONTWRITEBYTECODE"] = "1"

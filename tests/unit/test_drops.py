@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hostwall.cli import parse_since
+from hostwall.cli.journal import parse_since
 from hostwall.drops import (
     MESSAGE_ID_DROP,
     MESSAGE_ID_DROP_SUMMARY,

@@ -344,7 +344,7 @@ def test_lock_wait_gives_up_at_the_deadline_without_sleeping(tmp_path: Path) -> 
         naps.append(seconds)
         clock.now += seconds
 
-    state = StateDir(tmp_path / "state", clock=clock)
+    state = StateDir(tmp_path / "state", monotonic=clock)
     with state.locked(wait=0):
         started = clock.now
         with pytest.raises(LockBusy), state.locked(wait=1.0, sleep=sleep):

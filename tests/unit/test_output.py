@@ -16,7 +16,8 @@ import pytest
 from test_cli import invoke
 from unit_support import WriteFiles
 
-from hostwall.cli import agent_view, main
+from hostwall.cli import main
+from hostwall.cli.kernel import agent_view
 from hostwall.engine import Engine
 from hostwall.fake import FakeBackend
 from hostwall.output import plain_table
