@@ -242,8 +242,8 @@ def holdings(policy: Policy) -> dict[str, list[Holding]]:
         expired.setdefault((entry.owner, str(entry.origin)), []).append(entry)
     for (owner, where), entries in expired.items():
         first = entries[0]
-        service = first.origin.entry.split(".")[1] if first.origin.entry.startswith("services.") else "?"
+        service_name = first.origin.entry.split(".")[1] if first.origin.entry.startswith("services.") else "?"
         subject = str(first.network) if len(entries) == 1 else f"{first.origin.entry} ({len(entries)} entries)"
         held.setdefault(owner, []).append(
-            Holding(service, subject, len(entries), first.review_by, where, first.reason, expired=True))
+            Holding(service_name, subject, len(entries), first.review_by, where, first.reason, expired=True))
     return dict(sorted(held.items()))
