@@ -321,7 +321,7 @@ def generations(options: Options, as_json: bool) -> None:
 
 
 
-@click.command(epilog="Example: sudo hostwall rollback --to 41 --confirm-within 120")
+@click.command(epilog="Example: sudo hostwall rollback --to 1 --confirm-within 120")
 @click.option("--to", "target", type=click.IntRange(min=1), default=None,
               help="Generation to load (default: the one before the loaded one).")
 @wait_option
@@ -370,7 +370,7 @@ def confirm(options: Options, wait: float, as_json: bool) -> None:
 
 
 
-@click.command(epilog="Example: sudo hostwall diff 41 42")
+@click.command(epilog="Example: sudo hostwall diff 1 2")
 @click.argument("old", type=click.IntRange(min=1))
 @click.argument("new", type=click.IntRange(min=1))
 @json_option
