@@ -24,7 +24,8 @@ lint: setup-tests
 	$(VENV)/bin/ruff check hostwall tests vagrant/library
 	$(VENV)/bin/mypy
 
-unit: setup-tests
+# The unit tests need neither root nor the services of the security tests.
+unit: setup
 	$(VENV)/bin/python -m pytest tests/unit
 
 netns: setup-tests

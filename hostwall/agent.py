@@ -26,7 +26,7 @@ from hostwall.drops import (
     DropReporter,
     Record,
     lost_record,
-    service_of,
+    origin_of,
 )
 from hostwall.engine import Engine
 from hostwall.errors import HostwallError, PolicyError
@@ -133,9 +133,10 @@ class DropStreamer:
 
     def _record(self, batch: list[LoggedPacket], generation: int | None) -> None:
         for logged in batch:
-            service = service_of(logged.prefix)
-            if service is None:
+            origin = origin_of(logged.prefix)
+            if origin is None:
                 continue  # another tool logging to the same group
+            service, reason = origin
             self.stats.packets += 1
             self.stats.by_service[service] = self.stats.by_service.get(service, 0) + 1
             try:
@@ -143,7 +144,7 @@ class DropStreamer:
             except PacketError:
                 self.stats.undecodable += 1
                 continue
-            drop = Drop(service, packet, self._interfaces(logged.ifindex), generation)
+            drop = Drop(service, packet, self._interfaces(logged.ifindex), generation, reason)
             self._emit(self._reporter.observe(drop))
 
     def finish(self) -> None:

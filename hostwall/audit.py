@@ -64,6 +64,7 @@ RULES: dict[str, tuple[Severity, str]] = {
     "nested": ("info", "inside another owner's entry: redundant in the kernel, kept for its owner"),
     "unknown-owner": ("error", "owner is not in the owners list"),
     "unused": ("warning", "no packet matched it for --unused-days"),
+    "unprotected-builtin": ("warning", "a built-in port (443, 5432) that no service protects"),
 }
 
 
@@ -110,6 +111,11 @@ def audit(policy: Policy, options: AuditOptions) -> list[Finding]:
         if options.usage is not None:
             findings.extend(_unused_findings(service, options.usage, options))
     findings.extend(_expired_findings(policy))
+    findings.extend(
+        _finding("unprotected-builtin", gap.service, f"{gap.port}/{gap.protocol}", "-", gap.defined_in,
+                 f"built-in port {gap.port}/{gap.protocol} is not protected by any service",
+                 f"add {gap.port} to the ports of {gap.service}, unless every source may reach it")
+        for gap in policy.unprotected_builtins())
     return sorted(findings, key=lambda f: (-SEVERITIES.index(f.severity), f.rule, f.service or "", *_place(f.where)))
 
 
@@ -209,10 +215,13 @@ class Holding:
     review_by: date
     where: str
     reason: str
+    # Past expires: no longer loaded, but still in the file, and `revoke --owner` removes it.
+    expired: bool = False
 
-    def to_data(self) -> dict[str, str | int]:
+    def to_data(self) -> dict[str, str | int | bool]:
         return {"service": self.service, "subject": self.subject, "entries": self.entries,
-                "review_by": str(self.review_by), "where": self.where, "reason": self.reason}
+                "review_by": str(self.review_by), "where": self.where, "reason": self.reason,
+                "expired": self.expired}
 
 
 def holdings(policy: Policy) -> dict[str, list[Holding]]:
@@ -228,4 +237,13 @@ def holdings(policy: Policy) -> dict[str, list[Holding]]:
                 where = str(part.origin) if part.origin is not None else part.path
                 holding = Holding(service.name, f"file: {part.path}", len(part), part.review_by, where, part.reason)
             held.setdefault(part.owner, []).append(holding)
+    expired: dict[tuple[str, str], list[Entry]] = {}
+    for entry in policy.expired:
+        expired.setdefault((entry.owner, str(entry.origin)), []).append(entry)
+    for (owner, where), entries in expired.items():
+        first = entries[0]
+        service_name = first.origin.entry.split(".")[1] if first.origin.entry.startswith("services.") else "?"
+        subject = str(first.network) if len(entries) == 1 else f"{first.origin.entry} ({len(entries)} entries)"
+        held.setdefault(owner, []).append(
+            Holding(service_name, subject, len(entries), first.review_by, where, first.reason, expired=True))
     return dict(sorted(held.items()))

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hostwall.packet import PacketSummary
-from hostwall.ruleset import LOG_PREFIX
+from hostwall.ruleset import LOG_PREFIX, SPOOFED_SUFFIX
 
 # Fixed identifiers, explained in units/hostwall.catalog (journalctl -x shows the text).
 MESSAGE_ID_DROP = "2eb1441f6d4749cf97f970fefa489cad"
@@ -39,6 +39,7 @@ class Drop:
     packet: PacketSummary
     interface: str
     generation: int | None
+    reason: str = "not-allowed"  # or "spoofed-source": strict_source's reverse-path check
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,18 @@ class FloodControl:
 
 
 def service_of(prefix: str) -> str | None:
-    return prefix[len(LOG_PREFIX):] if prefix.startswith(LOG_PREFIX) else None
+    logged = origin_of(prefix)
+    return logged[0] if logged else None
+
+
+def origin_of(prefix: str) -> tuple[str, str] | None:
+    """(service, reason) of a hostwall log prefix; None for another tool's prefix."""
+    if not prefix.startswith(LOG_PREFIX):
+        return None
+    service = prefix[len(LOG_PREFIX):]
+    if service.endswith(SPOOFED_SUFFIX):
+        return service[:-len(SPOOFED_SUFFIX)], "spoofed-source"
+    return service, "not-allowed"
 
 
 def _endpoint(address: str, port: int | None) -> str:
@@ -66,6 +78,7 @@ def drop_fields(drop: Drop) -> dict[str, str]:
         "HOSTWALL_DST": packet.dst,
         "HOSTWALL_PROTO": packet.protocol,
         "HOSTWALL_IIF": drop.interface,
+        "HOSTWALL_REASON": drop.reason,
     }
     if packet.src_port is not None:
         fields["HOSTWALL_SRC_PORT"] = str(packet.src_port)
@@ -152,7 +165,8 @@ class DropReporter:
         fields["HOSTWALL_COUNT"] = "1"
         return Record(
             message=(f"dropped {packet.protocol} {_endpoint(packet.src, packet.src_port)} -> "
-                     f"{_endpoint(packet.dst, packet.dst_port)} service={drop.service} iface={drop.interface}"),
+                     f"{_endpoint(packet.dst, packet.dst_port)} service={drop.service} iface={drop.interface}"
+                     + (" (spoofed source: fails the reverse-path check)" if drop.reason == "spoofed-source" else "")),
             message_id=MESSAGE_ID_DROP,
             priority=PRIORITY_NOTICE,
             fields=fields,

@@ -26,6 +26,7 @@ class ApplyResult:
     applied: bool
     pending: Pending | None = None
     method: str | None = None  # "delta" (element batch) or "full" (whole table)
+    confirmed: Pending | None = None  # the pending change this plain apply confirmed
 
 
 # Measured per-element costs of the two ways to change the kernel (see tests/bench):
@@ -195,7 +196,14 @@ class Engine:
                 # since an element added or removed by hand leaves the labels as they were.
                 plan = self.plan(desired)
                 if not plan.changed:
-                    return ApplyResult(plan, None, False)
+                    # The operator who runs a plain apply is evidently still there, whether
+                    # or not it changes anything: it confirms what is pending.
+                    confirmed = None
+                    if earlier is not None and confirm_within is None:
+                        self._state.clear_pending()
+                        confirmed = earlier
+                    return ApplyResult(plan, None, False, pending=earlier if confirmed is None else None,
+                                       confirmed=confirmed)
             number = self._state.next_number()
             # Any drift means the record no longer describes the kernel: full load.
             delta_base = recorded if recorded is not None and not plan.drift else None
@@ -213,7 +221,8 @@ class Engine:
                 raise
             pending = self._arm_or_clear_confirmation(number, before, earlier, confirm_within)
             self._state.prune()
-            return ApplyResult(plan, number, True, pending, method)
+            confirmed = earlier if earlier is not None and confirm_within is None else None
+            return ApplyResult(plan, number, True, pending, method, confirmed)
 
     def _trusted_record(self, current: Current | None) -> Ruleset | None:
         """The recorded ruleset, when the kernel's comment, structure and generation marker

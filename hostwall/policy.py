@@ -431,7 +431,35 @@ class Policy:
             f"{entry.expires.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}; not loaded (remove it from the file)"
             for entry in self.expired
             if entry.expires is not None
-        ]
+        ] + [gap.warning() for gap in self.unprotected_builtins()]
+
+    def unprotected_builtins(self) -> list[UnprotectedPort]:
+        """Built-in ports that no service protects: a policy that redefines https's ports
+        (say [8443]) leaves 443 open to everyone, which is rarely what was meant."""
+        gaps = []
+        for name, builtin in BUILTIN_SERVICES.items():
+            for protocol in builtin.protocols:
+                for ports in builtin.ports:
+                    covered = any(protocol in s.protocols and any(p.contains(ports.first) for p in s.ports)
+                                  for s in self.services)
+                    if not covered:
+                        defined = self.service(name)
+                        gaps.append(UnprotectedPort(name, ports.first, protocol,
+                                                    defined.defined_in if defined else "built-in"))
+        return gaps
+
+
+@dataclass(frozen=True)
+class UnprotectedPort:
+    service: str
+    port: int
+    protocol: Protocol
+    defined_in: str
+
+    def warning(self) -> str:
+        return (f"{self.defined_in}: services.{self.service}: built-in port {self.port}/{self.protocol} is not "
+                f"protected by any service, so every source reaches it; add {self.port} to the ports of "
+                f"{self.service} (or of another service) unless it is meant to be open")
 
 
 def policy_files(path: Path) -> list[Path]:
@@ -475,9 +503,12 @@ def read_regular(path: Path, root: Path, limit: int) -> bytes:
         fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise _Unreadable(str(exc.strerror)) from exc
+    # The type is checked before fdopen, which refuses a directory with its own error.
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _Unreadable("not a regular file (a directory, FIFO or device); a policy file or list must be a "
+                          "plain file")
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _Unreadable("not a regular file; a policy file or list must be a plain file")
         try:
             data = handle.read(limit + 1)
         except OSError as exc:

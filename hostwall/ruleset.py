@@ -30,6 +30,9 @@ INGRESS_CHAIN = "ingress"
 # ports (README, "Fragments").
 INGRESS_PRIORITY = -300
 LOG_PREFIX = "hostwall:"
+# Appended to a service's log prefix for packets dropped by strict_source's reverse-path
+# check, so their records say why (service names never hold ':').
+SPOOFED_SUFFIX = ":spoofed"
 # Holds one element, the number of the generation loaded, and in its comment the label
 # of the full load that created it. The comment cannot change, but the element can, in
 # the same batch as an element delta; deleting the old marker also guards a delta
@@ -457,8 +460,13 @@ def _service_chain_lines(ruleset: Ruleset, service: ServiceRules) -> Iterator[st
     if ruleset.strict_source:
         yield local_only
         # Before the allowlist: an allowed address arriving on a link the host would not
-        # answer it through is spoofed. Not logged: its source says nothing about the sender.
-        yield f"\t\tfib saddr . iif oif missing {dropped} drop\n"
+        # answer it through is spoofed. Logged (rate-limited like every drop) with a
+        # prefix of its own: the source is forged, but that it happens, and on which
+        # link, is what an operator needs to see.
+        spoofed = "fib saddr . iif oif missing"
+        yield (f"\t\t{spoofed} limit rate {ruleset.log_rate}/second burst {ruleset.log_burst} packets "
+               f'log prefix "{LOG_PREFIX}{service.name}{SPOOFED_SUFFIX}" group {ruleset.log_group}\n')
+        yield f"\t\t{spoofed} {dropped} drop\n"
     # Otherwise the allowlist comes before the route lookup, so that an allowed packet
     # needs none (bench_packet.py); forwarded traffic from an allowed address then
     # counts as accepted.

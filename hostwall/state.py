@@ -41,7 +41,7 @@ from typing import Any
 
 from hostwall.cidr import IntervalSet
 from hostwall.clock import now as wall_now
-from hostwall.errors import LockBusy, StateError
+from hostwall.errors import HostwallError, LockBusy, PermissionDenied, StateError
 from hostwall.policy import ParsedList
 from hostwall.ruleset import Ruleset
 
@@ -159,13 +159,23 @@ class Generation:
         try:
             data = (self.path / name).read_bytes()
         except OSError as exc:
-            raise StateError(f"generation {self.meta.number}: cannot read {name}: {exc.strerror}") from exc
+            raise _read_failed(self.path / name, exc,
+                               f"generation {self.meta.number}: cannot read {name}: {exc.strerror}") from exc
         if _sha256(data) != self.meta.files.get(name):
             raise StateError(
                 f"generation {self.meta.number}: {name} does not match its recorded hash; "
                 "the file is corrupt and will not be loaded"
             )
         return data
+
+
+def _read_failed(path: Path, exc: BaseException, otherwise: str) -> HostwallError:
+    """A read refused for want of rights is the caller's privileges (exit 5), not a damaged
+    state directory (exit 6): the operator's fix is sudo, not repair."""
+    if isinstance(exc, PermissionError):
+        return PermissionDenied(f"cannot read {path}: permission denied; the state directory belongs to root: "
+                                "run the command with sudo")
+    return StateError(otherwise)
 
 
 class StateDir:
@@ -231,7 +241,7 @@ class StateDir:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError) as exc:
-            raise StateError(f"{path} is unreadable or corrupt: {exc}") from exc
+            raise _read_failed(path, exc, f"{path} is unreadable or corrupt: {exc}") from exc
 
     def set_current(self, current: Current) -> None:
         self._write_or_fail(self.path / "current.json", json.dumps(asdict(current), indent=1).encode())
@@ -247,7 +257,7 @@ class StateDir:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError) as exc:
-            raise StateError(f"{path} is unreadable or corrupt: {exc}") from exc
+            raise _read_failed(path, exc, f"{path} is unreadable or corrupt: {exc}") from exc
 
     def set_pending(self, pending: Pending) -> None:
         self._write_or_fail(self.path / "pending.json", json.dumps(asdict(pending), indent=1).encode())
@@ -259,7 +269,7 @@ class StateDir:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError) as exc:
-            raise StateError(f"{path} is unreadable or corrupt: {exc}") from exc
+            raise _read_failed(path, exc, f"{path} is unreadable or corrupt: {exc}") from exc
 
     def set_agent(self, agent: AgentState) -> None:
         try:
@@ -286,9 +296,13 @@ class StateDir:
             raise StateError(f"cannot write {path}: {exc.strerror}") from exc
 
     def numbers(self) -> list[int]:
-        if not self.generations_dir.is_dir():
+        try:
+            return sorted(int(p.name) for p in self.generations_dir.iterdir() if p.name.isdigit())
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(int(p.name) for p in self.generations_dir.iterdir() if p.name.isdigit())
+        except OSError as exc:
+            raise _read_failed(self.generations_dir, exc, f"cannot list {self.generations_dir}: {exc.strerror}") \
+                from exc
 
     def next_number(self) -> int:
         numbers = self.numbers()
@@ -303,7 +317,7 @@ class StateDir:
         except FileNotFoundError:
             raise StateError(f"generation {number} does not exist (see `hostwall generations`)") from None
         except (OSError, ValueError, TypeError) as exc:
-            raise StateError(f"generation {number}: meta.json is corrupt: {exc}") from exc
+            raise _read_failed(path, exc, f"generation {number}: meta.json is corrupt: {exc}") from exc
         return Generation(meta, path)
 
     def generations(self) -> list[Generation]:

@@ -15,7 +15,8 @@ from hostwall.cli import journal, kernel, lab, policy
 from hostwall.cli.common import DEFAULT_KEEP, DEFAULT_POLICY_DIR, DEFAULT_STATE_DIR, Options
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             epilog="Example: hostwall --policy-dir policies/ audit --within 30d")
 @click.version_option(__version__, prog_name="hostwall")
 @click.option("--netns", envvar="HOSTWALL_NETNS", metavar="NAME",
               help="Make every kernel and netlink call inside network namespace NAME (/run/netns/NAME).")
@@ -44,9 +45,6 @@ def main(ctx: click.Context, netns: str | None, policy_dir: Path, state_dir: Pat
     \b
     Shell completion: eval "$(_HOSTWALL_COMPLETE=bash_source hostwall)" in ~/.bashrc,
     or eval "$(_HOSTWALL_COMPLETE=zsh_source hostwall)" in ~/.zshrc.
-
-    \b
-    Example: hostwall --policy-dir policies/ audit --within 30d
     """
     ctx.obj = Options(netns, policy_dir, state_dir, keep_generations, quiet)
 

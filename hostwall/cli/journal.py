@@ -70,7 +70,7 @@ def _boot_time() -> float:
 
 
 
-@click.command()
+@click.command(epilog="Example: sudo hostwall agent --metrics-file /var/lib/node_exporter/hostwall.prom")
 @click.option("--log-group", type=click.IntRange(0, 65535), default=None,
               help="NFLOG group to read (default: the loaded ruleset's).")
 @click.option("--flood-window", type=click.FloatRange(min=1), default=10.0, show_default=True,
@@ -102,9 +102,6 @@ def agent(options: Options, log_group: int | None, flood_window: float, flood_re
     their deadline, and any left unconfirmed from before a reboot. It restores its
     table when something changes it, and streams drop logs into journald. SIGTERM
     stops it and leaves the firewall in place.
-
-    \b
-    Example: sudo hostwall agent --metrics-file /var/lib/node_exporter/hostwall.prom
     """
     require_privileges("agent")
     import signal
@@ -187,7 +184,7 @@ def parse_since(text: str, now: float | None = None) -> float:
 
 
 
-@click.command()
+@click.command(epilog="Example: hostwall drops --since 1h --service postgres --top 10")
 @click.option("--service", help="Only this service.")
 @click.option("--source", "source_address", metavar="ADDRESS", help="Only this source address.")
 @click.option("--since", "since_text", metavar="WHEN", help="e.g. 10m, 2h, 1d or an ISO timestamp.")
@@ -199,9 +196,6 @@ def parse_since(text: str, now: float | None = None) -> float:
 def drops(options: Options, service: str | None, source_address: str | None, since_text: str | None,
           follow: bool, top: int | None, as_json: bool) -> None:
     """Drop records from the journal, filtered; --top N ranks sources.
-
-    \b
-    Example: hostwall drops --since 1h --service postgres --top 10
     """
     from collections import Counter
 

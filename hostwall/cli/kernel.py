@@ -78,15 +78,12 @@ def _print_changes(out: Output, changes: tuple[ServiceChange, ...], limit: int) 
 
 
 
-@click.command()
+@click.command(epilog="Example: sudo hostwall plan")
 @json_option
 @pass_options
 @reports_errors
 def plan(options: Options, as_json: bool) -> None:
     """Show what apply would change; exit 10 when there are changes.
-
-    \b
-    Example: sudo hostwall plan
     """
     from hostwall.compile import compile_policy
 
@@ -108,7 +105,7 @@ def invoking_user() -> str:
 
 
 
-@click.command()
+@click.command(epilog="Example: sudo hostwall apply -m \"partner-b migrated (OPS-1234)\"")
 @click.option("--check", "dry_run", is_flag=True, help="Dry run: show the plan, change nothing.")
 @click.option("-m", "--message", default="", help="Why this change is made (kept with the generation).")
 @wait_option
@@ -119,9 +116,6 @@ def invoking_user() -> str:
 def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_within: float | None,
           as_json: bool) -> None:
     """Validate, compile and load the policy in one atomic transaction.
-
-    \b
-    Example: sudo hostwall apply -m "partner-b migrated (OPS-1234)"
     """
     require_privileges("apply")
     policy = options.policy()
@@ -135,7 +129,8 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
         payload = _plan_json(result.plan)
         payload.update({"applied": result.applied, "generation": result.generation, "method": result.method,
                         "dry_run": dry_run, "warnings": policy.warnings(),
-                        "pending": pending_json(result.pending)})
+                        "pending": pending_json(result.pending),
+                        "confirmed": result.confirmed.generation if result.confirmed else None})
         emit_json(payload)
         return
     for warning in policy.warnings():
@@ -145,11 +140,13 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
         repaired = " (repaired drift)" if result.plan.drift and result.plan.table_present else ""
         how = "element delta" if result.method == "delta" else "full load"
         options.out.line(f"applied generation {result.generation} ({how}){repaired}")
+    if result.confirmed:
+        options.out.line(f"confirmed generation {result.confirmed.generation}: a plain apply confirms the "
+                         "change that was pending", style="ok")
     if result.pending:
         options.out.line(pending_text(result.pending))
     elif dry_run and result.plan.changed:
         options.out.line("dry run: nothing was applied")
-
 
 
 def pending_json(pending: Pending | None) -> dict[str, Any] | None:
@@ -245,7 +242,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 
-@click.command()
+@click.command(epilog="Example: sudo hostwall status --json")
 @click.option("--drops", "drop_count", type=click.IntRange(min=0), default=5, show_default=True,
               help="How many of the last day's drop records to show (0: do not read the journal).")
 @json_option
@@ -254,9 +251,6 @@ def _pid_alive(pid: int) -> bool:
 def status(options: Options, drop_count: int, as_json: bool) -> None:
     """One screen: generation, confirm deadline, per-service entries and counters, drift,
     agent, last drops; exit 10 on drift or no table.
-
-    \b
-    Example: sudo hostwall status --json
     """
     require_privileges("status")
     result = options.engine().status()
@@ -298,15 +292,12 @@ def status(options: Options, drop_count: int, as_json: bool) -> None:
 
 
 
-@click.command()
+@click.command(epilog="Example: sudo hostwall generations")
 @json_option
 @pass_options
 @reports_errors
 def generations(options: Options, as_json: bool) -> None:
     """List the recorded generations, newest last; * marks the loaded one.
-
-    \b
-    Example: sudo hostwall generations
     """
     state = options.state()
     current = state.current()
@@ -330,7 +321,7 @@ def generations(options: Options, as_json: bool) -> None:
 
 
 
-@click.command()
+@click.command(epilog="Example: sudo hostwall rollback --to 1 --confirm-within 120")
 @click.option("--to", "target", type=click.IntRange(min=1), default=None,
               help="Generation to load (default: the one before the loaded one).")
 @wait_option
@@ -341,9 +332,6 @@ def generations(options: Options, as_json: bool) -> None:
 def rollback(options: Options, target: int | None, wait: float, confirm_within: float | None,
              as_json: bool) -> None:
     """Load an earlier generation atomically, exactly as it was submitted.
-
-    \b
-    Example: sudo hostwall rollback --to 41 --confirm-within 120
     """
     require_privileges("rollback")
     result = options.engine().rollback(target, wait=wait, confirm_within=confirm_within)
@@ -359,16 +347,13 @@ def rollback(options: Options, target: int | None, wait: float, confirm_within: 
 
 
 
-@click.command()
+@click.command(epilog="Example: sudo hostwall confirm")
 @wait_option
 @json_option
 @pass_options
 @reports_errors
 def confirm(options: Options, wait: float, as_json: bool) -> None:
     """Keep the change applied with --confirm-within (stops the automatic revert).
-
-    \b
-    Example: sudo hostwall confirm
     """
     require_privileges("confirm")
     pending = options.state()
@@ -385,7 +370,7 @@ def confirm(options: Options, wait: float, as_json: bool) -> None:
 
 
 
-@click.command()
+@click.command(epilog="Example: sudo hostwall diff 1 2")
 @click.argument("old", type=click.IntRange(min=1))
 @click.argument("new", type=click.IntRange(min=1))
 @json_option
@@ -393,9 +378,6 @@ def confirm(options: Options, wait: float, as_json: bool) -> None:
 @reports_errors
 def diff(options: Options, old: int, new: int, as_json: bool) -> None:
     """What changed between two generations.
-
-    \b
-    Example: sudo hostwall diff 41 42
     """
     from hostwall.plan import diff_rulesets
 

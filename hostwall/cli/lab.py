@@ -17,16 +17,13 @@ if TYPE_CHECKING:
     pass
 
 
-@click.command()
+@click.command(epilog="Example: sudo hostwall demo")
 @reports_errors
 def demo() -> None:
     """Run the built-in namespace lab: allowed and denied clients against 443 and 5432.
 
     Creates three network namespaces, loads a policy into the lab server's namespace
     only, probes every port from both clients, prints the results and removes the lab.
-
-    \b
-    Example: sudo hostwall demo
     """
     require_privileges("demo")
     from hostwall.demo import run_demo

@@ -29,16 +29,13 @@ if TYPE_CHECKING:
     from hostwall.policy import Entry, Policy
 
 
-@click.command()
+@click.command(epilog="Example: hostwall validate /etc/hostwall/policies")
 @click.argument("path", required=False, type=click.Path(path_type=Path))
 @json_option
 @pass_options
 @reports_errors
 def validate(options: Options, path: Path | None, as_json: bool) -> None:
     """Parse and lint the policy; needs no root.
-
-    \b
-    Example: hostwall validate /etc/hostwall/policies
     """
     from hostwall.compile import compile_policy
 
@@ -67,7 +64,7 @@ def validate(options: Options, path: Path | None, as_json: bool) -> None:
 
 
 
-@click.command()
+@click.command(epilog="Example: hostwall check 203.0.113.45 443/tcp --why")
 @click.argument("address")
 @click.argument("port")
 @click.option("--kernel/--no-kernel", "use_kernel", default=None,
@@ -79,9 +76,6 @@ def validate(options: Options, path: Path | None, as_json: bool) -> None:
 @reports_errors
 def check(options: Options, address: str, port: str, use_kernel: bool | None, why: bool, as_json: bool) -> None:
     """Would ADDRESS reach PORT[/PROTO]? Exit 0 allowed, 10 denied.
-
-    \b
-    Example: hostwall check 203.0.113.45 443/tcp --why
     """
     from hostwall.check import AddressError, check_kernel, check_policy, explain
     from hostwall.compile import compile_policy
@@ -163,7 +157,7 @@ def _read_owners(path: Path) -> frozenset[str]:
 
 
 
-@click.command()
+@click.command(epilog="Example: hostwall audit --within 30d --fail-on warning")
 @click.option("--within", default="30d", show_default=True, metavar="DURATION",
               help="Also report review dates this close: 30d, 2w, 12h.")
 @click.option("--owners", "owners_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -181,9 +175,6 @@ def audit(options: Options, within: str, owners_file: Path | None, unused_days: 
           fail_on: str, as_json: bool) -> None:
     """Review dates, expired and too broad entries, overlaps, unknown owners and unused
     entries, each with a severity and what to do; exit 10 on findings at --fail-on or worse.
-
-    \b
-    Example: hostwall audit --within 30d --fail-on warning
     """
     from hostwall.audit import SEVERITIES, AuditOptions, at_least
     from hostwall.audit import audit as run_audit
@@ -231,16 +222,13 @@ def _usage(options: Options, use_usage: bool | None) -> tuple[Usage | None, str 
 
 
 
-@click.command()
+@click.command(epilog="Example: hostwall owners partner-b")
 @click.argument("owner", required=False)
 @json_option
 @pass_options
 @reports_errors
 def owners(options: Options, owner: str | None, as_json: bool) -> None:
     """What each owner holds (every entry with OWNER): for offboarding and reviews.
-
-    \b
-    Example: hostwall owners partner-b
     """
     from hostwall.audit import holdings
 
@@ -263,12 +251,14 @@ def owners(options: Options, owner: str | None, as_json: bool) -> None:
         out.line(f"no entry is owned by {owner!r}")
         return
     out.table(["service", "entry", "entries", "review by", "where", "reason"],
-              [[h.service, h.subject, str(h.entries), str(h.review_by), h.where, h.reason] for h in items],
-              right=(2,))
+              [[h.service, f"{h.subject} (expired)" if h.expired else h.subject, str(h.entries), str(h.review_by),
+                h.where, h.reason] for h in items],
+              right=(2,), styles=["muted" if h.expired else None for h in items])
 
 
 
-@click.command()
+@click.command(epilog="Example: hostwall revoke --owner partner-b --write && "
+                      "sudo hostwall apply -m \"partner-b offboarded\"")
 @click.option("--owner", required=True, help="Remove every allow entry with this owner.")
 @click.option("--write", is_flag=True, help="Apply the edits to the policy files (default: only print them).")
 @json_option
@@ -278,9 +268,6 @@ def revoke(options: Options, owner: str, write: bool, as_json: bool) -> None:
     """The exact policy edits that remove an owner's entries; --write applies them,
     keeping every other line (comments, order) as it is, and validates the result.
     The kernel changes only at the next apply.
-
-    \b
-    Example: hostwall revoke --owner partner-b --write && sudo hostwall apply -m "partner-b offboarded"
     """
     from hostwall.revoke import remove_owner
     from hostwall.state import atomic_write

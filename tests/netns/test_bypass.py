@@ -37,7 +37,10 @@ from netns_support import (
 from services import add_client_link
 
 from hostwall import netns
+from hostwall.drops import origin_of
 from hostwall.lab import Lab, probe_udp
+from hostwall.nflog import NflogReader, NflogSettings
+from hostwall.packet import decode
 
 pytestmark = pytest.mark.root
 
@@ -347,10 +350,22 @@ def test_strict_source_drops_an_allowed_address_arriving_on_the_wrong_link(
         return craft.syn_acks(ok.namespace) - acks, moved(before, counters(lab.server))
 
     # Strict first: the control below leaves a half-open connection whose SYN-ACK the
-    # server may send again.
-    syn_acks, change = spoofed_syn(True, craft.source_port())
+    # server may send again. The drop log is read as the agent reads it: the spoofed
+    # packet must be logged, with the prefix that marks the reverse-path drop.
+    reader = NflogReader(NflogSettings(group=100), lab.server)
+    try:
+        syn_acks, change = spoofed_syn(True, craft.source_port())
+        logged = []
+        for _ in range(20):  # bounded: the kernel flushes its batch within 100 ms
+            result = reader.read(0.5)
+            logged += [packet for packet in result.packets if decode(packet.payload).src == ok.ipv4]
+            if logged:
+                break
+    finally:
+        reader.close()
     assert syn_acks == 0, f"strict_source let a spoofed allowed source in: {change}"
     assert change == {"postgres_dropped": 1}
+    assert [origin_of(packet.prefix) for packet in logged] == [("postgres", "spoofed-source")]
     syn_acks, change = spoofed_syn(False, craft.source_port() + 1)
     assert syn_acks == 1 and change.get("postgres_accepted") == 1, "without strict_source the spoof gets in"
     # The real client on its own link is still allowed.

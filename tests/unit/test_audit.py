@@ -265,3 +265,19 @@ def test_command_unreadable_owners_file_is_a_usage_error(write_files: WriteFiles
 
     assert result.exit_code == 2
     assert "cannot read the owners list" in result.stderr
+
+
+def test_owners_shows_an_expired_entry_marked_expired(write_files: WriteFiles) -> None:
+    """revoke --owner removes expired entries too, so owners must show them."""
+    gone = f"expires: {NOW - timedelta(days=1):%Y-%m-%dT%H:%M:%SZ}"
+    root = write_files({"policy.yaml": policy(entry("203.0.113.45/32", owner="alice"),
+                                              entry("203.0.113.46/32", owner="alice", extra=gone))})
+
+    result = invoke(root, "owners", "alice")
+    assert result.exit_code == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if "203.0.113." in line]
+    assert len(rows) == 2
+    assert "203.0.113.46/32 (expired)" in rows[1] and "(expired)" not in rows[0]
+    data = json.loads(invoke(root, "owners", "alice", "--json").stdout)
+    assert [item["expired"] for item in data["alice"]["items"]] == [False, True]
+    assert data["alice"]["entries"] == 2

@@ -338,3 +338,21 @@ def test_kernel_commands_refuse_to_run_unprivileged(
         assert json.loads(result.stdout)["kind"] == "PermissionDenied"
     else:
         assert result.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["generations"], ["generations", "--json"], ["diff", "1", "1"]])
+def test_reading_a_private_state_directory_unprivileged_is_exit_5_in_one_line(
+    world_readable_policy: Path, tmp_path: Path, args: list[str]
+) -> None:
+    state = world_readable_policy.parent / "private-state"
+    state.mkdir(mode=0o700, exist_ok=True)
+    (state / "generations" / "00000001").mkdir(parents=True, exist_ok=True)
+    (state / "generations" / "00000001" / "meta.json").write_text("{}")
+    (state / "current.json").write_text("{}")
+    state.chmod(0o700)
+
+    result = run_unprivileged(["--state-dir", str(state), *args], world_readable_policy.parent)
+
+    assert result.returncode == 5, result.stderr
+    [line] = result.stderr.splitlines()
+    assert "permission denied" in line and "sudo" in line

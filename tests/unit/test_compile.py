@@ -118,8 +118,10 @@ def test_strict_source_drops_reverse_path_failures_before_the_allowlist() -> Non
     strict = dataclasses.replace(golden_ruleset(), strict_source=True)
     text = render_full_load(strict, 7, FIXED.timestamp())
     # Forwarded traffic skips the spoof check too, so the route lookup stays first here.
-    assert chain(text, "svc_https")[:3] == [
+    assert chain(text, "svc_https")[:4] == [
         "fib daddr type != local return",
+        'fib saddr . iif oif missing limit rate 5/second burst 15 packets log prefix "hostwall:https:spoofed" '
+        "group 42",
         'fib saddr . iif oif missing counter name "https_dropped" drop',
         'ip saddr @https_v4_hosts counter name "https_accepted" accept',
     ]

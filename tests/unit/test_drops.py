@@ -4,6 +4,7 @@ parser of `hostwall drops`."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections import Counter
@@ -27,6 +28,7 @@ from hostwall.drops import (
     FloodControl,
     Record,
     lost_record,
+    origin_of,
     service_of,
 )
 from hostwall.packet import PacketSummary
@@ -95,6 +97,7 @@ def test_a_drop_becomes_one_record_with_message_and_fields() -> None:
             "HOSTWALL_DPORT": "443",
             "HOSTWALL_PROTO": "tcp",
             "HOSTWALL_IIF": "eth0",
+            "HOSTWALL_REASON": "not-allowed",
             "HOSTWALL_GENERATION": "7",
             "HOSTWALL_COUNT": "1",
         },
@@ -115,7 +118,7 @@ def test_drop_without_ports_or_generation_omits_those_fields() -> None:
     assert record.message == "dropped icmp 198.51.100.7 -> 192.0.2.10 service=ssh iface=eth0"
     assert record.fields == {
         "HOSTWALL_SERVICE": "ssh", "HOSTWALL_SRC": "198.51.100.7", "HOSTWALL_DST": "192.0.2.10",
-        "HOSTWALL_PROTO": "icmp", "HOSTWALL_IIF": "eth0", "HOSTWALL_COUNT": "1",
+        "HOSTWALL_PROTO": "icmp", "HOSTWALL_IIF": "eth0", "HOSTWALL_REASON": "not-allowed", "HOSTWALL_COUNT": "1",
     }
 
 
@@ -411,6 +414,21 @@ def test_lost_record() -> None:
 )
 def test_service_of(prefix: str, service: str | None) -> None:
     assert service_of(prefix) == service
+
+
+@pytest.mark.parametrize(
+    ("prefix", "origin"),
+    [("hostwall:https", ("https", "not-allowed")), ("hostwall:https:spoofed", ("https", "spoofed-source")),
+     ("hostwall:db_2:spoofed", ("db_2", "spoofed-source")), ("ufw:hostwall:https:spoofed", None)],
+)
+def test_origin_of_tells_spoofed_drops_apart(prefix: str, origin: tuple[str, str] | None) -> None:
+    assert origin_of(prefix) == origin
+
+
+def test_a_spoofed_drop_says_so_in_its_record() -> None:
+    (record,) = reporter(FakeClock()).observe(dataclasses.replace(drop(), reason="spoofed-source"))
+    assert record.fields["HOSTWALL_REASON"] == "spoofed-source"
+    assert record.message.endswith("(spoofed source: fails the reverse-path check)")
 
 
 # --- hostwall drops --since -------------------------------------------------------------

@@ -411,3 +411,33 @@ def test_a_corrupt_pending_json_fails_before_the_kernel_is_touched(setup: Setup,
             setup.engine.rollback(1)
     assert setup.backend.table == table
     assert setup.generation_dirs() == ["00000001", "00000002"]
+
+
+# --- a plain apply confirms what is pending ------------------------------------------------------
+
+
+@pytest.mark.parametrize("second", [POLICY_V1, POLICY_V2], ids=["unchanged", "changed"])
+def test_a_plain_apply_confirms_a_pending_change_whether_or_not_it_changes_anything(
+    setup: Setup, second: str
+) -> None:
+    setup.engine.apply(setup.policy(POLICY_V2), user="alice", message="base")
+    armed = setup.engine.apply(setup.policy(POLICY_V1), user="alice", message="try", confirm_within=60)
+    assert armed.pending is not None and setup.state.pending() is not None
+
+    result = setup.engine.apply(setup.policy(second), user="alice", message="")
+
+    assert result.confirmed == armed.pending
+    assert result.pending is None and setup.state.pending() is None
+    setup.clock.now += 120
+    assert not setup.engine.revert_if_unconfirmed(armed.pending.generation)
+    assert setup.state.current() is not None
+    assert setup.state.current().generation == (result.generation or armed.generation)  # type: ignore[union-attr]
+
+
+def test_an_unchanged_apply_with_confirm_within_leaves_the_pending_change_armed(setup: Setup) -> None:
+    setup.engine.apply(setup.policy(POLICY_V2), user="alice", message="base")
+    armed = setup.engine.apply(setup.policy(POLICY_V1), user="alice", message="try", confirm_within=60)
+
+    result = setup.engine.apply(setup.policy(POLICY_V1), user="alice", message="", confirm_within=60)
+
+    assert result.confirmed is None and result.pending == armed.pending == setup.state.pending()
