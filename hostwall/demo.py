@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hostwall import lab
+from hostwall import clock, lab
 from hostwall.agent import DropStreamer, InterfaceNames, run_streamer
 from hostwall.check import check_policy
 from hostwall.drops import MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY, DropReporter, FloodControl
@@ -82,7 +82,7 @@ def run_demo(echo: Callable[[str], None] = print) -> bool:
         result = engine.apply(policy, user="demo", message="demo")
         echo(f"applied generation {result.generation}: {result.plan.summary}\n")
 
-        began = time.time()
+        began = clock.now()
         with _streaming_drops(net.server, StateDir(Path(tmp) / "state"), policy.settings.log_group):
             attempts = _attempts(net, policy)
             time.sleep(0.3)  # the kernel flushes a partial batch of logs within 100 ms
