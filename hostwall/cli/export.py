@@ -100,7 +100,8 @@ def export(options: Options, target: str, service: str | None, output: Path | No
     if output is not None and deployed is not None:
         raise click.UsageError("--output writes the file and --check compares it: give one of them")
     chosen = RENDERERS[target]
-    model = build_model(options.policy(), clock.now_utc(), service or chosen.default_service)
+    policy = options.policy()
+    model = build_model(policy, clock.now_utc(), service or chosen.default_service)
     text = chosen.render(model, TargetOptions(
         trusted_proxies=trusted_proxies, pg_connection="host" if pg_connection == "host" else "hostssl",
         pg_auth=pg_auth, pg_database=pg_database, pg_user=pg_user, aws_group_id=aws_group_id,
@@ -108,6 +109,9 @@ def export(options: Options, target: str, service: str | None, output: Path | No
         azure_first_priority=azure_first_priority, azure_rules_per_nsg=azure_rules_per_nsg,
         gcp_network=gcp_network, gcp_priority=gcp_priority, gcp_ranges_per_rule=gcp_ranges_per_rule,
         kong_service=kong_service))
+    if not as_json:
+        for warning in policy.warnings():
+            options.out.warn(warning)
     summary = {"format": target, "services": [s.name for s in model.services], "entries": model.rule_count(),
                "expired_left_out": model.expired}
     if deployed is not None:

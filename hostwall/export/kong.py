@@ -24,7 +24,7 @@ def render(model: ExportModel, options: TargetOptions) -> str:
         # would not deny everyone, it would be refused.
         raise ExportError(f"service {service.name!r} has no live entries: Kong's ip-restriction needs at least one "
                           "address in allow; deny the route another way")
-    lines = [f"# {header('kong', [service.name], len(service.rules), model.expired)}",
+    lines = [f"# {header('kong', service.name, len(service.rules))}",
              f"_format_version: {json.dumps(FORMAT_VERSION)}",
              "plugins:",
              "- name: ip-restriction"]

@@ -15,7 +15,7 @@ from hostwall.export.text import about, header
 
 def render(model: ExportModel, options: TargetOptions) -> str:
     service = model.single("nginx")
-    lines = [f"# {header('nginx', [service.name], len(service.rules), model.expired)}"]
+    lines = [f"# {header('nginx', service.name, len(service.rules))}"]
     if options.trusted_proxies:
         lines.append("# The client address is the rightmost X-Forwarded-For address not added by these proxies.")
         lines.extend(f"set_real_ip_from {proxy};" for proxy in options.trusted_proxies)

@@ -14,7 +14,7 @@ from hostwall.export.text import about, header
 
 def render(model: ExportModel, options: TargetOptions) -> str:
     service = model.single("pg_hba")
-    lines = [f"# {header('pg_hba', [service.name], len(service.rules), model.expired)}"]
+    lines = [f"# {header('pg_hba', service.name, len(service.rules))}"]
     match = f"{options.pg_database} {options.pg_user}"
     for rule in service.rules:
         lines.append(f"# {about(rule)}")

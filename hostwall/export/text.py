@@ -43,12 +43,10 @@ def utc(moment: datetime) -> str:
     return f"{moment.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
 
 
-def header(target: str, services: list[str], rules: int, expired: int) -> str:
+def header(target: str, service: str, rules: int) -> str:
     """The first comment line of a text target: what made it and from what. No date and
     no path: the same policy gives the same bytes, wherever and whenever it is exported."""
-    left_out = f"; {expired} expired entries left out" if expired else ""
-    return (f"hostwall export --format {target}: service {', '.join(services)}, {rules} entries{left_out}. "
-            "Edit the hostwall policy, not this file.")
+    return f"hostwall export --format {target}: service {service}, {rules} entries. Edit the policy, not this file."
 
 
 def as_json(document: object) -> str:
