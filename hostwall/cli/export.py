@@ -54,28 +54,29 @@ def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
               help="pg_hba: the connection type of the allow lines.")
 @click.option("--pg-auth", type=click.Choice(PG_AUTH_METHODS), default="scram-sha-256", show_default=True,
               help="pg_hba: the authentication method of the allow lines.")
-@click.option("--pg-database", default="all", show_default=True, type=_matching(PG_NAME, "a database name"),
+@click.option("--pg-database", metavar="NAME", default="all", show_default=True,
+              type=_matching(PG_NAME, "a database name"),
               help="pg_hba: the database column.")
-@click.option("--pg-user", default="all", show_default=True, type=_matching(PG_NAME, "a role name"),
+@click.option("--pg-user", metavar="ROLE", default="all", show_default=True, type=_matching(PG_NAME, "a role name"),
               help="pg_hba: the user column.")
-@click.option("--aws-group-id", type=_matching(AWS_GROUP_ID, "a security group id (sg-...)"),
+@click.option("--aws-group-id", metavar="SG_ID", type=_matching(AWS_GROUP_ID, "a security group id (sg-...)"),
               help="aws-sg: the GroupId of the request (or give --group-id to the aws command).")
-@click.option("--aws-rules-per-group", type=click.IntRange(min=1), default=60, show_default=True,
+@click.option("--aws-rules-per-group", metavar="N", type=click.IntRange(min=1), default=60, show_default=True,
               help="aws-sg: the account's inbound rules per security group quota, per family.")
-@click.option("--name-prefix", default="hostwall", show_default=True,
+@click.option("--name-prefix", metavar="PREFIX", default="hostwall", show_default=True,
               type=_matching(NAME_PREFIX, "1-30 lowercase letters, digits and '-', starting with a letter"),
               help="azure-nsg, gcp-firewall: the start of every rule name.")
-@click.option("--azure-first-priority", type=click.IntRange(100, 4096), default=100, show_default=True,
+@click.option("--azure-first-priority", metavar="N", type=click.IntRange(100, 4096), default=100, show_default=True,
               help="azure-nsg: the priority of the first allow rule.")
-@click.option("--azure-rules-per-nsg", type=click.IntRange(min=1), default=1000, show_default=True,
+@click.option("--azure-rules-per-nsg", metavar="N", type=click.IntRange(min=1), default=1000, show_default=True,
               help="azure-nsg: security rules per network security group.")
-@click.option("--gcp-network", type=_matching(GCP_NETWORK, "a network URL (global/networks/NAME)"),
+@click.option("--gcp-network", metavar="URL", type=_matching(GCP_NETWORK, "a network URL (global/networks/NAME)"),
               help="gcp-firewall: the network of the rules (default: the project's default network).")
-@click.option("--gcp-priority", type=click.IntRange(0, 65534), default=1000, show_default=True,
+@click.option("--gcp-priority", metavar="N", type=click.IntRange(0, 65534), default=1000, show_default=True,
               help="gcp-firewall: the priority of the allow rules; the deny rules take the next one.")
-@click.option("--gcp-ranges-per-rule", type=click.IntRange(1, 5000), default=5000, show_default=True,
+@click.option("--gcp-ranges-per-rule", metavar="N", type=click.IntRange(1, 5000), default=5000, show_default=True,
               help="gcp-firewall: source ranges per rule before a service's rule is split.")
-@click.option("--kong-service", type=_matching(KONG_NAME, "a Kong service name"),
+@click.option("--kong-service", metavar="NAME", type=_matching(KONG_NAME, "a Kong service name"),
               help="kong: attach the plugin to this Kong service (default: global).")
 @json_option
 @pass_options
