@@ -95,3 +95,9 @@ class ExportError(HostwallError):
     documented limits (or the options given for it are wrong); nothing was written."""
 
     exit_code = 3
+
+
+class ExportFileError(HostwallError):
+    """The file an export writes or checks cannot be read or written."""
+
+    exit_code = 6

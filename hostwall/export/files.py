@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from hostwall.errors import ExportError
+from hostwall.errors import ExportFileError
 from hostwall.export.text import printable
 
 
@@ -23,7 +23,7 @@ def write(path: Path, text: str) -> None:
     except FileNotFoundError:
         mode = 0o644
     except OSError as exc:
-        raise ExportError(f"cannot write {path}: {exc.strerror}") from exc
+        raise ExportFileError(f"cannot write {path}: {exc.strerror}") from exc
     temporary = None
     try:
         descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
@@ -35,7 +35,7 @@ def write(path: Path, text: str) -> None:
         os.replace(temporary, path)
         temporary = None
     except OSError as exc:
-        raise ExportError(f"cannot write {path}: {exc.strerror}") from exc
+        raise ExportFileError(f"cannot write {path}: {exc.strerror}") from exc
     finally:
         if temporary is not None:
             with contextlib.suppress(OSError):
@@ -50,7 +50,7 @@ def drift(path: Path, text: str) -> list[str]:
     except FileNotFoundError:
         deployed = None
     except OSError as exc:
-        raise ExportError(f"cannot read {path}: {exc.strerror}") from exc
+        raise ExportFileError(f"cannot read {path}: {exc.strerror}") from exc
     if deployed == text.encode("utf-8"):
         return []
     old = [] if deployed is None else deployed.decode("utf-8", errors="replace").splitlines()

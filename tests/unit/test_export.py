@@ -441,3 +441,11 @@ def test_the_model_refuses_a_second_service_for_one_listener_formats(golden_poli
     model = model_of(load_policy(golden_policy))
     with pytest.raises(ExportError, match="choose one with --service"):
         FORMATS["nginx"].render(model, TargetOptions())
+
+
+def test_a_file_that_cannot_be_written_is_one_line_and_exit_6(golden_policy: Path, tmp_path: Path) -> None:
+    target = tmp_path / "no-such-directory" / "allow.conf"
+    result = invoke(golden_policy, "--format", "nginx", "--output", str(target))
+    assert result.exit_code == 6
+    assert result.stderr.endswith(f"hostwall: cannot write {target}: No such file or directory\n")
+    assert not target.parent.exists()
