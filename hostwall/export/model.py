@@ -44,9 +44,6 @@ class ExportedService:
     protocols: tuple[Protocol, ...]
     rules: tuple[ExportedRule, ...]
 
-    def of_family(self, family: int) -> tuple[ExportedRule, ...]:
-        return tuple(r for r in self.rules if r.family == family)
-
     def networks(self, family: int | None = None) -> list[tuple[IPNetwork, tuple[ExportedRule, ...]]]:
         """Each distinct network once, with every rule that names it: two entries of the
         same CIDR (two owners) are one source range in a cloud rule, which refuses duplicates."""
@@ -60,7 +57,9 @@ class ExportedService:
 @dataclass(frozen=True)
 class ExportModel:
     services: tuple[ExportedService, ...]
-    expired: int = 0  # entries left out because their expiry has passed
+    # Entries left out because their expiry has passed: those of the whole policy found at
+    # loading (it does not keep their service), and those of the exported services since.
+    expired: int = 0
 
     def rule_count(self) -> int:
         return sum(len(s.rules) for s in self.services)

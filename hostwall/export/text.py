@@ -32,7 +32,9 @@ def restricted(text: str, allowed: re.Pattern[str], limit: int, filler: str = "_
 
 
 def about(rule: ExportedRule) -> str:
-    """Owner, reason, review date and expiry of an entry, for one comment line."""
+    """Owner, reason, review date and expiry of an entry, for one comment line. It ends
+    in ')', never in an owner's backslash, which PostgreSQL (16 and later) would read as
+    a continuation that pulls the next line, an allow line, into the comment."""
     text = f"{printable(rule.owner)}: {printable(rule.reason)} (review by {rule.review_by:%Y-%m-%d}"
     if rule.expires is not None:
         text += f", expires {utc(rule.expires)}"
