@@ -449,3 +449,12 @@ def test_a_file_that_cannot_be_written_is_one_line_and_exit_6(golden_policy: Pat
     assert result.exit_code == 6
     assert result.stderr.endswith(f"hostwall: cannot write {target}: No such file or directory\n")
     assert not target.parent.exists()
+
+
+def test_an_owner_ending_in_a_backslash_cannot_continue_a_pg_hba_comment(tmp_path: Path) -> None:
+    """PostgreSQL 16+ joins a line ending in a backslash with the next one."""
+    policy = write_policy(tmp_path / "p", "services:\n  postgres:\n    allow:\n      - cidr: 10.0.1.0/24\n"
+                          + META.format(owner="'ops\\'", reason="'ends in a backslash\\'"))
+    text = exported(policy, "pg_hba")
+    assert "# ops\\: ends in a backslash\\ (review by 2099-01-01)" in text
+    assert not any(line.endswith("\\") for line in text.splitlines())
