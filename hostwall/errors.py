@@ -88,3 +88,16 @@ class NetnsNotFound(HostwallError):
     """--netns names a namespace that does not exist."""
 
     exit_code = 4
+
+
+class ExportError(HostwallError):
+    """The policy cannot be written in an export target's format within that target's
+    documented limits (or the options given for it are wrong); nothing was written."""
+
+    exit_code = 3
+
+
+class ExportFileError(HostwallError):
+    """The file an export writes or checks cannot be read or written."""
+
+    exit_code = 6

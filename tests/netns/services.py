@@ -99,6 +99,7 @@ class Nginx:
     namespace: str
     directory: Path
     process: subprocess.Popen[bytes] | None = None
+    server_extra: str = ""  # directives for the server block, e.g. an include of `hostwall export`
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -126,7 +127,11 @@ http {{
         listen [::]:443 ssl;
         ssl_certificate {certificate};
         ssl_certificate_key {key};
-        location / {{ default_type text/plain; return 200 "{HTTPS_BODY.strip()}\\n"; }}
+        {self.server_extra}
+        # `return` alone would answer in the rewrite phase, before allow/deny (the access
+        # phase) is asked; try_files comes after it and hands over to the answer.
+        location / {{ try_files /.none @answer; }}
+        location @answer {{ default_type text/plain; return 200 "{HTTPS_BODY.strip()}\\n"; }}
     }}
 }}
 """)
@@ -153,6 +158,8 @@ class Postgres:
     namespace: str
     process: subprocess.Popen[bytes] | None = None
     directory: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="hostwall-pg-")))
+    hba: str | None = None  # host lines of pg_hba.conf instead of password auth for everyone
+    ssl: bool = False  # a certificate made for the test, so that hostssl lines can match
 
     @staticmethod
     def binaries() -> Path:
@@ -174,10 +181,18 @@ class Postgres:
         as_postgres = ("setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--")
         _run(*as_postgres, str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--no-sync",
              f"--pwfile={password_file}", "--auth-local=trust", "--auth-host=scram-sha-256", timeout=120)
-        (data / "pg_hba.conf").write_text(
-            "local all all trust\n"
+        (data / "pg_hba.conf").write_text("local all all trust\n" + (self.hba if self.hba is not None else
             "host all all 0.0.0.0/0 scram-sha-256\n"
-            "host all all ::/0 scram-sha-256\n")
+            "host all all ::/0 scram-sha-256\n"))
+        settings = []
+        if self.ssl:
+            certificate, key = self.directory / "server.crt", self.directory / "server.key"
+            _run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-days", "2", "-subj", "/CN=hostwall-lab", "-keyout", str(key), "-out", str(certificate))
+            for path in (certificate, key):
+                shutil.chown(path, "postgres", "postgres")
+            key.chmod(0o600)  # the server refuses a key others can read
+            settings = ["-c", "ssl=on", "-c", f"ssl_cert_file={certificate}", "-c", f"ssl_key_file={key}"]
         log = self.directory / "server.log"
         log.touch()
         shutil.chown(log, "postgres", "postgres")
@@ -185,7 +200,7 @@ class Postgres:
             self.process = subprocess.Popen(
                 ["ip", "netns", "exec", self.namespace, *as_postgres, str(binaries / "postgres"), "-D", str(data),
                  "-c", "listen_addresses=*", "-c", "port=5432", "-c", f"unix_socket_directories={self.directory}",
-                 "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "logging_collector=off"],
+                 "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "logging_collector=off", *settings],
                 stdin=subprocess.DEVNULL, stdout=output, stderr=output)
         _wait_listening(self.namespace, 5432, self.process, log)
 
