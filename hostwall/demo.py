@@ -98,13 +98,20 @@ def run_demo(echo: Callable[[str], None] = print) -> bool:
         for service in status.services:
             echo(f"  {service.name:<10} accepted {service.accepted.packets:>4} packets, "
                  f"dropped {service.dropped.packets:>4} packets")
-        records = list(read_entries(message_ids=(MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY),
-                                    matches={"HOSTWALL_NETNS": net.server}, since=began))
+        denied = sum(1 for a in attempts if a.expected == "timeout")
+        # journald makes records readable when it gets to them: on a busy host that can
+        # take a moment, so wait for them (bounded) rather than report a short count.
+        deadline = time.monotonic() + 10
+        while True:
+            records = list(read_entries(message_ids=(MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY),
+                                        matches={"HOSTWALL_NETNS": net.server}, since=began))
+            if len(records) >= denied or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         echo(f"\ndrops in the journal ({len(records)} records; `journalctl -o verbose "
              f"HOSTWALL_NETNS={net.server}` shows every field):")
         for record in records:
             echo(f"  {record.message}")
-        denied = sum(1 for a in attempts if a.expected == "timeout")
         if len(records) < denied:
             echo(f"  expected at least {denied} drop records, one per denied attempt")
         good = all(a.as_expected for a in attempts) and len(records) >= denied

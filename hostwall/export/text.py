@@ -48,7 +48,8 @@ def utc(moment: datetime) -> str:
 def header(target: str, service: str, rules: int) -> str:
     """The first comment line of a text target: what made it and from what. No date and
     no path: the same policy gives the same bytes, wherever and whenever it is exported."""
-    return f"hostwall export --format {target}: service {service}, {rules} entries. Edit the policy, not this file."
+    entries = "1 entry" if rules == 1 else f"{rules} entries"
+    return f"hostwall export --format {target}: service {service}, {entries}. Edit the policy, not this file."
 
 
 def as_json(document: object) -> str:

@@ -6,7 +6,9 @@ just above it that says how it is checked:
 - `<!-- doc: policy -->`: a policy (with the lists of policies/ beside it); it validates.
 - `<!-- doc: ruleset -->`: what `nft list table inet hostwall` shows after applying the
   README's policy block, in a namespace of the test's own.
-- `<!-- doc: output hostwall demo -->`: the sample output of a command, run here.
+- `<!-- doc: output hostwall demo -->`: the sample output of a command, run here (from the
+  repository's root, so `--policy-dir policies` is the example policy).
+- `<!-- doc: usage hostwall export -->`: a synopsis; every option it names is in `--help`.
 - `<!-- doc: journal record -->`: a drop record as the agent writes it (its fields).
 - `<!-- doc: run -->`: shell commands, run as written (with HOME in a temporary directory).
 - `<!-- doc: make -->`: every `make TARGET` in it is a target of the Makefile, and every
@@ -122,7 +124,7 @@ def _policy_dir(tmp_path: Path, block: Block) -> Path:
 
 def _hostwall(*args: str) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("HOSTWALL_")}
-    return subprocess.run([sys.executable, "-m", "hostwall", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hostwall", *args], capture_output=True, text=True, cwd=ROOT,
                           env=environment, timeout=COMMAND_TIMEOUT * 6, check=False)
 
 
@@ -151,6 +153,17 @@ def test_sample_outputs_match_the_command(journald: Journald, block: Block) -> N
     assert result.returncode == 0, f"{block}: {result.stderr}"
     assert matches(block.text, result.stdout) is None, \
         f"{block}: the output no longer matches at {matches(block.text, result.stdout)!r}:\n{result.stdout}"
+
+
+@pytest.mark.parametrize("block", [b for b in blocks() if (b.marker or "").startswith("usage ")], ids=str)
+def test_usage_blocks_name_only_real_options(block: Block) -> None:
+    assert block.marker is not None
+    words = shlex.split(block.marker.removeprefix("usage "))
+    assert words[0] == "hostwall"
+    result = _hostwall(*words[1:], "--help")
+    assert result.returncode == 0, f"{block}: {result.stderr}"
+    for option in re.findall(r"--[a-z][a-z-]*", block.text):
+        assert option in result.stdout, f"{block}: {shlex.join(words)} has no {option}"
 
 
 @pytest.mark.parametrize("block", [b for b in blocks() if b.marker == "journal record"], ids=str)
