@@ -64,6 +64,7 @@ RULES: dict[str, tuple[Severity, str]] = {
     "nested": ("info", "inside another owner's entry: redundant in the kernel, kept for its owner"),
     "unknown-owner": ("error", "owner is not in the owners list"),
     "unused": ("warning", "no packet matched it for --unused-days"),
+    "allows-nobody": ("warning", "a service named in the policy admits no source: only loopback reaches it"),
 }
 
 
@@ -109,6 +110,10 @@ def audit(policy: Policy, options: AuditOptions) -> list[Finding]:
         findings.extend(_overlap_findings(service))
         if options.usage is not None:
             findings.extend(_unused_findings(service, options.usage, options))
+        if service.allows_nobody:
+            findings.append(_finding("allows-nobody", service.name, "", "", service.defined_in,
+                                     "no allow entry is loaded: the service answers loopback only",
+                                     "add an allow entry, or remove the service if closing it is meant"))
     findings.extend(_expired_findings(policy))
     return sorted(findings, key=lambda f: (-SEVERITIES.index(f.severity), f.rule, f.service or "", *_place(f.where)))
 

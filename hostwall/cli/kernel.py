@@ -3,6 +3,7 @@ confirm, status, generations, diff, and the detached reverter."""
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import sys
@@ -22,6 +23,7 @@ from hostwall.cli.common import (
     confirm_option,
     emit_json,
     json_option,
+    message_option,
     pass_options,
     reports_errors,
     require_privileges,
@@ -33,7 +35,8 @@ from hostwall.output import Output
 if TYPE_CHECKING:
     from hostwall.engine import Status
     from hostwall.plan import Plan, ServiceChange
-    from hostwall.state import AgentState, Pending
+    from hostwall.ruleset import Ruleset
+    from hostwall.state import AgentState, Pending, Reverted
 
 
 def _interval_json(interval: Any) -> str:
@@ -108,16 +111,43 @@ def invoking_user() -> str:
 
 
 
+def lockout_guard(options: Options, allow_lockout: bool, command: str) -> Callable[[Ruleset], None] | None:
+    """A check that refuses a ruleset dropping the SSH session this command runs in, when
+    there is one and it reaches the namespace being changed."""
+    if allow_lockout:
+        return None
+    from hostwall.lockout import refuse_lockout
+    from hostwall.session import find_ssh_session, target_netns
+
+    session = find_ssh_session()
+    if session is None:
+        return None
+    target = target_netns(options.netns)
+    if session.netns is not None and target is not None and session.netns != target:
+        return None  # the session arrives in another network namespace than the one changed
+
+    def guard(ruleset: Ruleset) -> None:
+        refuse_lockout(ruleset, session, clock.now(), command)
+
+    return guard
+
+
+allow_lockout_option = click.option(
+    "--allow-lockout", is_flag=True,
+    help="Load even if the new ruleset drops the SSH session this command runs in (you have a console).")
+
+
 @click.command()
 @click.option("--check", "dry_run", is_flag=True, help="Dry run: show the plan, change nothing.")
-@click.option("-m", "--message", default="", help="Why this change is made (kept with the generation).")
+@message_option
 @wait_option
 @confirm_option
+@allow_lockout_option
 @json_option
 @pass_options
 @reports_errors
 def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_within: float | None,
-          as_json: bool) -> None:
+          allow_lockout: bool, as_json: bool) -> None:
     """Validate, compile and load the policy in one atomic transaction.
 
     \b
@@ -126,7 +156,8 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
     require_privileges("apply")
     policy = options.policy()
     result = options.engine().apply(policy, user=invoking_user(), message=message,
-                                    dry_run=dry_run, wait=wait, confirm_within=confirm_within)
+                                    dry_run=dry_run, wait=wait, confirm_within=confirm_within,
+                                    guard=lockout_guard(options, allow_lockout, "apply"))
     if result.applied:
         from hostwall.state import clear_reverted
 
@@ -167,6 +198,22 @@ def pending_text(pending: Pending) -> str:
     return (f"pending confirmation: generation {pending.generation} reverts to {target} "
             f"at {deadline} (in {left} s) unless `hostwall confirm` runs")
 
+
+
+def reverted_json(record: Reverted | None) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    return {"generation": record.generation, "revert_to": record.revert_to, "reason": record.reason,
+            "by": record.by, "reverted_at": None if record.reverted_at is None
+            else datetime.fromtimestamp(record.reverted_at, UTC).isoformat()}
+
+
+def reverted_text(record: Reverted) -> str:
+    target = f"generation {record.revert_to}" if record.revert_to is not None else "no hostwall table"
+    when = f" at {_utc(record.reverted_at)}" if record.reverted_at is not None else ""
+    why = f": {record.reason}" if record.reason else ""
+    by = f" (by the {record.by})" if record.by else ""
+    return f"reverted{when}: generation {record.generation} rolled back to {target}{why}{by}"
 
 
 def _status_json(status: Status, agent: AgentView, drops: DropsView) -> dict[str, Any]:
@@ -258,12 +305,15 @@ def status(options: Options, drop_count: int, as_json: bool) -> None:
     \b
     Example: sudo hostwall status --json
     """
+    from hostwall.state import reverted
+
     require_privileges("status")
     result = options.engine().status()
     agent = agent_view(options.state().agent(), clock.now(), _pid_alive)
     drops = last_drops(options.netns, drop_count) if drop_count else DropsView(())
+    rolled_back = reverted(options.state())
     if as_json:
-        emit_json(_status_json(result, agent, drops))
+        emit_json({**_status_json(result, agent, drops), "reverted": reverted_json(rolled_back)})
         sys.exit(EXIT_NEEDS_ATTENTION if result.drift or not result.loaded else EXIT_OK)
     out = options.out
     if not result.loaded:
@@ -272,6 +322,8 @@ def status(options: Options, drop_count: int, as_json: bool) -> None:
         out.line(f"generation {result.generation} loaded (recorded: {result.recorded_generation or 'none'})")
     if result.pending:
         out.line(pending_text(result.pending), style="warning")
+    if rolled_back:
+        out.line(reverted_text(rolled_back), style="warning")
     if result.services:
         out.table(["service", "ports", "action", "entries", "accepted", "dropped"],
                   [[s.name, s.ports, s.action, str(s.entries), str(s.accepted.packets), str(s.dropped.packets)]
@@ -335,18 +387,20 @@ def generations(options: Options, as_json: bool) -> None:
               help="Generation to load (default: the one before the loaded one).")
 @wait_option
 @confirm_option
+@allow_lockout_option
 @json_option
 @pass_options
 @reports_errors
 def rollback(options: Options, target: int | None, wait: float, confirm_within: float | None,
-             as_json: bool) -> None:
+             allow_lockout: bool, as_json: bool) -> None:
     """Load an earlier generation atomically, exactly as it was submitted.
 
     \b
     Example: sudo hostwall rollback --to 41 --confirm-within 120
     """
     require_privileges("rollback")
-    result = options.engine().rollback(target, wait=wait, confirm_within=confirm_within)
+    result = options.engine().rollback(target, wait=wait, confirm_within=confirm_within,
+                                       guard=lockout_guard(options, allow_lockout, "rollback"))
     if as_json:
         emit_json({"generation": result.generation, "previous": result.previous,
                     "replayed": result.replayed, "rendered_because": result.rendered_because,
@@ -412,20 +466,45 @@ def diff(options: Options, old: int, new: int, as_json: bool) -> None:
 
 
 
+def _utc(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def report_reverted(netns: str | None, pending: Pending, reason: str, by: str) -> None:
+    """One journal record of the rollback; without journald the state directory's
+    marker (shown by `status`) still says it."""
+    from hostwall.drops import reverted_record
+    from hostwall.journal import JournalSink
+
+    sink = JournalSink({"HOSTWALL_NETNS": netns} if netns else None)
+    sink.send(reverted_record(pending.generation, pending.revert_to, reason, by))
+
+
 @click.command("revert-unconfirmed", hidden=True)
 @click.argument("generation", type=int)
 @pass_options
 @reports_errors
 def revert_unconfirmed(options: Options, generation: int) -> None:
     """The detached reverter behind --confirm-within: waits for the deadline, then reverts."""
+    from hostwall.cli.common import REVERTER_READY
+
     state = options.state()
-    while (pending := state.pending()) is not None and pending.generation == generation:
+    pending = state.pending()
+    # The command that started this one waits for these words before it returns.
+    with contextlib.suppress(OSError):
+        os.write(sys.stdout.fileno(), REVERTER_READY)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    while pending is not None and pending.generation == generation:
         remaining = pending.deadline - clock.now()
         if remaining <= 0:
             from hostwall.state import note_reverted
 
             if options.engine().revert_if_unconfirmed(generation):
-                note_reverted(state, generation)
+                reason = f"not confirmed by {_utc(pending.deadline)}"
+                note_reverted(state, pending, at=clock.now(), reason=reason, by="reverter")
+                report_reverted(options.netns, pending, reason, "reverter")
             return
         time.sleep(min(remaining, 1.0))
-
+        pending = state.pending()
