@@ -456,6 +456,14 @@ def policy_files(path: Path) -> list[Path]:
                 [Problem(str(path), None, "", "no *.yaml policy files in this directory")]
             )
         return files
+    # A single file is read and quoted in errors as root: through a symlink, or under
+    # another name, a policy path could name any file on the host.
+    if path.is_symlink():
+        raise PolicyError([Problem(str(path), None, "", "is a symlink; name the policy file itself "
+                                   f"({path.resolve()}) or its directory")])
+    if path.is_file() and path.suffix not in (".yaml", ".yml"):  # others: read_regular says what they are
+        raise PolicyError([Problem(str(path), None, "", "is not a policy file (*.yaml or *.yml); hostwall "
+                                   "reads nothing else")])
     return [path]
 
 

@@ -185,9 +185,10 @@ class StateDir:
     def blobs_dir(self) -> Path:
         return self.path / "blobs"
 
-    def list_cache(self) -> ListCacheDir:
-        """The cache of parsed file: lists kept in this state directory (for load_policy)."""
-        return ListCacheDir(self.path / "cache" / "lists")
+    def list_cache(self, *, writable: bool = True) -> ListCacheDir:
+        """The cache of parsed file: lists kept in this state directory (for load_policy);
+        read-only commands read it and write nothing, not even its access times."""
+        return ListCacheDir(self.path / "cache" / "lists", writable=writable)
 
     def ensure(self) -> None:
         try:
@@ -484,9 +485,10 @@ class ListCacheDir:
 
     MAGIC = b"HWLISTS2\n"
 
-    def __init__(self, path: Path, keep: int = 16) -> None:
+    def __init__(self, path: Path, keep: int = 16, *, writable: bool = True) -> None:
         self.path = path
         self.keep = keep
+        self.writable = writable
 
     def _trusted(self) -> bool:
         try:
@@ -514,8 +516,9 @@ class ListCacheDir:
             parsed = ParsedList.decode(view[len(head):-32])
         except ValueError:
             return None
-        with contextlib.suppress(OSError):
-            os.utime(path)  # recently used: kept by _evict
+        if self.writable:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: kept by _evict
         return parsed
 
     def latest(self, path: str) -> tuple[bytes, ParsedList] | None:
@@ -532,7 +535,7 @@ class ListCacheDir:
         return None if parsed is None else (source, parsed)
 
     def put(self, sha256: str, parsed: ParsedList, source: bytes, path: str) -> None:
-        if not _SHA256_HEX.fullmatch(sha256):
+        if not self.writable or not _SHA256_HEX.fullmatch(sha256):
             return
         body = self.MAGIC + bytes.fromhex(sha256) + parsed.encode()
         try:

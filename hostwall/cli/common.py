@@ -58,11 +58,14 @@ class Options:
 
         return StateDir(self.state_dir, keep=self.keep_generations)
 
-    def policy(self, path: Path | None = None) -> Policy:
+    def policy(self, path: Path | None = None, *, write_cache: bool = False) -> Policy:
+        """The policy; only a command that changes the firewall (write_cache) stores parsed
+        lists in the state directory: the others write nothing anywhere."""
         from hostwall.policy import load_policy
 
         with self.out.progress() as progress:
-            return load_policy(path or self.policy_dir, cache=self.state().list_cache(), progress=progress)
+            return load_policy(path or self.policy_dir, cache=self.state().list_cache(writable=write_cache),
+                               progress=progress)
 
     def engine(self) -> Engine:
         from hostwall.engine import Engine

@@ -138,7 +138,7 @@ def agent(options: Options, log_group: int | None, flood_window: float, flood_re
         FloodControl(flood_window, flood_records, recon_per_minute), time.monotonic),
         InterfaceNames(options.netns), generation)
     service = Agent(
-        engine, state, options.policy, Notifier(), sink, streamer=streamer,
+        engine, state, lambda: options.policy(write_cache=True), Notifier(), sink, streamer=streamer,
         events=RulesetEvents(options.netns), counters=backend.counters,
         settings=AgentSettings(full_check_interval, metrics_file, metrics_interval, test_stall_watchdog_after),
         boot_time=_boot_time(),

@@ -154,7 +154,7 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
     Example: sudo hostwall apply -m "partner-b migrated (OPS-1234)"
     """
     require_privileges("apply")
-    policy = options.policy()
+    policy = options.policy(write_cache=not dry_run)
     result = options.engine().apply(policy, user=invoking_user(), message=message,
                                     dry_run=dry_run, wait=wait, confirm_within=confirm_within,
                                     guard=lockout_guard(options, allow_lockout, "apply"))
