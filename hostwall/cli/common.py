@@ -117,11 +117,12 @@ def spawn_reverter(pending: Pending, state_dir: Path, netns: str | None) -> None
     if said != REVERTER_READY:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
-        process.wait()
+    # The process started here forks the reverter off and exits (its child is init's).
+    process.wait()
+    if said != REVERTER_READY:
         raise StateError(f"the reverter did not start (`{' '.join(command)}` exited with "
                          f"{process.returncode}); the change stays pending: run `hostwall confirm` or "
                          "`hostwall rollback`")
-    # Not waited for: it outlives this process by design, and init reaps it.
 
 
 def has_net_admin() -> bool:

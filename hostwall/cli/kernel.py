@@ -490,6 +490,10 @@ def revert_unconfirmed(options: Options, generation: int) -> None:
 
     state = options.state()
     pending = state.pending()
+    # Detached for good: the process that started this one reaps it at once, and the
+    # one that waits is init's to reap.
+    if os.fork() != 0:
+        os._exit(0)
     # The command that started this one waits for these words before it returns.
     with contextlib.suppress(OSError):
         os.write(sys.stdout.fileno(), REVERTER_READY)

@@ -256,8 +256,10 @@ def test_sudo_gives_the_operator_the_firewall_and_nothing_more(operator: Operato
     assert "not confirmed by" in reverted["reason"]
     shown = operator.sudo("status")
     assert "reverted at" in shown.stdout and "generation 5 rolled back to generation 4" in shown.stdout
-    records = _journal(since, f"MESSAGE_ID={MESSAGE_ID_REVERTED}", "HOSTWALL_GENERATION=5")
-    assert any(r.get("HOSTWALL_REVERT_TO") == "4" for r in records), records
+    matches = (f"MESSAGE_ID={MESSAGE_ID_REVERTED}", "HOSTWALL_GENERATION=5", "HOSTWALL_REVERTED_BY=reverter")
+    assert _wait_for_journal(since, *matches), "no journal record of the rollback"
+    records = _journal(since, *matches)
+    assert any(r.get("HOSTWALL_REVERT_TO") == "4" and r.get("_UID") == "0" for r in records), records
 
     # 2. Drop records count only when root wrote them: a forged one from the operator
     # is not shown, a real one is.
