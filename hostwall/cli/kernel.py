@@ -488,18 +488,19 @@ def revert_unconfirmed(options: Options, generation: int) -> None:
     """The detached reverter behind --confirm-within: waits for the deadline, then reverts."""
     from hostwall.cli.common import REVERTER_READY
 
-    state = options.state()
-    pending = state.pending()
     # Detached for good: the process that started this one reaps it at once, and the
     # one that waits is init's to reap.
     if os.fork() != 0:
         os._exit(0)
-    # The command that started this one waits for these words before it returns.
+    # The command that started this one waits for these words before it returns: said
+    # as soon as this code runs, since the deadline is already counting.
     with contextlib.suppress(OSError):
         os.write(sys.stdout.fileno(), REVERTER_READY)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
+    state = options.state()
+    pending = state.pending()
     while pending is not None and pending.generation == generation:
         remaining = pending.deadline - clock.now()
         if remaining <= 0:
