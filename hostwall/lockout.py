@@ -58,6 +58,10 @@ class WouldLockOut(HostwallError):
 
     exit_code = 3
 
+    def __init__(self, command: str, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"{command} refused: {detail}")
+
 
 def blocking_service(ruleset: Ruleset, session: SshSession, now: float) -> str | None:
     """The name of the service whose chain would drop the session, or None."""
@@ -86,8 +90,8 @@ def refuse_lockout(ruleset: Ruleset, session: SshSession | None, now: float, com
     if service is None:
         return
     family = "/32" if isinstance(session.client, ipaddress.IPv4Address) else "/128"
-    raise WouldLockOut(
-        f"{command} refused: the new ruleset would drop your SSH session {session} (found in "
-        f"{session.found_in}): service {service} admits no entry covering {session.client}. Add "
-        f"{session.client}{family} to {service}'s allow list, or pass --allow-lockout if you have another way "
-        "in (a console); --confirm-within reverts it if you lose the session")
+    raise WouldLockOut(command, (
+        f"the new ruleset would drop your SSH session {session} (found in {session.found_in}): service "
+        f"{service} admits no entry covering {session.client}. Add {session.client}{family} to {service}'s "
+        "allow list, or pass --allow-lockout if you have another way in (a console); --confirm-within "
+        "reverts it if you lose the session"))

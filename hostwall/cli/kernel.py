@@ -95,11 +95,13 @@ def plan(options: Options, as_json: bool) -> None:
 
     require_privileges("plan")
     policy = options.policy()
-    result = options.engine().plan(compile_policy(policy))
+    desired = compile_policy(policy)
+    result = options.engine().plan(desired)
+    lockout = lockout_warning(options, desired)
     if as_json:
-        emit_json(_plan_json(result))
+        emit_json({**_plan_json(result), "lockout": lockout})
     else:
-        for warning in policy.warnings():
+        for warning in [*policy.warnings(), *([lockout] if lockout else [])]:
             options.out.warn(warning)
         _print_plan(options.out, result)
     sys.exit(EXIT_NEEDS_ATTENTION if result.changed else EXIT_OK)
@@ -130,6 +132,19 @@ def lockout_guard(options: Options, allow_lockout: bool, command: str) -> Callab
         refuse_lockout(ruleset, session, clock.now(), command)
 
     return guard
+
+
+def lockout_warning(options: Options, ruleset: Ruleset) -> str | None:
+    """What apply would refuse for this ruleset, said by the commands that only look."""
+    from hostwall.lockout import WouldLockOut
+
+    guard = lockout_guard(options, False, "apply")
+    try:
+        if guard is not None:
+            guard(ruleset)
+    except WouldLockOut as refusal:
+        return f"apply would refuse this policy: {refusal.detail}"
+    return None
 
 
 allow_lockout_option = click.option(
@@ -171,6 +186,12 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
         return
     for warning in policy.warnings():
         options.out.warn(warning)
+    if dry_run and not allow_lockout:
+        from hostwall.compile import compile_policy
+
+        lockout = lockout_warning(options, compile_policy(policy))
+        if lockout:
+            options.out.warn(lockout)
     _print_plan(options.out, result.plan)
     if result.applied:
         repaired = " (repaired drift)" if result.plan.drift and result.plan.table_present else ""

@@ -192,6 +192,8 @@ def test_sudo_gives_the_operator_the_firewall_and_nothing_more(operator: Operato
 
     # 5. A ruleset that drops the operator's own session is refused, under sudo too.
     operator.write_policy({"ssh": ["203.0.113.0/24"], "https": ["203.0.113.10/32"]}, ports={"ssh": 22})
+    planned = operator.sudo("plan")
+    assert planned.returncode == 10 and "apply would refuse this policy" in planned.stderr, planned.stderr
     locked = operator.sudo("apply", "-m", "lock me out")
     assert locked.returncode == 3, locked.stderr
     assert "198.51.100.7" in locked.stderr and "port 22" in locked.stderr and "--allow-lockout" in locked.stderr
