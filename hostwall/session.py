@@ -3,14 +3,18 @@ reader of other processes' environments).
 
 sshd gives the login shell SSH_CONNECTION ("client port server port"); sudo resets the
 environment of the command it runs, but sudo itself, and the shell above it, still
-hold it. So the process and its ancestors are searched, nearest first. The caller can
+hold it. So the process and its ancestors are searched, nearest first; reaching sshd
+without finding it, the established connection on sshd's socket is the session. The caller can
 set SSH_CONNECTION to anything in their own shell; that only misleads the guard that
 protects that same caller, who may pass --allow-lockout anyway.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -39,7 +43,56 @@ def find_ssh_session(pid: int | None = None, proc: Path = Path("/proc"),
         if value:
             return parse_ssh_connection(value, f"the environment of pid {pid} ({_comm(proc, pid)})",
                                         _netns(proc, pid))
+        if _comm(proc, pid) == "sshd":
+            # The shell below had no SSH_CONNECTION (unset, or a login that clears it):
+            # the connection itself is the one sshd's socket holds.
+            return _sshd_connection(proc, pid)
     return None
+
+
+# /proc/net/tcp: "sl local rem st ... inode"; 01 is TCP_ESTABLISHED.
+_ESTABLISHED = "01"
+
+
+def _sshd_connection(proc: Path, pid: int) -> SshSession | None:
+    """The established TCP connection among the sockets sshd (pid) holds."""
+    inodes = set()
+    try:
+        for fd in (proc / str(pid) / "fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    except OSError:
+        return None
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (proc / str(pid) / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != _ESTABLISHED or fields[9] not in inodes:
+                continue
+            try:
+                (server, server_port), (client, client_port) = _endpoint(fields[1]), _endpoint(fields[2])
+            except ValueError:
+                continue
+            found = parse_ssh_connection(f"{client} {client_port} {server} {server_port}",
+                                         f"the socket of sshd (pid {pid})", _netns(proc, pid))
+            if found is not None:
+                return found
+    return None
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    """An address:port of /proc/net/tcp{,6}: hex, each 32-bit word in host (little-endian) order."""
+    address, _, port = text.partition(":")
+    raw = bytes.fromhex(address)
+    if len(raw) not in (4, 16):
+        raise ValueError(text)
+    ordered = raw if sys.byteorder == "big" else b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return str(ipaddress.ip_address(ordered)), int(port, 16)
 
 
 def _parent(proc: Path, pid: int) -> int | None:

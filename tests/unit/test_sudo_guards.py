@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -156,6 +157,24 @@ def test_under_sudo_the_session_is_found_in_an_ancestor(tmp_path: Path) -> None:
     assert "pid 300 (sudo)" in found.found_in
     assert find_ssh_session(400, proc, environ={"SSH_CONNECTION": "198.51.100.9 1 192.0.2.1 22"}).client == \
         ipaddress.IPv4Address("198.51.100.9")  # type: ignore[union-attr]
+
+
+def test_without_ssh_connection_the_session_is_read_from_sshds_socket(tmp_path: Path) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname()) as client:
+        accepted, _ = listener.accept()
+        with accepted:
+            # This process stands for sshd: it holds both ends of an established connection.
+            proc = tmp_path / "proc"
+            fake_process(proc, 400, 401, "hostwall", {})
+            fake_process(proc, 401, 402, "bash", {"HOME": "/root"})
+            fake_process(proc, 402, 1, "sshd", {})
+            for name in ("fd", "net"):
+                (proc / "402" / name).symlink_to(Path("/proc") / str(os.getpid()) / name)
+            found = find_ssh_session(400, proc, environ={})
+            ends = {client.getsockname()[1], accepted.getsockname()[1]}
+            assert found is not None and "socket of sshd" in found.found_in
+            assert str(found.client) == "127.0.0.1" and {found.client_port, found.server_port} == ends
 
 
 def test_no_session_without_ssh_and_a_cycle_ends_the_search(tmp_path: Path) -> None:
