@@ -343,8 +343,8 @@ class Agent:
         before_boot = pending.deadline == 0.0
         reason = ("unconfirmed when the machine booted" if before_boot else
                   f"not confirmed by {datetime.fromtimestamp(pending.deadline, UTC):%Y-%m-%dT%H:%M:%SZ}")
-        note_reverted(self._state, pending, at=self._wall(), reason=reason, by="agent")
         self._sink.send(reverted_record(pending.generation, pending.revert_to, reason, "agent"))
+        note_reverted(self._state, pending, at=self._wall(), reason=reason, by="agent")
         return True
 
     def _converge(self, reason: str, *, respect_reverted: bool, skip_policy: bool) -> None:

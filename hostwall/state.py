@@ -602,7 +602,10 @@ def note_reverted(state: StateDir, pending: Pending, *, at: float, reason: str, 
     except StateError:
         digest = ""
     record = Reverted(pending.generation, digest, pending.revert_to, at, reason, by)
-    atomic_write(state.path / REVERTED_MARKER, json.dumps(asdict(record)).encode())
+    try:
+        atomic_write(state.path / REVERTED_MARKER, json.dumps(asdict(record)).encode())
+    except OSError as exc:
+        raise StateError(f"cannot write {state.path / REVERTED_MARKER}: {exc.strerror}") from exc
 
 
 def reverted(state: StateDir) -> Reverted | None:

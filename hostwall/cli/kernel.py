@@ -529,8 +529,8 @@ def revert_unconfirmed(options: Options, generation: int) -> None:
 
             if options.engine().revert_if_unconfirmed(generation):
                 reason = f"not confirmed by {_utc(pending.deadline)}"
-                note_reverted(state, pending, at=clock.now(), reason=reason, by="reverter")
                 report_reverted(options.netns, pending, reason, "reverter")
+                note_reverted(state, pending, at=clock.now(), reason=reason, by="reverter")
             return
         time.sleep(min(remaining, 1.0))
         pending = state.pending()
