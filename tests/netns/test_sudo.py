@@ -97,8 +97,8 @@ class Operator:
 def _missing() -> str | None:
     if os.geteuid() != 0:
         return "the sudo test needs root (it creates a user and namespaces)"
-    missing = [tool for tool in ("sudo", "runuser", "nsenter", "unshare", "useradd", "groupadd", "logger", "nft")
-               if shutil.which(tool) is None]
+    tools = ("sudo", "visudo", "runuser", "nsenter", "unshare", "useradd", "groupadd", "logger", "nft")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         return f"the sudo test needs {', '.join(missing)} (scripts/setup.sh installs sudo)"
     if not ENTRY_POINT.is_file():
