@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -27,6 +28,7 @@ from hostwall.drops import (
     Record,
     lost_record,
     origin_of,
+    reverted_record,
 )
 from hostwall.engine import Engine
 from hostwall.errors import HostwallError, PolicyError
@@ -339,10 +341,11 @@ class Agent:
             return False
         if not self._engine.revert_if_unconfirmed(pending.generation):
             return False
-        note_reverted(self._state, pending.generation)
-        target = f"generation {pending.revert_to}" if pending.revert_to else "no hostwall table"
-        self._record(f"generation {pending.generation} was not confirmed in time; rolled back to {target}",
-                     MESSAGE_ID_CHANGE, PRIORITY_WARNING, generation=pending.revert_to)
+        before_boot = pending.deadline == 0.0
+        reason = ("unconfirmed when the machine booted" if before_boot else
+                  f"not confirmed by {datetime.fromtimestamp(pending.deadline, UTC):%Y-%m-%dT%H:%M:%SZ}")
+        self._sink.send(reverted_record(pending.generation, pending.revert_to, reason, "agent"))
+        note_reverted(self._state, pending, at=self._wall(), reason=reason, by="agent")
         return True
 
     def _converge(self, reason: str, *, respect_reverted: bool, skip_policy: bool) -> None:

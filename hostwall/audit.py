@@ -65,6 +65,7 @@ RULES: dict[str, tuple[Severity, str]] = {
     "unknown-owner": ("error", "owner is not in the owners list"),
     "unused": ("warning", "no packet matched it for --unused-days"),
     "unprotected-builtin": ("warning", "a built-in port (443, 5432) that no service protects"),
+    "allows-nobody": ("warning", "a service named in the policy admits no source: only loopback reaches it"),
 }
 
 
@@ -110,6 +111,10 @@ def audit(policy: Policy, options: AuditOptions) -> list[Finding]:
         findings.extend(_overlap_findings(service))
         if options.usage is not None:
             findings.extend(_unused_findings(service, options.usage, options))
+        if service.allows_nobody:
+            findings.append(_finding("allows-nobody", service.name, "", "", service.defined_in,
+                                     "no allow entry is loaded: the service answers loopback only",
+                                     "add an allow entry, or remove the service if closing it is meant"))
     findings.extend(_expired_findings(policy))
     findings.extend(
         _finding("unprotected-builtin", gap.service, f"{gap.port}/{gap.protocol}", "-", gap.defined_in,

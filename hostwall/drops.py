@@ -19,6 +19,7 @@ MESSAGE_ID_AGENT = "8c38560b2c854a84b9b516ac6047f605"
 MESSAGE_ID_DRIFT = "83e14c7081b649a58ea0a1961cfd7ad4"
 MESSAGE_ID_POLICY = "d28bf0b341c040eb86f3a698446833f6"
 MESSAGE_ID_CHANGE = "a40f18c7e80045f6b257e146683cb6a8"
+MESSAGE_ID_REVERTED = "5f0e3c0d9b6a4f1e8a3d2c7b41e9a6d2"
 
 PRIORITY_WARNING = 4
 PRIORITY_NOTICE = 5
@@ -48,6 +49,16 @@ class FloodControl:
     records_per_source_per_window: int = 5  # then one summary per window
     recon_drops_per_minute: int = 60
     max_sources: int = 10_000  # memory bound; the oldest source is summarised and forgotten
+
+
+def reverted_record(generation: int, revert_to: int | None, reason: str, by: str) -> Record:
+    """The record of an unconfirmed change rolled back at its deadline (by the detached
+    reverter or the agent)."""
+    target = f"generation {revert_to}" if revert_to is not None else "no hostwall table"
+    fields = {"HOSTWALL_GENERATION": str(generation), "HOSTWALL_REVERT_TO": str(revert_to or "none"),
+              "HOSTWALL_REVERTED_BY": by, "HOSTWALL_REASON": reason}
+    return Record(f"generation {generation} was not confirmed in time ({reason}); rolled back to {target}",
+                  MESSAGE_ID_REVERTED, PRIORITY_WARNING, fields)
 
 
 def service_of(prefix: str) -> str | None:

@@ -175,10 +175,15 @@ class Engine:
         dry_run: bool = False,
         wait: float = 0.0,
         confirm_within: float | None = None,
+        guard: Callable[[Ruleset], None] | None = None,
     ) -> ApplyResult:
+        """guard sees the ruleset before anything is loaded and may refuse it by raising
+        (the lock-out check)."""
         desired = compile_policy(policy)
         if dry_run:
             return ApplyResult(self.plan(desired), None, False)
+        if guard is not None:
+            guard(desired)
         with self._state.locked(wait):
             now = self._clock()
             before = self._state.current()
@@ -303,11 +308,14 @@ class Engine:
         *,
         wait: float = 0.0,
         confirm_within: float | None = None,
+        guard: Callable[[Ruleset], None] | None = None,
     ) -> RollbackResult:
         with self._state.locked(wait):
             current = self._state.current()
             earlier = self._state.pending()
             target = to if to is not None else self._previous_number(current)
+            if guard is not None:
+                guard(self._state.generation(target).ruleset())
             rendered_because = self._load_generation(target)
             pending = self._arm_or_clear_confirmation(target, current, earlier, confirm_within)
             return RollbackResult(target, current.generation if current else None, rendered_because is None,

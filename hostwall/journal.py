@@ -12,9 +12,11 @@ from typing import Any, TextIO
 
 from hostwall.drops import Record
 from hostwall.errors import HostwallError
+from hostwall.text import printable
 
 SYSLOG_IDENTIFIER = "hostwall"
 JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
+TRUSTED_WRITER = {"_UID": "0", "_TRANSPORT": "journal"}
 
 
 class JournalUnavailable(HostwallError):
@@ -52,16 +54,19 @@ class JournalSink:
                 # not exist (journald never started, or gone with its runtime directory).
                 if not os.path.exists(self._socket_path):
                     raise FileNotFoundError(self._socket_path)
+                # Fields carry data (interface names, policy text): escaped, so that a
+                # record is one line in `journalctl` and on a terminal.
+                fields = {key: printable(value) for key, value in {**self._extra, **record.fields}.items()}
                 self._send(
-                    MESSAGE=record.message, MESSAGE_ID=record.message_id, PRIORITY=str(record.priority),
-                    SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER, **self._extra, **record.fields,
+                    MESSAGE=printable(record.message), MESSAGE_ID=record.message_id, PRIORITY=str(record.priority),
+                    SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER, **fields,
                 )
                 self._down_since = None
                 return
             except OSError:
                 self._down_since = now
         self.fallback_records += 1
-        print(f"hostwall: {record.message}", file=self._fallback, flush=True)
+        print(f"hostwall: {printable(record.message)}", file=self._fallback, flush=True)
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,12 @@ def _matching_reader(message_ids: tuple[str, ...], matches: dict[str, str] | Non
     except OSError as exc:
         raise JournalUnavailable(f"cannot open the journal: {exc}") from exc
     reader.add_match(SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER)
+    # Anyone may write a record that says SYSLOG_IDENTIFIER=hostwall (logger --journald);
+    # _UID and _TRANSPORT are set by journald from the sender's socket credentials, so
+    # only what a root process sent through the native protocol counts, as the agent
+    # (run as root by its unit) does.
+    for key, value in TRUSTED_WRITER.items():
+        reader.add_match(**{key: value})
     for key, value in (matches or {}).items():
         reader.add_match(**{key: value})
     # Matches on different fields are ANDed, values of the same field ORed.
@@ -99,7 +110,8 @@ def read_entries(
     while True:
         entry = reader.get_next()
         if entry:
-            yield _entry(entry)
+            if _trusted(entry):
+                yield _entry(entry)
             continue
         if not follow or stop():
             return
@@ -120,8 +132,15 @@ def read_last(*, message_ids: tuple[str, ...], count: int, matches: dict[str, st
         entry = _entry(raw)
         if since is not None and entry.timestamp < since:
             break
-        found.append(entry)
+        if _trusted(raw):
+            found.append(entry)
     return found[::-1]
+
+
+def _trusted(raw: dict[str, Any]) -> bool:
+    """The match already says so; checked again on what was read, since a reader's
+    matches are easy to lose in a later edit and a forged drop is shown as a real one."""
+    return all(str(raw.get(key)) == value for key, value in TRUSTED_WRITER.items())
 
 
 def _entry(raw: dict[str, Any]) -> JournalEntry:

@@ -3,6 +3,10 @@
 Plain output is for grep, awk and diff: no colour codes, no box drawing, one record a
 line, columns separated by at least two spaces. rich is used only when the stream is a
 terminal (and NO_COLOR is honoured by rich itself).
+
+Everything shown may hold data (owners, reasons, messages, file names): control
+characters are escaped on every path (hostwall.text), and rich gets Text objects,
+never strings, so that brackets in data are never read as markup.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, TextIO
 
 import click
+
+from hostwall.text import is_control, printable
+
+__all__ = ["Output", "is_control", "plain_table", "printable"]
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -57,6 +65,7 @@ class Output:
     def line(self, text: str = "", style: str | None = None) -> None:
         if self.quiet:
             return
+        text = printable(text)
         if self.terminal and style:
             from rich.text import Text
 
@@ -66,7 +75,7 @@ class Output:
 
     def warn(self, text: str) -> None:
         """A warning on stderr; --quiet keeps it, since it is about the result's validity."""
-        click.echo(f"warning: {text}", err=True)
+        click.echo(f"warning: {printable(text)}", err=True)
 
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]], *, title: str | None = None,
               styles: Sequence[str | None] | None = None, right: Sequence[int] = ()) -> None:
@@ -74,18 +83,22 @@ class Output:
         columns aligned right (numbers)."""
         if self.quiet:
             return
+        headers = [printable(h) for h in headers]
+        rows = [[printable(cell) for cell in row] for row in rows]
+        title = printable(title) if title is not None else None
         if self.terminal:
             from rich.table import Table
             from rich.text import Text
 
-            table = Table(title=title, title_justify="left", header_style="bold")
+            table = Table(title=Text(title) if title is not None else None, title_justify="left",
+                          header_style="bold")
             for index, header in enumerate(headers):
-                table.add_column(header, justify="right" if index in right else "left", overflow="fold")
+                table.add_column(Text(header), justify="right" if index in right else "left", overflow="fold")
             for index, row in enumerate(rows):
                 style = styles[index] if styles else None
                 # Only the first cell is coloured: a whole coloured row is hard to read.
-                first = Text(row[0], style=STYLES.get(style, style)) if style else row[0]
-                table.add_row(first, *row[1:])
+                first = Text(row[0], style=STYLES.get(style, style) if style else "")
+                table.add_row(first, *(Text(cell) for cell in row[1:]))
             self._console(self.stream).print(table)
             return
         if title:

@@ -401,6 +401,17 @@ class Service:
     defined_in: str
     widest: Widest = Widest()
     entry_counters: bool = False  # a packet counter on every kernel element (for audit)
+    listed: bool = True  # False: a built-in service no policy file names (closed by default)
+
+    @property
+    def allows_nobody(self) -> bool:
+        """Named in a policy, yet no source may reach it: only loopback does."""
+        return self.listed and len(self.entries) == 0
+
+    def allows_nobody_text(self) -> str:
+        ports = ",".join(str(p) for p in self.ports) + "/" + "+".join(self.protocols)
+        return (f"{self.defined_in}: services.{self.name}: allows no source, so {ports} answers loopback only; "
+                "add an allow entry (or remove the service if closing it is meant)")
 
 
 @dataclass(frozen=True)
@@ -431,7 +442,8 @@ class Policy:
             f"{entry.expires.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}; not loaded (remove it from the file)"
             for entry in self.expired
             if entry.expires is not None
-        ] + [gap.warning() for gap in self.unprotected_builtins()]
+        ] + [service.allows_nobody_text() for service in self.services if service.allows_nobody] + [
+            gap.warning() for gap in self.unprotected_builtins()]
 
     def unprotected_builtins(self) -> list[UnprotectedPort]:
         """Built-in ports that no service protects: a policy that redefines https's ports
@@ -473,6 +485,14 @@ def policy_files(path: Path) -> list[Path]:
                 [Problem(str(path), None, "", "no *.yaml policy files in this directory")]
             )
         return files
+    # A single file is read and quoted in errors as root: through a symlink, or under
+    # another name, a policy path could name any file on the host.
+    if path.is_symlink():
+        raise PolicyError([Problem(str(path), None, "", "is a symlink; name the policy file itself "
+                                   f"({path.resolve()}) or its directory")])
+    if path.is_file() and path.suffix not in (".yaml", ".yml"):  # others: read_regular says what they are
+        raise PolicyError([Problem(str(path), None, "", "is not a policy file (*.yaml or *.yml); hostwall "
+                                   "reads nothing else")])
     return [path]
 
 
@@ -956,6 +976,7 @@ def _finish_services(drafts: dict[str, _ServiceDraft], problems: list[Problem]) 
             defined_in=where,
             widest=Widest(definition.widest.ipv4, definition.widest.ipv6) if definition.widest else Widest(),
             entry_counters=bool(definition.entry_counters),
+            listed=name in drafts,
         ))
     _check_port_claims(services, problems)
     return services

@@ -28,6 +28,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -194,9 +195,10 @@ class StateDir:
     def blobs_dir(self) -> Path:
         return self.path / "blobs"
 
-    def list_cache(self) -> ListCacheDir:
-        """The cache of parsed file: lists kept in this state directory (for load_policy)."""
-        return ListCacheDir(self.path / "cache" / "lists")
+    def list_cache(self, *, writable: bool = True) -> ListCacheDir:
+        """The cache of parsed file: lists kept in this state directory (for load_policy);
+        read-only commands read it and write nothing, not even its access times."""
+        return ListCacheDir(self.path / "cache" / "lists", writable=writable)
 
     def ensure(self) -> None:
         try:
@@ -253,11 +255,20 @@ class StateDir:
     def pending(self) -> Pending | None:
         path = self.path / "pending.json"
         try:
-            return Pending(**json.loads(path.read_bytes()))
+            pending = Pending(**json.loads(path.read_bytes()))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError) as exc:
-            raise _read_failed(path, exc, f"{path} is unreadable or corrupt: {exc}") from exc
+            raise _read_failed(path, exc, f"{path} is unreadable or corrupt: {exc}; run `hostwall confirm` to "
+                               "keep the loaded firewall, or `hostwall rollback`") from exc
+        # json reads NaN and Infinity; a deadline must be a moment that comes.
+        if (not isinstance(pending.generation, int) or isinstance(pending.generation, bool)
+                or not (pending.revert_to is None or isinstance(pending.revert_to, int))
+                or not _finite_number(pending.deadline)):
+            raise StateError(f"{path} is corrupt (generation {pending.generation!r}, revert_to "
+                             f"{pending.revert_to!r}, deadline {pending.deadline!r}); run `hostwall confirm` "
+                             "to keep the loaded firewall, or `hostwall rollback`")
+        return pending
 
     def set_pending(self, pending: Pending) -> None:
         self._write_or_fail(self.path / "pending.json", json.dumps(asdict(pending), indent=1).encode())
@@ -488,9 +499,10 @@ class ListCacheDir:
 
     MAGIC = b"HWLISTS2\n"
 
-    def __init__(self, path: Path, keep: int = 16) -> None:
+    def __init__(self, path: Path, keep: int = 16, *, writable: bool = True) -> None:
         self.path = path
         self.keep = keep
+        self.writable = writable
 
     def _trusted(self) -> bool:
         try:
@@ -518,8 +530,9 @@ class ListCacheDir:
             parsed = ParsedList.decode(view[len(head):-32])
         except ValueError:
             return None
-        with contextlib.suppress(OSError):
-            os.utime(path)  # recently used: kept by _evict
+        if self.writable:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: kept by _evict
         return parsed
 
     def latest(self, path: str) -> tuple[bytes, ParsedList] | None:
@@ -536,7 +549,7 @@ class ListCacheDir:
         return None if parsed is None else (source, parsed)
 
     def put(self, sha256: str, parsed: ParsedList, source: bytes, path: str) -> None:
-        if not _SHA256_HEX.fullmatch(sha256):
+        if not self.writable or not _SHA256_HEX.fullmatch(sha256):
             return
         body = self.MAGIC + bytes.fromhex(sha256) + parsed.encode()
         try:
@@ -582,14 +595,54 @@ def _replace(path: Path, data: bytes) -> None:
 REVERTED_MARKER = "reverted.json"
 
 
-def note_reverted(state: StateDir, generation: int) -> None:
-    """Remember the digest of a generation that was rolled back for want of confirmation,
-    so that an automatic start does not load the same policy again from disk."""
+@dataclass(frozen=True)
+class Reverted:
+    """An unconfirmed change that was rolled back, for `status` and the agent."""
+
+    generation: int
+    digest: str
+    revert_to: int | None = None  # None: the table was removed
+    reverted_at: float | None = None  # None in markers written before it was recorded
+    reason: str = ""
+    by: str = ""  # "reverter" or "agent"
+
+
+def note_reverted(state: StateDir, pending: Pending, *, at: float, reason: str, by: str) -> None:
+    """Remember a generation that was rolled back for want of confirmation: its digest,
+    so that an automatic start does not load the same policy again from disk, and
+    when, to what and why, for `status`."""
     try:
-        digest = state.generation(generation).meta.digest
+        digest = state.generation(pending.generation).meta.digest
     except StateError:
-        return
-    atomic_write(state.path / REVERTED_MARKER, json.dumps({"generation": generation, "digest": digest}).encode())
+        digest = ""
+    record = Reverted(pending.generation, digest, pending.revert_to, at, reason, by)
+    try:
+        atomic_write(state.path / REVERTED_MARKER, json.dumps(asdict(record)).encode())
+    except OSError as exc:
+        raise StateError(f"cannot write {state.path / REVERTED_MARKER}: {exc.strerror}") from exc
+
+
+def reverted(state: StateDir) -> Reverted | None:
+    """The last rollback of an unconfirmed change since the last apply, if any.
+    A damaged marker is an error (StateError), never a guess."""
+    path = state.path / REVERTED_MARKER
+    try:
+        data = json.loads(path.read_bytes())
+        record = Reverted(**data)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as exc:
+        raise StateError(f"{path} is unreadable or corrupt: {exc}") from exc
+    if not (isinstance(record.generation, int) and isinstance(record.digest, str)
+            and (record.revert_to is None or isinstance(record.revert_to, int))
+            and (record.reverted_at is None or _finite_number(record.reverted_at))
+            and isinstance(record.reason, str) and isinstance(record.by, str)):
+        raise StateError(f"{path} is corrupt: unexpected values")
+    return record
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def reverted_digest(state: StateDir) -> str | None:

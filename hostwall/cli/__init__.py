@@ -7,6 +7,7 @@ module holds the group and its global options.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -15,7 +16,28 @@ from hostwall.cli import export, journal, kernel, lab, policy
 from hostwall.cli.common import DEFAULT_KEEP, DEFAULT_POLICY_DIR, DEFAULT_STATE_DIR, Options
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+class HostwallGroup(click.Group):
+    """The command group; a global option written after the command gets an error that
+    says where it goes. It is still refused there: the sudoers drop-in admits the
+    commands with any arguments and relies on global options not being one of them."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.NoSuchOption as error:
+            if error.option_name in _global_option_names(self):
+                raise click.UsageError(f"{error.option_name} is a global option: put it before the command "
+                                       f"(hostwall {error.option_name} ... COMMAND)", error.ctx) from None
+            raise
+
+
+def _global_option_names(group: click.Group) -> set[str]:
+    return {name for param in group.params if isinstance(param, click.Option) and not param.hidden
+            for name in (*param.opts, *param.secondary_opts)} - {"-h", "--help", "--version"}
+
+
+@click.group(cls=HostwallGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
              epilog="Example: hostwall --policy-dir policies/ audit --within 30d")
 @click.version_option(__version__, prog_name="hostwall")
 @click.option("--netns", envvar="HOSTWALL_NETNS", metavar="NAME",

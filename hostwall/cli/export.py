@@ -40,7 +40,8 @@ def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise click.BadParameter(f"{value!r}: {exc} (write a CIDR such as 10.0.3.2/32)") from None
 
 
-@click.command("export")
+@click.command("export", epilog="Example: hostwall export --format nginx --trusted-proxy 10.0.3.2/32 "
+                                  "--output /etc/nginx/allow.conf")
 @click.option("--format", "target", type=click.Choice(FORMATS), required=True, help="What to write.")
 @click.option("--service", metavar="NAME", help="Only this service (default: https for nginx and kong, postgres "
               "for pg_hba, every service for the cloud formats).")
@@ -89,11 +90,7 @@ def export(options: Options, target: str, service: str | None, output: Path | No
     """Write the policy's live entries for another layer: nginx, pg_hba, aws-sg,
     azure-nsg, gcp-firewall or kong. Expired entries are left out; the same policy gives
     the same bytes. Exit 10 with --check when the deployed FILE differs.
-
-    \b
-    Example: hostwall export --format nginx --trusted-proxy 10.0.3.2/32 --output /etc/nginx/allow.conf
-    Example: hostwall export --format pg_hba --check /etc/postgresql/16/main/hostwall.conf
-    """
+"""
     from hostwall.export import files
     from hostwall.export.formats import FORMATS as RENDERERS
     from hostwall.export.model import TargetOptions, build_model

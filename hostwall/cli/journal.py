@@ -135,7 +135,7 @@ def agent(options: Options, log_group: int | None, flood_window: float, flood_re
         FloodControl(flood_window, flood_records, recon_per_minute), time.monotonic),
         InterfaceNames(options.netns), generation)
     service = Agent(
-        engine, state, options.policy, Notifier(), sink, streamer=streamer,
+        engine, state, lambda: options.policy(write_cache=True), Notifier(), sink, streamer=streamer,
         events=RulesetEvents(options.netns), counters=backend.counters,
         settings=AgentSettings(full_check_interval, metrics_file, metrics_interval, test_stall_watchdog_after),
         boot_time=_boot_time(),
@@ -195,8 +195,7 @@ def parse_since(text: str, now: float | None = None) -> float:
 @reports_errors
 def drops(options: Options, service: str | None, source_address: str | None, since_text: str | None,
           follow: bool, top: int | None, as_json: bool) -> None:
-    """Drop records from the journal, filtered; --top N ranks sources.
-    """
+    """Drop records from the journal, filtered; --top N ranks sources."""
     from collections import Counter
 
     from hostwall.drops import MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY

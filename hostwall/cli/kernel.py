@@ -3,6 +3,7 @@ confirm, status, generations, diff, and the detached reverter."""
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import sys
@@ -22,6 +23,7 @@ from hostwall.cli.common import (
     confirm_option,
     emit_json,
     json_option,
+    message_option,
     pass_options,
     reports_errors,
     require_privileges,
@@ -33,7 +35,8 @@ from hostwall.output import Output
 if TYPE_CHECKING:
     from hostwall.engine import Status
     from hostwall.plan import Plan, ServiceChange
-    from hostwall.state import AgentState, Pending
+    from hostwall.ruleset import Ruleset
+    from hostwall.state import AgentState, Pending, Reverted
 
 
 def _interval_json(interval: Any) -> str:
@@ -83,17 +86,18 @@ def _print_changes(out: Output, changes: tuple[ServiceChange, ...], limit: int) 
 @pass_options
 @reports_errors
 def plan(options: Options, as_json: bool) -> None:
-    """Show what apply would change; exit 10 when there are changes.
-    """
+    """Show what apply would change; exit 10 when there are changes."""
     from hostwall.compile import compile_policy
 
     require_privileges("plan")
     policy = options.policy()
-    result = options.engine().plan(compile_policy(policy))
+    desired = compile_policy(policy)
+    result = options.engine().plan(desired)
+    lockout = lockout_warning(options, desired)
     if as_json:
-        emit_json(_plan_json(result))
+        emit_json({**_plan_json(result), "lockout": lockout})
     else:
-        for warning in policy.warnings():
+        for warning in [*policy.warnings(), *([lockout] if lockout else [])]:
             options.out.warn(warning)
         _print_plan(options.out, result)
     sys.exit(EXIT_NEEDS_ATTENTION if result.changed else EXIT_OK)
@@ -105,22 +109,62 @@ def invoking_user() -> str:
 
 
 
+def lockout_guard(options: Options, allow_lockout: bool, command: str) -> Callable[[Ruleset], None] | None:
+    """A check that refuses a ruleset dropping the SSH session this command runs in, when
+    there is one and it reaches the namespace being changed."""
+    if allow_lockout:
+        return None
+    from hostwall.lockout import refuse_lockout
+    from hostwall.session import find_ssh_session, target_netns
+
+    session = find_ssh_session()
+    if session is None:
+        return None
+    target = target_netns(options.netns)
+    if session.netns is not None and target is not None and session.netns != target:
+        return None  # the session arrives in another network namespace than the one changed
+
+    def guard(ruleset: Ruleset) -> None:
+        refuse_lockout(ruleset, session, clock.now(), command)
+
+    return guard
+
+
+def lockout_warning(options: Options, ruleset: Ruleset) -> str | None:
+    """What apply would refuse for this ruleset, said by the commands that only look."""
+    from hostwall.lockout import WouldLockOut
+
+    guard = lockout_guard(options, False, "apply")
+    try:
+        if guard is not None:
+            guard(ruleset)
+    except WouldLockOut as refusal:
+        return f"apply would refuse this policy: {refusal.detail}"
+    return None
+
+
+allow_lockout_option = click.option(
+    "--allow-lockout", is_flag=True,
+    help="Load even if the new ruleset drops the SSH session this command runs in (you have a console).")
+
+
 @click.command(epilog="Example: sudo hostwall apply -m \"partner-b migrated (OPS-1234)\"")
 @click.option("--check", "dry_run", is_flag=True, help="Dry run: show the plan, change nothing.")
-@click.option("-m", "--message", default="", help="Why this change is made (kept with the generation).")
+@message_option
 @wait_option
 @confirm_option
+@allow_lockout_option
 @json_option
 @pass_options
 @reports_errors
 def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_within: float | None,
-          as_json: bool) -> None:
-    """Validate, compile and load the policy in one atomic transaction.
-    """
+          allow_lockout: bool, as_json: bool) -> None:
+    """Validate, compile and load the policy in one atomic transaction."""
     require_privileges("apply")
-    policy = options.policy()
+    policy = options.policy(write_cache=not dry_run)
     result = options.engine().apply(policy, user=invoking_user(), message=message,
-                                    dry_run=dry_run, wait=wait, confirm_within=confirm_within)
+                                    dry_run=dry_run, wait=wait, confirm_within=confirm_within,
+                                    guard=lockout_guard(options, allow_lockout, "apply"))
     if result.applied:
         from hostwall.state import clear_reverted
 
@@ -135,6 +179,12 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
         return
     for warning in policy.warnings():
         options.out.warn(warning)
+    if dry_run and not allow_lockout:
+        from hostwall.compile import compile_policy
+
+        lockout = lockout_warning(options, compile_policy(policy))
+        if lockout:
+            options.out.warn(lockout)
     _print_plan(options.out, result.plan)
     if result.applied:
         repaired = " (repaired drift)" if result.plan.drift and result.plan.table_present else ""
@@ -164,6 +214,22 @@ def pending_text(pending: Pending) -> str:
     return (f"pending confirmation: generation {pending.generation} reverts to {target} "
             f"at {deadline} (in {left} s) unless `hostwall confirm` runs")
 
+
+
+def reverted_json(record: Reverted | None) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    return {"generation": record.generation, "revert_to": record.revert_to, "reason": record.reason,
+            "by": record.by, "reverted_at": None if record.reverted_at is None
+            else datetime.fromtimestamp(record.reverted_at, UTC).isoformat()}
+
+
+def reverted_text(record: Reverted) -> str:
+    target = f"generation {record.revert_to}" if record.revert_to is not None else "no hostwall table"
+    when = f" at {_utc(record.reverted_at)}" if record.reverted_at is not None else ""
+    why = f": {record.reason}" if record.reason else ""
+    by = f" (by the {record.by})" if record.by else ""
+    return f"reverted{when}: generation {record.generation} rolled back to {target}{why}{by}"
 
 
 def _status_json(status: Status, agent: AgentView, drops: DropsView) -> dict[str, Any]:
@@ -252,12 +318,15 @@ def status(options: Options, drop_count: int, as_json: bool) -> None:
     """One screen: generation, confirm deadline, per-service entries and counters, drift,
     agent, last drops; exit 10 on drift or no table.
     """
+    from hostwall.state import reverted
+
     require_privileges("status")
     result = options.engine().status()
     agent = agent_view(options.state().agent(), clock.now(), _pid_alive)
     drops = last_drops(options.netns, drop_count) if drop_count else DropsView(())
+    rolled_back = reverted(options.state())
     if as_json:
-        emit_json(_status_json(result, agent, drops))
+        emit_json({**_status_json(result, agent, drops), "reverted": reverted_json(rolled_back)})
         sys.exit(EXIT_NEEDS_ATTENTION if result.drift or not result.loaded else EXIT_OK)
     out = options.out
     if not result.loaded:
@@ -266,6 +335,8 @@ def status(options: Options, drop_count: int, as_json: bool) -> None:
         out.line(f"generation {result.generation} loaded (recorded: {result.recorded_generation or 'none'})")
     if result.pending:
         out.line(pending_text(result.pending), style="warning")
+    if rolled_back:
+        out.line(reverted_text(rolled_back), style="warning")
     if result.services:
         out.table(["service", "ports", "action", "entries", "accepted", "dropped"],
                   [[s.name, s.ports, s.action, str(s.entries), str(s.accepted.packets), str(s.dropped.packets)]
@@ -297,8 +368,7 @@ def status(options: Options, drop_count: int, as_json: bool) -> None:
 @pass_options
 @reports_errors
 def generations(options: Options, as_json: bool) -> None:
-    """List the recorded generations, newest last; * marks the loaded one.
-    """
+    """List the recorded generations, newest last; * marks the loaded one."""
     state = options.state()
     current = state.current()
     items = state.generations()
@@ -326,15 +396,16 @@ def generations(options: Options, as_json: bool) -> None:
               help="Generation to load (default: the one before the loaded one).")
 @wait_option
 @confirm_option
+@allow_lockout_option
 @json_option
 @pass_options
 @reports_errors
 def rollback(options: Options, target: int | None, wait: float, confirm_within: float | None,
-             as_json: bool) -> None:
-    """Load an earlier generation atomically, exactly as it was submitted.
-    """
+             allow_lockout: bool, as_json: bool) -> None:
+    """Load an earlier generation atomically, exactly as it was submitted."""
     require_privileges("rollback")
-    result = options.engine().rollback(target, wait=wait, confirm_within=confirm_within)
+    result = options.engine().rollback(target, wait=wait, confirm_within=confirm_within,
+                                       guard=lockout_guard(options, allow_lockout, "rollback"))
     if as_json:
         emit_json({"generation": result.generation, "previous": result.previous,
                     "replayed": result.replayed, "rendered_because": result.rendered_because,
@@ -353,8 +424,7 @@ def rollback(options: Options, target: int | None, wait: float, confirm_within: 
 @pass_options
 @reports_errors
 def confirm(options: Options, wait: float, as_json: bool) -> None:
-    """Keep the change applied with --confirm-within (stops the automatic revert).
-    """
+    """Keep the change applied with --confirm-within (stops the automatic revert)."""
     require_privileges("confirm")
     pending = options.state()
     from hostwall.engine import Engine
@@ -377,8 +447,7 @@ def confirm(options: Options, wait: float, as_json: bool) -> None:
 @pass_options
 @reports_errors
 def diff(options: Options, old: int, new: int, as_json: bool) -> None:
-    """What changed between two generations.
-    """
+    """What changed between two generations."""
     from hostwall.plan import diff_rulesets
 
     state = options.state()
@@ -394,20 +463,50 @@ def diff(options: Options, old: int, new: int, as_json: bool) -> None:
 
 
 
+def _utc(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def report_reverted(netns: str | None, pending: Pending, reason: str, by: str) -> None:
+    """One journal record of the rollback; without journald the state directory's
+    marker (shown by `status`) still says it."""
+    from hostwall.drops import reverted_record
+    from hostwall.journal import JournalSink
+
+    sink = JournalSink({"HOSTWALL_NETNS": netns} if netns else None)
+    sink.send(reverted_record(pending.generation, pending.revert_to, reason, by))
+
+
 @click.command("revert-unconfirmed", hidden=True)
 @click.argument("generation", type=int)
 @pass_options
 @reports_errors
 def revert_unconfirmed(options: Options, generation: int) -> None:
     """The detached reverter behind --confirm-within: waits for the deadline, then reverts."""
+    from hostwall.cli.common import REVERTER_READY
+
+    # Detached for good: the process that started this one reaps it at once, and the
+    # one that waits is init's to reap.
+    if os.fork() != 0:
+        os._exit(0)
+    # The command that started this one waits for these words before it returns: said
+    # as soon as this code runs, since the deadline is already counting.
+    with contextlib.suppress(OSError):
+        os.write(sys.stdout.fileno(), REVERTER_READY)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     state = options.state()
-    while (pending := state.pending()) is not None and pending.generation == generation:
+    pending = state.pending()
+    while pending is not None and pending.generation == generation:
         remaining = pending.deadline - clock.now()
         if remaining <= 0:
             from hostwall.state import note_reverted
 
             if options.engine().revert_if_unconfirmed(generation):
-                note_reverted(state, generation)
+                reason = f"not confirmed by {_utc(pending.deadline)}"
+                report_reverted(options.netns, pending, reason, "reverter")
+                note_reverted(state, pending, at=clock.now(), reason=reason, by="reverter")
             return
         time.sleep(min(remaining, 1.0))
-
+        pending = state.pending()

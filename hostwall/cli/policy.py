@@ -35,8 +35,7 @@ if TYPE_CHECKING:
 @pass_options
 @reports_errors
 def validate(options: Options, path: Path | None, as_json: bool) -> None:
-    """Parse and lint the policy; needs no root.
-    """
+    """Parse and lint the policy; needs no root."""
     from hostwall.compile import compile_policy
 
     policy = options.policy(path)
@@ -75,8 +74,7 @@ def validate(options: Options, path: Path | None, as_json: bool) -> None:
 @pass_options
 @reports_errors
 def check(options: Options, address: str, port: str, use_kernel: bool | None, why: bool, as_json: bool) -> None:
-    """Would ADDRESS reach PORT[/PROTO]? Exit 0 allowed, 10 denied.
-    """
+    """Would ADDRESS reach PORT[/PROTO]? Exit 0 allowed, 10 denied."""
     from hostwall.check import AddressError, check_kernel, check_policy, explain
     from hostwall.compile import compile_policy
 
@@ -228,8 +226,7 @@ def _usage(options: Options, use_usage: bool | None) -> tuple[Usage | None, str 
 @pass_options
 @reports_errors
 def owners(options: Options, owner: str | None, as_json: bool) -> None:
-    """What each owner holds (every entry with OWNER): for offboarding and reviews.
-    """
+    """What each owner holds (every entry with OWNER): for offboarding and reviews."""
     from hostwall.audit import holdings
 
     policy = options.policy()

@@ -62,7 +62,8 @@ class Sandbox:
 
     def paths(self, word: str) -> str:
         mapped = {"policies/": str(self.policy), "/etc/hostwall/policies": str(self.policy),
-                  "/var/lib/node_exporter/hostwall.prom": str(self.metrics)}
+                  "/var/lib/node_exporter/hostwall.prom": str(self.metrics),
+                  "/etc/nginx/allow.conf": str(self.metrics.parent / "allow.conf")}
         return mapped.get(word, word)
 
     def commands(self, example: str) -> list[list[str]]:

@@ -68,9 +68,12 @@ def test_expired_entry_still_in_the_file_is_reported_once_per_entry(write_files:
                   "        expires: 2026-01-01T00:00:00Z\n")
     findings = run(write_files, text, {"old.txt": "198.51.100.0/25\n198.51.100.128/25\n"})
 
-    assert [(f.rule, f.severity) for f in findings] == [("expired", "warning")] * 2
+    expired = [f for f in findings if f.rule == "expired"]
+    assert [(f.rule, f.severity) for f in expired] == [("expired", "warning")] * 2
     assert {f.service for f in findings} == {"https"}
-    assert "remove it from the file" in findings[0].action
+    assert "remove it from the file" in expired[0].action
+    # With every entry expired, nobody may reach the service any more.
+    assert [(f.rule, f.severity) for f in findings if f.rule != "expired"] == [("allows-nobody", "warning")]
 
 
 def test_too_broad_by_default_thresholds(write_files: WriteFiles) -> None:

@@ -549,9 +549,10 @@ def test_expired_list_entry_warns_for_every_line(write_files: WriteFiles) -> Non
     https = policy.service("https")
     assert https is not None and https.entries == ()
     warnings = policy.warnings()
-    assert len(warnings) == 2
+    assert len(warnings) == 3
     assert warnings[1].startswith(f"{root / 'l.txt'}:2: ")
     assert "192.0.2.0/24 expired at 2026-01-01T00:00:00Z" in warnings[1]
+    assert "services.https: allows no source" in warnings[2]
 
 
 # --- YAML and files ---------------------------------------------------------------------
