@@ -326,7 +326,7 @@ def write_policy(directory: Path, entries: Sequence[Entry], *, lists: bool,
 
 
 def recorded_transaction(state_dir: Path, generation: int | None = None) -> str:
-    """The exact text hostwall submitted for a generation (default: the current one),
+    """The text of the full load hostwall made of a generation (default: the current one),
     without the clearing commands the backend puts in front of it."""
     from hostwall.state import StateDir
 
@@ -336,7 +336,14 @@ def recorded_transaction(state_dir: Path, generation: int | None = None) -> str:
         if current is None:
             raise RuntimeError(f"{state_dir} records no generation")
         generation = current.generation
-    return state.generation(generation).transaction()
+    recorded = state.generation(generation)
+    if recorded.has_transaction:
+        return recorded.transaction()
+    # Built from the ruleset as netlink messages (hostwall.nftload): the text whose load
+    # sends the same messages, as the namespace tests check byte for byte.
+    from hostwall.ruleset import render_full_load
+
+    return render_full_load(recorded.ruleset(), generation, recorded.meta.created)
 
 
 def clearing_for(netns_name: str) -> str:
