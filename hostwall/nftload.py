@@ -16,6 +16,7 @@ Only the shapes hostwall emits are encoded. A ruleset with per-element counters
 from __future__ import annotations
 
 import struct
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -119,7 +120,7 @@ def full_load_messages(ruleset: Ruleset, generation: int, now: float, existing: 
                                     + _u32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER) + data))
     set_ids: dict[str, int] = {}
     comment = table_comment(generation, ruleset.digest)
-    marker = _element(key=struct.pack("=I", generation))
+    marker = _listed([_element(key=struct.pack("=I", generation))])
     messages += _set_messages(set_ids, GENERATION_SET, TYPE_MARK, 4, 0,
                               _udata(NFTNL_UDATA_SET_KEYBYTEORDER, struct.pack("=I", BYTEORDER_HOST_ENDIAN))
                               + _udata(NFTNL_UDATA_SET_COMMENT, comment.encode() + b"\0"), [marker])
@@ -148,16 +149,17 @@ def _service_sets(set_ids: dict[str, int], service: ServiceRules, family: int, n
     singles, ranges = intervals.partition_singles()
     byteorder = _udata(NFTNL_UDATA_SET_KEYBYTEORDER, struct.pack("=I", BYTEORDER_BIG_ENDIAN))
     messages = _set_messages(set_ids, hosts_set_name(service.set_name(family)), key_type, width, timeouts,
-                             byteorder, list(_host_elements(singles, now)))
+                             byteorder, _host_chunks(singles, now))
     # auto-merge only without timeouts: see ruleset._set_lines.
     merge = b"" if timeouts else _udata(NFTNL_UDATA_SET_MERGE_ELEMENTS, struct.pack("=I", 1))
     messages += _set_messages(set_ids, service.set_name(family), key_type, width, NFT_SET_INTERVAL | timeouts,
-                              byteorder + merge, list(_interval_elements(ranges, now)))
+                              byteorder + merge, _interval_chunks(ranges, now))
     return messages
 
 
 def _set_messages(set_ids: dict[str, int], name: str, key_type: int, key_length: int, flags: int,
-                  udata: bytes, elements: list[bytes]) -> list[Message]:
+                  udata: bytes, chunks: list[bytes]) -> list[Message]:
+    """The set's declaration, then one element message per chunk (see _listed)."""
     set_id = set_ids[name] = len(set_ids) + 1
     table = _string(NFTA_SET_TABLE, TABLE_NAME)
     declaration = Message(NFT_MSG_NEWSET, NLM_F_CREATE,
@@ -165,15 +167,22 @@ def _set_messages(set_ids: dict[str, int], name: str, key_type: int, key_length:
                           + _u32(NFTA_SET_KEY_TYPE, key_type) + _u32(NFTA_SET_KEY_LEN, key_length)
                           + _u32(NFTA_SET_ID, set_id) + _attribute(NFTA_SET_USERDATA, udata))
     names = table + _string(NFTA_SET_ELEM_LIST_SET, name) + _u32(NFTA_SET_ELEM_LIST_SET_ID, set_id)
-    messages = [declaration]
-    for start in range(0, len(elements), ELEMENTS_PER_MESSAGE):
-        # Each element's attribute type is its position, counted from 1, as libnftnl numbers them.
-        listed = b"".join([_NLA.pack(_NLA.size + len(element), NLA_F_NESTED | position) + element
-                           for position, element in enumerate(elements[start:start + ELEMENTS_PER_MESSAGE], 1)])
-        messages.append(Message(NFT_MSG_NEWSETELEM, NLM_F_CREATE,
-                                names + _NLA.pack(_NLA.size + len(listed), NLA_F_NESTED | NFTA_SET_ELEM_LIST_ELEMENTS)
-                                + listed))
-    return messages
+    return [declaration] + [
+        Message(NFT_MSG_NEWSETELEM, NLM_F_CREATE,
+                names + _NLA.pack(_NLA.size + len(chunk), NLA_F_NESTED | NFTA_SET_ELEM_LIST_ELEMENTS) + chunk)
+        for chunk in chunks]
+
+
+def _listed(elements: list[bytes], first_position: int = 1) -> bytes:
+    """Elements as the items of an element list. Each item's attribute type is its
+    position, counted from 1, as libnftnl numbers them."""
+    return b"".join([_NLA.pack(_NLA.size + len(element), NLA_F_NESTED | position) + element
+                     for position, element in enumerate(elements, first_position)])
+
+
+def _chunks(elements: list[bytes]) -> list[bytes]:
+    return [_listed(elements[start:start + ELEMENTS_PER_MESSAGE])
+            for start in range(0, len(elements), ELEMENTS_PER_MESSAGE)]
 
 
 def _key_prefix(width: int) -> bytes:
@@ -204,36 +213,116 @@ def _expiry_timeouts(intervals: IntervalSet, now: float) -> list[bytes]:
             for interval in intervals]
 
 
-def _host_elements(singles: IntervalSet, now: float) -> Iterator[bytes]:
+# Most of a large load is elements of one shape each (a permanent single address; a
+# permanent range's start and end), and building each as its own bytes object costs
+# more than sending it. Those are written column by column instead: every element part
+# is a whole number of 32-bit units, so a chunk is a table of units whose columns are
+# constant attribute headers, position headers, or address words sliced out of the
+# set's own bytes with a stride.
+def _units(data: bytes) -> memoryview:
+    return memoryview(data).cast("I")
+
+
+def _constant(part: bytes, count: int) -> array[int]:
+    return array("I", part) * count
+
+
+def _headers(size: int, first: int, step: int, count: int) -> array[int]:
+    """The item headers of count elements of size bytes at positions first, first + step, ..."""
+    return array("I", b"".join([_NLA.pack(size, NLA_F_NESTED | position)
+                                for position in range(first, first + step * count, step)]))
+
+
+def _table(columns: list[array[int] | memoryview], count: int) -> bytes:
+    table = bytearray(4 * len(columns) * count)
+    view = memoryview(table).cast("I")
+    for index, column in enumerate(columns):
+        view[index::len(columns)] = column
+    return bytes(table)
+
+
+def _host_chunks(singles: IntervalSet, now: float) -> list[bytes]:
+    if singles.has_timeouts:
+        return _chunks(host_elements(singles, now))
     width = 4 if singles.family == 4 else 16
     prefix, ranges = _key_prefix(width), singles.ranges
-    offsets = range(0, len(ranges), 2 * width)
-    if not singles.has_timeouts:
-        return (prefix + ranges[offset:offset + width] for offset in offsets)
-    return (timeout + prefix + ranges[offset:offset + width]
-            for offset, timeout in zip(offsets, _expiry_timeouts(singles, now), strict=True))
+    words, record = width // 4, 2 * width // 4
+    addresses = _units(ranges)
+    chunks = []
+    for start in range(0, len(singles), ELEMENTS_PER_MESSAGE):
+        count = min(ELEMENTS_PER_MESSAGE, len(singles) - start)
+        columns: list[array[int] | memoryview] = [_headers(_NLA.size + len(prefix) + width, 1, 1, count)]
+        columns += [_constant(prefix[i:i + 4], count) for i in range(0, len(prefix), 4)]
+        columns += [addresses[record * start + word:record * (start + count):record] for word in range(words)]
+        chunks.append(_table(columns, count))
+    return chunks
 
 
-def _interval_elements(intervals: IntervalSet, now: float) -> Iterator[bytes]:
-    """Each interval as a start element and an end element one past its last address;
-    nft also starts the set with an end element at address zero when no interval
-    starts there, and so does this."""
+def host_elements(singles: IntervalSet, now: float) -> list[bytes]:
+    """Each single address as a hash set element, one by one (_host_chunks' reference)."""
+    width = 4 if singles.family == 4 else 16
+    prefix, ranges = _key_prefix(width), singles.ranges
+    return [timeout + prefix + ranges[offset:offset + width]
+            for offset, timeout in zip(range(0, len(ranges), 2 * width), _expiry_timeouts(singles, now), strict=True)]
+
+
+def interval_elements(intervals: IntervalSet, now: float) -> list[bytes]:
+    """Each interval as a start element and an end element one past its last address,
+    one by one (_interval_chunks' reference). nft also starts the set with an end
+    element at address zero when no interval starts there, and so does this."""
+    width = 4 if intervals.family == 4 else 16
+    prefix, ranges, top = _key_prefix(width), intervals.ranges, family_max(intervals.family)
+    end = _INTERVAL_END + prefix
+    elements = [end + bytes(width)] if intervals and intervals[0].first != 0 else []
+    _firsts, lasts = intervals.bounds()
+    for index, (last, timeout) in enumerate(zip(lasts, _expiry_timeouts(intervals, now), strict=True)):
+        offset = index * 2 * width
+        start = timeout + prefix + ranges[offset:offset + width]
+        elements += [start + _INTERVAL_OPEN] if last == top else [start, end + (last + 1).to_bytes(width, "big")]
+    return elements
+
+
+def _interval_chunks(intervals: IntervalSet, now: float) -> list[bytes]:
+    """interval_elements in chunks, permanent sets written column by column."""
+    if intervals.has_timeouts:
+        return _chunks(interval_elements(intervals, now))
     family = intervals.family
     width = 4 if family == 4 else 16
     prefix, ranges, top = _key_prefix(width), intervals.ranges, family_max(family)
     end = _INTERVAL_END + prefix
-    if intervals and intervals[0].first != 0:
-        yield end + bytes(width)
+    leading = [end + bytes(width)] if intervals and intervals[0].first != 0 else []
     _firsts, lasts = intervals.bounds()
-    timeouts = _expiry_timeouts(intervals, now)
-    for index, last in enumerate(lasts):
-        offset = index * 2 * width
-        start = timeouts[index] + prefix + ranges[offset:offset + width]
-        if last == top:
-            yield start + _INTERVAL_OPEN
-        else:
-            yield start
-            yield end + (last + 1).to_bytes(width, "big")
+    # Only the last interval can reach the top address (they are ordered and disjoint).
+    open_ended = bool(lasts) and lasts[-1] == top
+    closed = len(lasts) - open_ended
+    if family == 4:
+        ends = _units(struct.pack(f">{closed}I", *[last + 1 for last in lasts[:closed]]))
+    else:
+        ends = _units(b"".join([(last + 1).to_bytes(16, "big") for last in lasts[:closed]]))
+    words, record = width // 4, 2 * width // 4
+    firsts = _units(ranges)
+    start_size, end_size = _NLA.size + len(prefix) + width, _NLA.size + len(end) + width
+    chunks = []
+    pairs = ELEMENTS_PER_MESSAGE // 2
+    in_last = 0  # elements in the last chunk
+    for begin in range(0, closed, pairs):
+        count = min(pairs, closed - begin)
+        shift = len(leading) if begin == 0 else 0
+        columns: list[array[int] | memoryview] = [_headers(start_size, 1 + shift, 2, count)]
+        columns += [_constant(prefix[i:i + 4], count) for i in range(0, len(prefix), 4)]
+        columns += [firsts[record * begin + word:record * (begin + count):record] for word in range(words)]
+        columns.append(_headers(end_size, 2 + shift, 2, count))
+        columns += [_constant(end[i:i + 4], count) for i in range(0, len(end), 4)]
+        columns += [ends[words * begin + word:words * (begin + count):words] for word in range(words)]
+        chunks.append((_listed(leading) if shift else b"") + _table(columns, count))
+        in_last = shift + 2 * count
+    if not chunks and (leading or open_ended):
+        chunks.append(_listed(leading))
+        in_last = len(leading)
+    if open_ended:
+        offset = (len(lasts) - 1) * 2 * width
+        chunks[-1] += _listed([prefix + ranges[offset:offset + width] + _INTERVAL_OPEN], in_last + 1)
+    return chunks
 
 
 # -- rules -------------------------------------------------------------------------
