@@ -227,10 +227,15 @@ def _constant(part: bytes, count: int) -> array[int]:
     return array("I", part) * count
 
 
+_HEADERS: dict[int, array[int]] = {}
+
+
 def _headers(size: int, first: int, step: int, count: int) -> array[int]:
     """The item headers of count elements of size bytes at positions first, first + step, ..."""
-    return array("I", b"".join([_NLA.pack(size, NLA_F_NESTED | position)
-                                for position in range(first, first + step * count, step)]))
+    if size not in _HEADERS:
+        _HEADERS[size] = array("I", b"".join([_NLA.pack(size, NLA_F_NESTED | position)
+                                              for position in range(1, ELEMENTS_PER_MESSAGE + 2)]))
+    return _HEADERS[size][first - 1:first - 1 + step * count:step]
 
 
 def _table(columns: list[array[int] | memoryview], count: int) -> bytes:
