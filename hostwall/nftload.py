@@ -4,9 +4,10 @@ libnftables parses the rendered text again, resolves it against a cache it reads
 the kernel, and only then sends messages: about 0.2 s of a 100k load before the kernel
 sees a byte (README, "Performance"). The messages here are the ones `nft -f` sends for
 the text render_clearing() and render_full_load() produce, in the same order and with
-the same attributes (`nft --debug=mnl -f` shows them; tests/unit/test_nftload.py
-compares them byte for byte), so the kernel ends up holding what nft would have loaded,
-and `nft list table` cannot tell the two apart (tests/netns/test_netns_fast_load.py).
+the same attributes (`nft --debug=mnl -f` shows them;
+tests/netns/test_netns_fast_load.py compares them byte for byte, and `nft list table`
+after either load for random policies), so the kernel ends up holding what nft would
+have loaded.
 
 Only the shapes hostwall emits are encoded. A ruleset with per-element counters
 (``entry_counters``) needs set expressions and goes through libnftables instead:
