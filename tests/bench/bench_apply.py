@@ -65,9 +65,11 @@ def size_label(n: int) -> str:
 
 
 def full_load(netns_name: str, work: Path, policy: Path, label: str, repeat: int, details: dict[str, object]
-              ) -> tuple[float, float, int, int]:
-    """(hostwall seconds, nft seconds, hostwall peak kB, nft peak kB), medians."""
-    runs: dict[str, list[float]] = {"hostwall": [], "nft": [], "hostwall_kb": [], "nft_kb": []}
+              ) -> tuple[float, float, int, int, float, float]:
+    """(hostwall seconds, nft seconds, hostwall peak kB, nft peak kB, hostwall CPU seconds,
+    nft CPU seconds), medians."""
+    runs: dict[str, list[float]] = {"hostwall": [], "nft": [], "hostwall_kb": [], "nft_kb": [], "hostwall_cpu": [],
+                                    "nft_cpu": []}
     for index in range(repeat):
         state = work / f"state-{index}"
         drop_table(netns_name)
@@ -81,12 +83,15 @@ def full_load(netns_name: str, work: Path, policy: Path, label: str, repeat: int
         runs["nft"].append(limit.seconds)
         runs["hostwall_kb"].append(applied.max_rss_kb)
         runs["nft_kb"].append(limit.max_rss_kb)
+        runs["hostwall_cpu"].append(applied.cpu_seconds)
+        runs["nft_cpu"].append(limit.cpu_seconds)
         shutil.rmtree(state)
-        print(f"  {label}: hostwall apply {applied.seconds:.3f} s ({applied.max_rss_kb // 1024} MB), "
-              f"nft -f {limit.seconds:.3f} s ({limit.max_rss_kb // 1024} MB)", flush=True)
+        print(f"  {label}: hostwall apply {applied.seconds:.3f} s (CPU {applied.cpu_seconds:.3f} s, "
+              f"{applied.max_rss_kb // 1024} MB), nft -f {limit.seconds:.3f} s (CPU {limit.cpu_seconds:.3f} s, "
+              f"{limit.max_rss_kb // 1024} MB)", flush=True)
     details[label] = runs
     return (median(runs["hostwall"]), median(runs["nft"]), int(median(runs["hostwall_kb"])),
-            int(median(runs["nft_kb"])))
+            int(median(runs["nft_kb"])), median(runs["hostwall_cpu"]), median(runs["nft_cpu"]))
 
 
 def profile_apply(netns_name: str, work: Path, policy: Path) -> dict[str, Any]:
@@ -106,7 +111,7 @@ def rollback(netns_name: str, work: Path, n: int, repeat: int, details: dict[str
     write_policy(policy, entries, lists=True, settings={"log_rate": 10})
     run(hostwall(netns_name, policy, state, "apply", "-m", "generation 1"))
     write_policy(policy, entries, lists=True, settings={"log_rate": 11})
-    runs: dict[str, list[float]] = {"hostwall": [], "nft": []}
+    runs: dict[str, list[float]] = {"hostwall": [], "nft": [], "hostwall_cpu": [], "nft_cpu": []}
     for _ in range(repeat):
         run(hostwall(netns_name, policy, state, "apply", "-m", "another log rate"))
         rolled = measure_process(hostwall(netns_name, policy, state, "rollback", "--to", "1"))
@@ -116,7 +121,10 @@ def rollback(netns_name: str, work: Path, n: int, repeat: int, details: dict[str
         limit = measure_process(in_netns(netns_name, "nft", "-f", str(limit_file)))
         runs["hostwall"].append(rolled.seconds)
         runs["nft"].append(limit.seconds)
-        print(f"  rollback {size_label(n)}: hostwall {rolled.seconds:.3f} s, nft -f {limit.seconds:.3f} s", flush=True)
+        runs["hostwall_cpu"].append(rolled.cpu_seconds)
+        runs["nft_cpu"].append(limit.cpu_seconds)
+        print(f"  rollback {size_label(n)}: hostwall {rolled.seconds:.3f} s (CPU {rolled.cpu_seconds:.3f} s), "
+              f"nft -f {limit.seconds:.3f} s (CPU {limit.cpu_seconds:.3f} s)", flush=True)
     details["rollback"] = runs
     return median(runs["hostwall"]), median(runs["nft"])
 
@@ -149,11 +157,13 @@ def main() -> int:
             policy = work / f"policy-{len(figures)}"
             write_policy(policy, generate_entries(n, overlap=float(variant.get("overlap", 0.0))),
                          lists=bool(variant["lists"]))
-            seconds, limit, kb, limit_kb = full_load(netns_name, work, policy, label, args.repeat, details)
+            seconds, limit, kb, limit_kb, cpu, limit_cpu = full_load(netns_name, work, policy, label, args.repeat,
+                                                                      details)
             ipv6 = f" (+{size_label(n // 4)} IPv6)" if "overlap" not in variant else ""
             figure = ratio_figure(group, f"hostwall apply, {label}{ipv6}", seconds, limit, "nft -f of its text", "s",
-                                  at_most=at_most, note=f"peak RSS {kb // 1024} MB vs nft {limit_kb // 1024} MB",
-                                  extra={"peak_kb": kb, "nft_peak_kb": limit_kb})
+                                  at_most=at_most, note=f"peak RSS {kb // 1024} MB vs nft {limit_kb // 1024} MB, "
+                                  f"CPU {cpu:.3f} s vs {limit_cpu:.3f} s ({cpu / limit_cpu:.2f}x)",
+                                  extra={"peak_kb": kb, "nft_peak_kb": limit_kb, "cpu": cpu, "nft_cpu": limit_cpu})
             figures.append(figure)
             if args.profile and figure.met is False:
                 figure.extra["profile"] = profile_apply(netns_name, work, policy)
