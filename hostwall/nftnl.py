@@ -29,6 +29,9 @@ from hostwall.ruleset import GENERATION_SET, TABLE_NAME, Delta, TableObjects, ho
 NFPROTO_INET = 1
 NETLINK_NETFILTER = 12
 SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
+SO_SNDBUFFORCE = 32
+SEND_BUFFER = 16 << 20
+SEND_BUFFER_SLACK = 64 << 10
 NFNL_SUBSYS_NFTABLES = 10
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
 # Message types from linux/netfilter/nf_tables.h.
@@ -110,9 +113,9 @@ class NetlinkTable:
         self._socket.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         # A batch goes out in one sendto(); the default send buffer (208 KiB) would cap it.
         try:
-            self._socket.setsockopt(socket.SOL_SOCKET, 32, 16 << 20)  # SO_SNDBUFFORCE
+            self._socket.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
         except OSError:
-            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 20)
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
     def close(self) -> None:
         # Releasing an nf_tables netlink socket shortly after a commit waits for the
@@ -286,10 +289,16 @@ class NetlinkTable:
                                              header + payload)))
         batch.append(self._batch_message(NFNL_MSG_BATCH_END))
         last = batch[-2][0]
+        data = b"".join(data for _, data in batch)
         errors: list[int] = []
         try:
+            if len(data) + SEND_BUFFER_SLACK > SEND_BUFFER:
+                # netlink refuses a message larger than the send buffer (EMSGSIZE), and a
+                # batch is one message: a million entries are about 37 MB. nft sizes its
+                # buffer to the batch the same way.
+                self._socket.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data) + SEND_BUFFER_SLACK)
             with netns.entered(self._netns):
-                self._socket.sendto(b"".join(data for _, data in batch), (0, 0))
+                self._socket.sendto(data, (0, 0))
             acknowledged = False
             while not acknowledged:
                 buffer = self._socket.recv(1 << 20)
