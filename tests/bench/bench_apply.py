@@ -5,10 +5,11 @@
 For each policy, `hostwall apply` runs as a process of its own (interpreter start-up,
 parse, validate, compile, record, submit) into a namespace without a hostwall table
 and with a fresh state directory, so every `file:` list is parsed, not taken from the
-cache. The limit is `nft -f` of the exact text hostwall submitted: the clearing
-commands its backend puts in front (render_clearing, for a table that is not there)
-and the recorded transaction, into the same empty namespace. Peak RSS is each
-process's own (ru_maxrss).
+cache. The limit is `nft -f` of the text whose load sends the very messages hostwall's
+netlink batch holds (tests/netns/test_netns_fast_load.py checks them byte for byte):
+the clearing commands for a table that is not there (render_clearing) and the
+generation's full load (render_full_load), into the same empty namespace. Peak RSS
+and CPU time (user + system) are each process's own (getrusage of the waited child).
 
 Policies (fixed seed, tests/bench/common.py): N IPv4 and N/4 IPv6 prefixes split
 over https (443) and postgres (5432),
