@@ -13,8 +13,10 @@ import hashlib
 import ipaddress
 import itertools
 import math
+import operator
 import socket
 import struct
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import overload
@@ -403,21 +405,37 @@ class IntervalSet(Sequence[Interval]):
         return len(self.ranges) // self.record_size
 
     def partition_singles(self) -> tuple[IntervalSet, IntervalSet]:
-        """(the intervals that are single addresses, the wider ones), each in this order."""
-        firsts, lasts = self.bounds()
-        singles = [index for index, (first, last) in enumerate(zip(firsts, lasts, strict=True)) if first == last]
-        if len(singles) in (0, len(self)):
-            empty = IntervalSet(self.family, ordered=True)
-            return (self, empty) if singles else (empty, self)
-        chosen = set(singles)
-        wider = [index for index in range(len(self)) if index not in chosen]
-        return self._pick(singles), self._pick(wider)
+        """(the intervals that are single addresses, the wider ones), each in this order.
 
-    def _pick(self, indices: list[int]) -> IntervalSet:
-        size, ranges, expiries = self.record_size, self.ranges, self.expiries
-        picked = b"".join([ranges[i * size:(i + 1) * size] for i in indices])
-        times = None if expiries is None else b"".join([expiries[i * 8:(i + 1) * 8] for i in indices])
-        return IntervalSet(self.family, picked, times, ordered=self.ordered)
+        Compared and picked as 64-bit words at C speed (map, itertools.compress), not
+        decoded: a full load of a 100k set partitions it, and decoding cost 0.1 s."""
+        words = memoryview(self.ranges).cast("Q")
+        if self.family == 4:
+            # One word per record; its two halves are the first and the last address.
+            halves = memoryview(self.ranges).cast("I")
+            single = list(map(operator.eq, halves[0::2], halves[1::2]))
+        else:
+            single = list(map(operator.and_, map(operator.eq, words[0::4], words[2::4]),
+                              map(operator.eq, words[1::4], words[3::4])))
+        count = sum(single)
+        if count in (0, len(self)):
+            empty = IntervalSet(self.family, ordered=True)
+            return (self, empty) if count else (empty, self)
+        wider = list(map(operator.not_, single))
+        return self._pick(single), self._pick(wider)
+
+    def _pick(self, mask: list[bool]) -> IntervalSet:
+        """The records whose mask entry is true."""
+        per_record = self.record_size // 8
+        columns = memoryview(self.ranges).cast("Q")
+        picked = bytearray(8 * per_record * sum(mask))
+        view = memoryview(picked).cast("Q")
+        for word in range(per_record):
+            view[word::per_record] = array("Q", itertools.compress(columns[word::per_record], mask))
+        times = None
+        if self.expiries is not None:
+            times = array("Q", itertools.compress(memoryview(self.expiries).cast("Q"), mask)).tobytes()
+        return IntervalSet(self.family, bytes(picked), times, ordered=self.ordered)
 
     def bounds(self) -> tuple[list[int], list[int]]:
         """The first and the last address of every interval."""

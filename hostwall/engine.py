@@ -15,7 +15,7 @@ from hostwall.errors import KernelError, KernelRejected, StateError
 from hostwall.kernel import Backend, Counter, KernelTable
 from hostwall.plan import Drift, Plan, detect_drift, diff_rulesets, make_plan
 from hostwall.policy import Entries, Policy
-from hostwall.ruleset import Delta, Ruleset, ServiceRules, element_delta, render_full_load, render_removal
+from hostwall.ruleset import Delta, Ruleset, ServiceRules, element_delta, render_removal
 from hostwall.state import Current, Pending, StateDir
 
 
@@ -280,9 +280,10 @@ class Engine:
                     before, generation=number, digest=desired.digest, applied=now, loaded_by="delta",
                 ))
                 return "delta"
-        transaction = render_full_load(desired, number, now)
-        stage(transaction)
-        self._backend.submit(transaction)
+        # Recorded without its text as well: the backend builds the load from the ruleset
+        # (nftload), and rendering 100k elements as text would cost more than sending them.
+        stage(None)
+        self._backend.load(desired, number, now)
         self._record_loaded(number, desired)
         return "full"
 
@@ -332,12 +333,14 @@ class Engine:
             # extend expiring entries.
             because = "expiring entries"
         elif not generation.has_transaction:
-            # It reached the kernel as an element delta. Without timeouts the rendering
-            # depends on nothing but the ruleset and the number: the text a full load of
-            # this generation submits.
-            because = "element delta"
-        text = generation.transaction() if because is None else render_full_load(ruleset, number, self._clock())
-        self._backend.submit(text)
+            # It reached the kernel as an element delta or as a full load built from the
+            # ruleset. Without timeouts the load depends on nothing but the ruleset and
+            # the number: what a full load of this generation submits.
+            because = "recorded without text"
+        if because is None:
+            self._backend.submit(generation.transaction())
+        else:
+            self._backend.load(ruleset, number, self._clock())
         self._record_loaded(number, ruleset)
         return because
 

@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 from hostwall.cidr import Interval
 from hostwall.errors import KernelRejected
 from hostwall.kernel import Counter, KernelTable
-from hostwall.ruleset import GENERATION_SET, Delta, logical_set_name, render_removal, timeout_seconds
+from hostwall.ruleset import (
+    GENERATION_SET,
+    Delta,
+    Ruleset,
+    logical_set_name,
+    render_full_load,
+    render_removal,
+    timeout_seconds,
+)
 
 _SET_OPEN = re.compile(r"^\tset (\w+) \{$")
 _ELEMENTS = re.compile(r"^\t\telements = \{ (.*) \}$")
@@ -47,6 +55,9 @@ class FakeBackend:
             raise KernelRejected(f"the kernel rejected the transaction: {reason}")
         self.table = None if transaction == render_removal() else _parse_full_load(transaction)
         self.submitted += 1
+
+    def load(self, ruleset: Ruleset, generation: int, now: float) -> None:
+        self.submit(render_full_load(ruleset, generation, now))
 
     def read_table(self, *, elements: bool) -> KernelTable | None:
         if self.table is None:

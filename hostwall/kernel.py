@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from hostwall.cidr import Interval
-from hostwall.ruleset import Delta
+from hostwall.ruleset import Delta, Ruleset
 
 COMMENT_PATTERN = re.compile(r"hostwall generation=(\d+) sha256=([0-9a-f]{64})")
 
@@ -58,6 +58,10 @@ class Backend(Protocol):
 
     def submit(self, transaction: str) -> None:
         """Run one transaction; on any error nothing of it is applied."""
+
+    def load(self, ruleset: Ruleset, generation: int, now: float) -> None:
+        """A full load of ruleset as generation: the transaction submit() would run for
+        render_full_load(ruleset, generation, now), however it is sent."""
 
     def read_table(self, *, elements: bool) -> KernelTable | None:
         """The hostwall table, or None when the kernel has none. Without elements it is cheap."""

@@ -20,14 +20,17 @@ from hostwall.errors import (
     TableNotFound,
 )
 from hostwall.kernel import Counter, KernelTable
+from hostwall.nftload import Message, encodable, full_load_messages
 from hostwall.nftnl import NetlinkTable
 from hostwall.ruleset import (
     TABLE_FAMILY,
     TABLE_NAME,
     Delta,
+    Ruleset,
     TableObjects,
     logical_set_name,
     render_clearing,
+    render_full_load,
     render_replacement,
 )
 
@@ -106,6 +109,29 @@ class NftBackend:
                 self._run(render_replacement() + transaction)
             except KernelRejected as replaced:
                 raise replaced from in_place
+
+    def load(self, ruleset: Ruleset, generation: int, now: float) -> None:
+        """A full load of ruleset as generation: the same transaction as submit() of
+        render_full_load(), built as netlink messages without libnftables (nftload says
+        why), or through libnftables for what nftload does not encode and whenever the
+        kernel refuses the in-place replacement."""
+        if not encodable(ruleset):
+            self.submit(render_full_load(ruleset, generation, now))
+            return
+        snapshot = self._netlink.snapshot()
+        existing = snapshot.objects if snapshot is not None else TableObjects()
+        try:
+            self._submit_messages(full_load_messages(ruleset, generation, now, existing))
+        except KernelRejected as in_place:
+            # As in submit(): the base chain was changed by hand, or the table changed between
+            # reading it and the commit.
+            try:
+                self.submit(render_replacement() + render_full_load(ruleset, generation, now))
+            except KernelRejected as replaced:
+                raise replaced from in_place
+
+    def _submit_messages(self, messages: list[Message]) -> None:
+        self._netlink.submit_messages([(m.kind, m.flags, m.payload) for m in messages])
 
     def apply_delta(self, delta: Delta, now: float) -> None:
         self._netlink.apply_delta(delta, now)

@@ -18,7 +18,7 @@ import hashlib
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from hostwall import netns
@@ -28,6 +28,10 @@ from hostwall.ruleset import GENERATION_SET, TABLE_NAME, Delta, TableObjects, ho
 
 NFPROTO_INET = 1
 NETLINK_NETFILTER = 12
+SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
+SO_SNDBUFFORCE = 32
+SEND_BUFFER = 16 << 20
+SEND_BUFFER_SLACK = 64 << 10
 NFNL_SUBSYS_NFTABLES = 10
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
 # Message types from linux/netfilter/nf_tables.h.
@@ -104,11 +108,14 @@ class NetlinkTable:
         for sock in (self._socket, self._reader):
             sock.bind((0, 0))
             sock.settimeout(10)
+        # An error acknowledgement then carries the refused message's header only, not the
+        # whole message (up to 64 KiB of elements), so that errors fit the receive buffer.
+        self._socket.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         # A batch goes out in one sendto(); the default send buffer (208 KiB) would cap it.
         try:
-            self._socket.setsockopt(socket.SOL_SOCKET, 32, 16 << 20)  # SO_SNDBUFFORCE
+            self._socket.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
         except OSError:
-            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 20)
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
     def close(self) -> None:
         # Releasing an nf_tables netlink socket shortly after a commit waits for the
@@ -263,6 +270,60 @@ class NetlinkTable:
                                            [_marker_element(delta.to_generation)])
         messages.append(self._batch_message(NFNL_MSG_BATCH_END))
         self._send_batch(messages)
+
+    def submit_messages(self, messages: Sequence[tuple[int, int, bytes]]) -> None:
+        """Send (type, flags, payload after the nfgenmsg header) nf_tables messages as one
+        batch in one sendto(): all of it is committed or, on any error, none of it.
+
+        Only the last message asks for an acknowledgement: nft does the same, since the
+        kernel handles a batch inside sendto() and queues an error for each message it
+        refused before sendto() returns. An acknowledgement for each of the hundreds of
+        element messages of a large load could overflow the receive buffer.
+        """
+        batch = [self._batch_message(NFNL_MSG_BATCH_BEGIN)]
+        header = _NFGENMSG.pack(NFPROTO_INET, 0, 0)
+        for index, (kind, flags, payload) in enumerate(messages):
+            sequence = self._next_sequence()
+            ack = NLM_F_ACK if index == len(messages) - 1 else 0
+            batch.append((sequence, _message(_nft_type(kind), NLM_F_REQUEST | ack | flags, sequence,
+                                             header + payload)))
+        batch.append(self._batch_message(NFNL_MSG_BATCH_END))
+        last = batch[-2][0]
+        data = b"".join(data for _, data in batch)
+        errors: list[int] = []
+        try:
+            if len(data) + SEND_BUFFER_SLACK > SEND_BUFFER:
+                # netlink refuses a message larger than the send buffer (EMSGSIZE), and a
+                # batch is one message: a million entries are about 37 MB. nft sizes its
+                # buffer to the batch the same way.
+                self._socket.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data) + SEND_BUFFER_SLACK)
+            with netns.entered(self._netns):
+                self._socket.sendto(data, (0, 0))
+            acknowledged = False
+            while not acknowledged:
+                buffer = self._socket.recv(1 << 20)
+                for sequence, code in _acks(buffer):
+                    if code:
+                        errors.append(code)
+                    if sequence == last:
+                        acknowledged = True
+                if errors and not acknowledged:
+                    # The kernel reports every refused message, then the last one; wait only
+                    # briefly for the rest of a batch that has failed anyway.
+                    self._socket.settimeout(1)
+        except TimeoutError as exc:
+            if not errors:
+                raise KernelError("nf_tables did not acknowledge the full load in time") from exc
+        except OSError as exc:
+            raise KernelError(f"nf_tables netlink batch failed: {exc}") from exc
+        finally:
+            self._socket.settimeout(10)
+        if errors:
+            code = -errors[0]
+            reason = os.strerror(code)
+            if code == errno.EPERM:
+                raise PermissionDenied(f"the kernel refused the full load: {reason} (run as root)")
+            raise KernelRejected(f"the kernel rejected the transaction: {reason}")
 
     def _next_sequence(self) -> int:
         self._sequence += 1

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import clearing_for
+from bench.common import clearing_for, recorded_transaction
 
 SEED = 20261128
 COMMAND_TIMEOUT = 120
@@ -381,9 +381,8 @@ def _measure(scenario: Scenario, netns_name: str, hostwall: Hostwall, policy_dir
         assert current is not None
         # The recorded text is what follows the clearing commands; without them it would
         # add a second copy of every rule to the table that is there.
-        text = state_dir / "generations" / f"{current.generation:08d}" / "transaction.nft"
         submitted = state_dir / "submitted.nft"
-        submitted.write_text(clearing_for(netns_name) + text.read_text())
+        submitted.write_text(clearing_for(netns_name) + recorded_transaction(state_dir, current.generation))
         row("nft_f", "(b) nft -f <hostwall's transaction text>").runs.append(nft("-f", str(submitted)))
     log(f"  full reloads done ({repeat})")
 

@@ -21,6 +21,7 @@ import pytest
 from hostwall import netns
 from hostwall.lab import JournaldProcess, Lab, probe_tcp, probe_udp
 from hostwall.nft import NftBackend
+from hostwall.nftload import NFT_MSG_DELSET, Message
 
 # A denied probe costs its whole timeout, so it is short; an allowed one returns as
 # soon as the echo comes back, so a generous timeout costs nothing and absorbs load.
@@ -32,6 +33,8 @@ COMMAND_TIMEOUT = 60
 # that holds at most one element gets two, and nf_tables answers ENFILE to the NEWSETELEM
 # message (strace shows NLMSG_ERROR error=-ENFILE from the kernel). The whole batch,
 # including the delete and re-creation of the hostwall table before it, is aborted.
+KERNEL_ONLY_FAILURE_MESSAGE = Message(
+    NFT_MSG_DELSET, 0, b"\x0d\x00\x01\x00hostwall\x00\x00\x00\x00" + b"\x13\x00\x02\x00kernel_rejects\x00\x00")
 KERNEL_ONLY_FAILURE = (
     "add set inet hostwall kernel_rejects { type ipv4_addr; size 1; }\n"
     "add element inet hostwall kernel_rejects { 192.0.2.1, 192.0.2.2 }\n"
@@ -53,6 +56,11 @@ class RejectingBackend(NftBackend):
 
     def submit(self, transaction: str) -> None:
         super().submit(transaction + KERNEL_ONLY_FAILURE)
+
+    def _submit_messages(self, messages: list[Message]) -> None:
+        # The netlink full load: a delete of a set that does not exist, which only the
+        # kernel can refuse, after everything else.
+        super()._submit_messages([*messages, KERNEL_ONLY_FAILURE_MESSAGE])
 
 
 def run_nft(namespace: str, *args: str, stdin: str | None = None,

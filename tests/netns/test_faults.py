@@ -109,7 +109,7 @@ def test_a_read_only_state_directory_fails_apply_before_the_kernel(
     assert sorted(os.listdir(small_state_dir / "generations")) == ["00000001"]
 
 
-@pytest.mark.parametrize("damage", ["flip a byte of ruleset.json", "truncate transaction.nft",
+@pytest.mark.parametrize("damage", ["flip a byte of ruleset.json", "truncate ruleset.json",
                                     "truncate a set", "truncate meta.json", "delete ruleset.json"])
 def test_a_corrupt_generation_is_reported_and_never_loaded(
     lab: Lab, state_dir: Path, write_policy: PolicyWriter, hostwall: Cli, nft: Nft, damage: str
@@ -117,13 +117,13 @@ def test_a_corrupt_generation_is_reported_and_never_loaded(
     write_policy({"https": [f"{lab.allowed.ipv4}/32"], "postgres": ["192.0.2.0/24"]})
     assert hostwall("apply").returncode == 0
     write_policy({"https": [f"{lab.denied.ipv4}/32"], "postgres": ["198.51.100.0/24"]},
-                 action={"postgres": "reject"})  # a full load, so generation 2 has its own text
+                 action={"postgres": "reject"})  # a full load: generation 1 is not needed for it
     assert hostwall("apply").returncode == 0
     kernel = nft("list", "table", "inet", "hostwall").stdout
 
     first = state_dir / "generations" / "00000001"
     target = {"flip a byte of ruleset.json": first / "ruleset.json",
-              "truncate transaction.nft": first / "transaction.nft",
+              "truncate ruleset.json": first / "ruleset.json",
               "truncate a set": first / "sets" / "https_v4",
               "truncate meta.json": first / "meta.json",
               "delete ruleset.json": first / "ruleset.json"}[damage]

@@ -43,32 +43,36 @@ def test_a_delta_generation_keeps_no_text_and_its_rollback_renders_it(setup: Set
     second = setup.state.generation(2)
     assert not second.has_transaction and "transaction.nft" not in second.meta.files
     assert not (generation_dir(setup, 2) / "transaction.nft").exists()
-    assert setup.state.generation(1).has_transaction
 
     result = setup.engine.rollback(2)
 
-    assert (result.generation, result.replayed, result.rendered_because) == (2, False, "element delta")
+    assert (result.generation, result.replayed, result.rendered_because) == (2, False, "recorded without text")
     expected = _parse_full_load(render_full_load(compile_policy(grown), 2, setup.clock.now))
     assert setup.backend.table == expected
     assert not setup.engine.status().drift
 
 
-def test_rollback_to_a_full_generation_still_replays_its_text(setup: Setup) -> None:
-    setup.engine.apply(setup.policy(POLICY_V1), user="a", message="1")
+def test_rollback_to_a_generation_recorded_with_its_text_replays_it(setup: Setup) -> None:
+    first = compile_policy(setup.policy(POLICY_V1))
+    # As full loads were recorded before they were built from the ruleset.
+    setup.state.stage(1, ruleset=first, transaction=render_full_load(first, 1, setup.clock.now),
+                      policy_files={}, user="a", message="1")
     setup.engine.apply(setup.policy(GROWN), user="a", message="2")
     result = setup.engine.rollback(1)
     assert (result.replayed, result.rendered_because) == (True, None)
+    assert setup.backend.table == _parse_full_load(render_full_load(first, 1, setup.clock.now))
 
 
-def test_a_refused_delta_is_recorded_with_the_full_text_that_replaced_it(setup: Setup) -> None:
+def test_a_refused_delta_is_replaced_by_a_full_load_of_the_same_generation(setup: Setup) -> None:
     setup.engine.apply(setup.policy(POLICY_V1), user="a", message="1")
     setup.backend.reject_next = "No such file or directory"  # the element batch is refused
 
     result = setup.engine.apply(setup.policy(GROWN), user="a", message="2")
 
     assert (result.applied, result.method) == (True, "full")
-    assert setup.state.generation(2).transaction() == render_full_load(
-        compile_policy(setup.policy(GROWN)), 2, setup.clock.now)
+    assert setup.backend.table == _parse_full_load(render_full_load(
+        compile_policy(setup.policy(GROWN)), 2, setup.clock.now))
+    assert setup.state.generation(2).ruleset() == compile_policy(setup.policy(GROWN))
 
 
 def test_unchanged_files_are_shared_between_generations(setup: Setup) -> None:
