@@ -27,6 +27,7 @@ from hostwall.ruleset import (
     INGRESS_CHAIN,
     INGRESS_PRIORITY,
     LOG_PREFIX,
+    SPOOFED_SUFFIX,
     TABLE_NAME,
     Ruleset,
     ServiceRules,
@@ -363,8 +364,10 @@ def _service_rules(ruleset: Ruleset, service: ServiceRules, set_ids: dict[str, i
                   _verdict(NFT_RETURN)]
     if ruleset.strict_source:
         yield local_only
-        yield [_fib(NFTA_FIB_F_SADDR | NFTA_FIB_F_IIF | NFTA_FIB_F_PRESENT, NFT_FIB_RESULT_OIF),
-               _cmp(NFT_CMP_EQ, bytes(4)), dropped, _verdict(0)]
+        spoofed = [_fib(NFTA_FIB_F_SADDR | NFTA_FIB_F_IIF | NFTA_FIB_F_PRESENT, NFT_FIB_RESULT_OIF),
+                   _cmp(NFT_CMP_EQ, bytes(4))]
+        yield [*spoofed, *_logged(ruleset, f"{LOG_PREFIX}{service.name}{SPOOFED_SUFFIX}")]
+        yield [*spoofed, dropped, _verdict(0)]
     for family, nfproto, offset, width in ((4, NFPROTO_IPV4, 12, 4), (6, NFPROTO_IPV6, 8, 16)):
         for name in (hosts_set_name(service.set_name(family)), service.set_name(family)):
             yield [_meta(NFT_META_NFPROTO), _cmp(NFT_CMP_EQ, bytes((nfproto,))),
@@ -372,16 +375,20 @@ def _service_rules(ruleset: Ruleset, service: ServiceRules, set_ids: dict[str, i
                    _objref(service.accepted_counter), _verdict(NF_ACCEPT)]
     if not ruleset.strict_source:
         yield local_only
-    yield [_expression("limit", _u64(1, ruleset.log_rate) + _u64(2, 1) + _u32(3, ruleset.log_burst)
-                       + _u32(4, 0) + _u32(5, 0)),
-           _expression("log", _string(2, f"{LOG_PREFIX}{service.name}")
-                       + _attribute(1, ruleset.log_group.to_bytes(2, "big")))]
+    yield _logged(ruleset, f"{LOG_PREFIX}{service.name}")
     if service.action == "reject":
         yield [_meta(NFT_META_L4PROTO), _cmp(NFT_CMP_EQ, bytes((IPPROTO["tcp"],))), dropped,
                _reject(NFT_REJECT_TCP_RST, 0)]
         yield [dropped, _reject(NFT_REJECT_ICMPX_UNREACH, NFT_REJECT_ICMPX_PORT_UNREACH)]
     else:
         yield [dropped, _verdict(0)]  # NF_DROP
+
+
+def _logged(ruleset: Ruleset, prefix: str) -> list[bytes]:
+    """The rate-limited log of a drop: the limit is in the kernel, so a flood cannot swamp the reader."""
+    return [_expression("limit", _u64(1, ruleset.log_rate) + _u64(2, 1) + _u32(3, ruleset.log_burst)
+                        + _u32(4, 0) + _u32(5, 0)),
+            _expression("log", _string(2, prefix) + _attribute(1, ruleset.log_group.to_bytes(2, "big")))]
 
 
 def _expression(name: str, data: bytes) -> bytes:
