@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from hostwall import __version__
-from hostwall.cli import journal, kernel, lab, policy
+from hostwall.cli import journal, kernel, lab, policy, verify
 from hostwall.cli.common import DEFAULT_KEEP, DEFAULT_POLICY_DIR, DEFAULT_STATE_DIR, Options
 
 
@@ -58,3 +58,4 @@ for command in (
     lab.demo, kernel.revert_unconfirmed,
 ):
     main.add_command(command)
+main.add_command(verify.verify_command)

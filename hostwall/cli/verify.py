@@ -1,0 +1,107 @@
+"""verify: the loaded ruleset, copied into a throw-away namespace and probed with packets."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import click
+
+from hostwall.cli.common import (
+    EXIT_NEEDS_ATTENTION,
+    EXIT_OK,
+    Options,
+    emit_json,
+    json_option,
+    pass_options,
+    reports_errors,
+    require_privileges,
+)
+
+if TYPE_CHECKING:
+    from hostwall.policy import Policy
+    from hostwall.verify.report import Report
+
+DEFAULT_SAMPLES = 20_000  # hostwall.verify.probes.DEFAULT_SAMPLES, repeated so that --help need not import it
+SHOWN = 50
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process stands so that every cleanup runs."""
+
+
+@contextmanager
+def terminated_cleanly() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C: the replica's namespaces are removed on the way out."""
+
+    def raise_terminated(signum: int, frame: FrameType | None) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_verify(options: Options, policy: Policy, samples: int = DEFAULT_SAMPLES, seed: int | None = None) -> Report:
+    """Probe the ruleset loaded in options.netns against policy's answers."""
+    from hostwall.compile import compile_policy
+    from hostwall.nft import NftBackend
+    from hostwall.verify import replica
+    from hostwall.verify.run import verify
+
+    replica.sweep_leftovers()
+    backend = NftBackend(options.netns)
+    try:
+        table = backend.read_table(elements=True)
+    finally:
+        backend.close()
+    kernel_sets = dict(table.sets or {}) if table is not None else {}
+
+    with terminated_cleanly():
+        return verify(policy, dict(compile_policy(policy).sets()), kernel_sets, replica.opened_for(options.netns),
+                      samples, seed)
+
+
+def print_report(options: Options, report: Report) -> None:
+    from hostwall.verify.report import HEADERS
+
+    out = options.out
+    if report.mismatches:
+        rows = [m.row() for m in report.mismatches[:SHOWN]]
+        out.table(HEADERS, rows, styles=["error"] * len(rows))
+        if len(report.mismatches) > SHOWN:
+            out.line(f"... and {len(report.mismatches) - SHOWN} more (--json lists all)", style="error")
+    if report.unobservable:
+        out.line(f"{report.unobservable} probe(s) left out: sources the kernel discards as martians", style="muted")
+    out.line(report.summary(), style="ok" if report.agrees else "error")
+
+
+@click.command("verify")
+@click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True,
+              help="Probe at most this many kernel elements; above it, a sample stratified by service and family.")
+@click.option("--seed", type=int, default=None, help="Seed of the sample and the random sources (to repeat a run).")
+@json_option
+@pass_options
+@reports_errors
+def verify_command(options: Options, samples: int, seed: int | None, as_json: bool) -> None:
+    """Prove with packets that the loaded ruleset does what the policy says; exit 10 on a difference.
+
+    The ruleset is copied into a throw-away namespace (the live one is only read) and
+    probed there with TCP SYNs and UDP datagrams from admitted and denied sources.
+
+    \b
+    Example: sudo hostwall verify
+    """
+    require_privileges("verify")
+    report = run_verify(options, options.policy(), samples, seed)
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        print_report(options, report)
+    sys.exit(EXIT_OK if report.agrees else EXIT_NEEDS_ATTENTION)
