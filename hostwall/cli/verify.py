@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -48,8 +48,10 @@ def terminated_cleanly() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_verify(options: Options, policy: Policy, samples: int = DEFAULT_SAMPLES, seed: int | None = None) -> Report:
-    """Probe the ruleset loaded in options.netns against policy's answers."""
+def run_verify(options: Options, policy: Policy, samples: int = DEFAULT_SAMPLES, seed: int | None = None, *,
+               own_signals: bool = True) -> Report:
+    """Probe the ruleset loaded in options.netns against policy's answers. own_signals:
+    SIGTERM unwinds it (a command); the agent, which handles SIGTERM itself, passes False."""
     from hostwall.compile import compile_policy
     from hostwall.nft import NftBackend
     from hostwall.verify import replica
@@ -63,7 +65,7 @@ def run_verify(options: Options, policy: Policy, samples: int = DEFAULT_SAMPLES,
         backend.close()
     kernel_sets = dict(table.sets or {}) if table is not None else {}
 
-    with terminated_cleanly():
+    with terminated_cleanly() if own_signals else nullcontext():
         return verify(policy, dict(compile_policy(policy).sets()), kernel_sets, replica.opened_for(options.netns),
                       samples, seed)
 

@@ -177,3 +177,61 @@ def test_only_namespaces_of_dead_processes_are_leftovers() -> None:
 
 def test_target_text() -> None:
     assert str(Target(443, "udp", "https")) == "443/udp"
+
+
+class _Notes:
+    watchdog_interval = None
+
+    def ready(self, status: str) -> None: ...
+    def reloading(self) -> None: ...
+    def stopping(self) -> None: ...
+    def status(self, text: str) -> None: ...
+    def watchdog(self) -> None: ...
+
+
+class _Records:
+    def __init__(self) -> None:
+        self.records: list[object] = []
+
+    def send(self, record: object) -> None:
+        self.records.append(record)
+
+
+def test_the_agent_records_a_failed_verify_after_reload_with_the_catalog_fields(write_files: WriteFiles,
+                                                                                 tmp_path: Path) -> None:
+    import re as regex
+
+    from hostwall.agent import Agent
+    from hostwall.drops import MESSAGE_ID_VERIFY, Record
+    from hostwall.engine import Engine
+    from hostwall.fake import FakeBackend
+    from hostwall.state import StateDir
+
+    _, policy = _policy(write_files)
+    ruleset = compile_policy(policy)  # type: ignore[arg-type]
+    broken = dataclasses.replace(ruleset, services=tuple(
+        dataclasses.replace(s, v4=IntervalSet.of(4, ())) if s.name == "postgres" else s for s in ruleset.services))
+    verified: list[object] = []
+
+    def verify_loaded(loaded: object) -> object:
+        verified.append(loaded)
+        return verify(loaded, ruleset.sets(), broken.sets(), FakeProber(broken).opened)  # type: ignore[arg-type]
+
+    state = StateDir(tmp_path / "state")
+    sink = _Records()
+    agent = Agent(Engine(FakeBackend(), state), state, lambda: policy, _Notes(), sink,  # type: ignore[arg-type]
+                  verify=verify_loaded)  # type: ignore[arg-type]
+    agent.start()
+    assert verified == []  # start is not a reload
+    agent.reload()
+
+    assert verified == [policy]
+    records = [r for r in sink.records if isinstance(r, Record) and r.message_id == MESSAGE_ID_VERIFY]
+    assert len(records) == 1
+    record = records[0]
+    assert record.fields["HOSTWALL_MISMATCHES"] == "2" and record.fields["HOSTWALL_DPORT"] == "5432"
+    assert record.fields["HOSTWALL_SRC"] in ("10.0.1.0", "10.0.1.255")
+    assert record.fields["HOSTWALL_EXPECTED"] == "admitted" and record.fields["HOSTWALL_OBSERVED"] == "denied"
+    catalog = (Path(__file__).resolve().parents[2] / "units" / "hostwall.catalog").read_text()
+    section = catalog.split(f"-- {MESSAGE_ID_VERIFY}\n", 1)[1].split("\n-- ", 1)[0]
+    assert set(regex.findall(r"@([A-Z0-9_]+)@", section)) <= set(record.fields)
