@@ -235,3 +235,29 @@ def test_the_agent_records_a_failed_verify_after_reload_with_the_catalog_fields(
     catalog = (Path(__file__).resolve().parents[2] / "units" / "hostwall.catalog").read_text()
     section = catalog.split(f"-- {MESSAGE_ID_VERIFY}\n", 1)[1].split("\n-- ", 1)[0]
     assert set(regex.findall(r"@([A-Z0-9_]+)@", section)) <= set(record.fields)
+
+
+def test_the_entry_involved_is_the_containing_one_else_the_bordering_one(write_files: WriteFiles) -> None:
+    from hostwall.verify.report import EntryIndex, printable
+
+    root = write_files({"policy.yaml": (
+        "services:\n  https:\n    allow:\n"
+        "      - cidr: 10.0.0.0/16\n" + META.format(owner="wide")
+        + "      - cidr: 10.0.5.0/24\n" + META.format(owner="inner")
+        + "      - cidr: 10.0.200.0/24\n" + META.format(owner="late"))})
+    policy = load_policy(root)
+    index = EntryIndex(policy)
+    https = Target(443, "tcp", "https")
+
+    def named(address: str) -> str:
+        probe = dataclasses.replace(plan_probes(policy, []).probes[0], family=4,
+                                    address=int(ipaddress.ip_address(address)), target=https)
+        return index.involved(probe)
+
+    where = root / "policy.yaml"
+    assert named("10.0.5.7") == f"{where}:8 (inner)"  # the narrowest entry that contains it
+    assert named("10.0.250.1") == f"{where}:4 (wide)"  # after a nested entry, still inside the wide one
+    assert named("10.1.0.0") == f"{where}:4 (wide)"  # just above it
+    assert named("9.255.255.255") == f"{where}:4 (wide)"  # just below it
+    assert named("10.2.0.0") == "-"
+    assert printable("a\x1b[31mb\n") == "a\\x1b[31mb\\n"
