@@ -95,8 +95,9 @@ def test_an_element_removed_by_hand_is_caught(write_policy: PolicyWriter, hostwa
     assert all(m["entry"].endswith("(netns-tests)") for m in report["mismatches"])
 
 
-def test_sigterm_mid_run_leaves_no_namespace_and_the_ruleset_alone(lab: Lab, policy_dir: Path, state_dir: Path,
-                                                                   hostwall: Cli, nft: Nft) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_run_leaves_no_namespace_and_the_ruleset_alone(signum: int, lab: Lab, policy_dir: Path,
+                                                                    state_dir: Path, hostwall: Cli, nft: Nft) -> None:
     lines = [f"10.{a}.{b}.{c}/32" for a in range(20, 22) for b in range(0, 40) for c in range(1, 250, 2)]
     (policy_dir / "list.txt").write_text("\n".join(lines) + "\n")
     (policy_dir / "policy.yaml").write_text(
@@ -115,7 +116,7 @@ def test_sigterm_mid_run_leaves_no_namespace_and_the_ruleset_alone(lab: Lab, pol
             assert time.monotonic() < deadline and process.poll() is None, "verify never built its replica"
             time.sleep(0.01)
         time.sleep(0.3)  # into the probing
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         process.wait(timeout=COMMAND_TIMEOUT)
     finally:
         if process.poll() is None:
@@ -139,3 +140,23 @@ def test_apply_and_rollback_verify_after_loading(command: tuple[str, ...], write
     assert code == 0, document
     assert document["verify"]["agrees"] is True and document["verify"]["probes"] > 50
     assert _verify_namespaces() == []
+
+
+def test_a_failed_verify_reverts_an_unconfirmed_change_at_once(write_policy: PolicyWriter, hostwall: Cli,
+                                                               cli_json: CliJson, nft: Nft) -> None:
+    """Another table drops what the new policy admits: verify, which copies the whole
+    ruleset, sees the difference, and the change is reverted before its deadline."""
+    write_policy({"https": ["198.51.100.7/32"]})
+    assert hostwall("apply").returncode == 0
+    nft("-f", "-", stdin="table inet other {\n chain pre {\n  type filter hook prerouting priority -350; "
+                          "policy accept;\n  ip saddr 203.0.113.0/28 drop\n }\n}\n")
+    write_policy({"https": ["198.51.100.7/32", "203.0.113.0/28"]})
+
+    code, document = cli_json("apply", "--verify", "--confirm-within", "600")
+
+    assert code == 10
+    assert document["verify"]["reverted"] is True
+    assert {m["address"] for m in document["verify"]["mismatches"]} == {"203.0.113.0", "203.0.113.15"}
+    code, status = cli_json("status", "--drops", "0")
+    assert status["generation"] == 1 and status["pending"] is None
+    assert "203.0.113.0" not in nft("list", "set", "inet", "hostwall", "https_v4").stdout
