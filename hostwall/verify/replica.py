@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from hostwall import netns
 from hostwall.errors import KernelError, KernelUnavailable
 from hostwall.nft import NftBackend
+from hostwall.nftnl import NetlinkTable
 from hostwall.verify.packets import frame, packed_address
 from hostwall.verify.probes import Probe
 
@@ -145,21 +146,6 @@ def observer_ruleset(probe_interface: str) -> str:
     )
 
 
-def _answered(document: dict[str, Any], family: int) -> set[tuple[int, int]]:
-    seen: set[tuple[int, int]] = set()
-    for item in document.get("nftables", []):
-        body = item.get("set")
-        if body is None:
-            continue
-        for element in body.get("elem", []):
-            value = element["elem"]["val"] if isinstance(element, dict) and "elem" in element else element
-            address, port = value["concat"]
-            parsed = ipaddress.ip_address(address)
-            if parsed.version == family:
-                seen.add((int(parsed), int(port)))
-    return seen
-
-
 @dataclass
 class Replica:
     """Build with open(); everything it created goes with close(), whatever happened."""
@@ -171,6 +157,7 @@ class Replica:
     interface: str = ""
     ruleset_text: str = ""
     _backend: NftBackend | None = None
+    _observer: NetlinkTable | None = None
     _listeners: list[socket.socket] = field(default_factory=list)
     _udp: dict[tuple[int, int], socket.socket] = field(default_factory=dict)
     _created: list[str] = field(default_factory=list)
@@ -204,6 +191,7 @@ class Replica:
         if self.ruleset_text.strip():
             self._backend.load(self.ruleset_text)
         self._backend.load(observer_ruleset(self.interface))
+        self._observer = NetlinkTable(self.name, OBSERVER_TABLE)
         self._listen(tcp_ports, udp_ports)
 
     def _configure(self) -> None:
@@ -245,9 +233,10 @@ class Replica:
             sock.close()
         self._listeners.clear()
         self._udp.clear()
-        if self._backend is not None:
-            self._backend.close()
-            self._backend = None
+        for adapter in (self._backend, self._observer):
+            if adapter is not None:
+                adapter.close()
+        self._backend = self._observer = None
         errors = []
         for name in reversed(self._created):
             try:
@@ -263,9 +252,19 @@ class Replica:
         return bytes.fromhex(str(link["address"]).replace(":", ""))
 
     def _arrived(self) -> int:
-        assert self._backend is not None
-        document = self._backend.query(f"list counter inet {OBSERVER_TABLE} arrived")
-        return next(int(item["counter"]["packets"]) for item in document["nftables"] if "counter" in item)
+        assert self._observer is not None
+        packets = self._observer.counter_packets("arrived")
+        if packets is None:
+            raise KernelError(f"the replica's table {OBSERVER_TABLE} lost its counter")
+        return packets
+
+    def _answered(self, family: int) -> set[tuple[int, int]]:
+        """(address, port) of each SYN-ACK: keys of the observer's set, the address then
+        the port in a 4-byte register (network order, first 2 bytes)."""
+        assert self._observer is not None
+        width = 4 if family == 4 else 16
+        return {(int.from_bytes(key[:width], "big"), int.from_bytes(key[width:width + 2], "big"))
+                for key in self._observer.set_keys(f"tcp{family}")}
 
     def observe(self, probes: Sequence[Probe]) -> list[bool]:
         """Send every probe, again for those not observed while some got lost on the way,
@@ -293,8 +292,7 @@ class Replica:
             time.sleep(SETTLE_SECONDS)
             self._drain(received)
             lost = len(pending) - (self._arrived() - before)
-            tcp = {4: _answered(self._backend.query(f"list set inet {OBSERVER_TABLE} tcp4"), 4),
-                   6: _answered(self._backend.query(f"list set inet {OBSERVER_TABLE} tcp6"), 6)}
+            tcp = {4: self._answered(4), 6: self._answered(6)}
             for index in pending:
                 probe = probes[index]
                 if probe.target.protocol == "tcp":
