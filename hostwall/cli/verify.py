@@ -58,15 +58,19 @@ def run_verify(options: Options, policy: Policy, samples: int = DEFAULT_SAMPLES,
     from hostwall.verify.run import verify
 
     replica.sweep_leftovers()
+    from hostwall.errors import TableNotFound
+    from hostwall.verify.kernel_sets import kernel_sets
+
     backend = NftBackend(options.netns)
     try:
-        table = backend.read_table(elements=True)
+        listed = kernel_sets(backend.query("list table inet hostwall"))
+    except TableNotFound:
+        listed = {}
     finally:
         backend.close()
-    kernel_sets = dict(table.sets or {}) if table is not None else {}
 
     with terminated_cleanly() if own_signals else nullcontext():
-        return verify(policy, dict(compile_policy(policy).sets()), kernel_sets, replica.opened_for(options.netns),
+        return verify(policy, dict(compile_policy(policy).sets()), listed, replica.opened_for(options.netns),
                       samples, seed)
 
 

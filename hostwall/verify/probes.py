@@ -14,8 +14,8 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from hostwall.cidr import Interval
-from hostwall.policy import Policy, Service
+from hostwall.cidr import Interval, IntervalSet
+from hostwall.policy import Entries, Policy, Service
 
 MAX_ADDRESS = {4: (1 << 32) - 1, 6: (1 << 128) - 1}
 DEFAULT_SAMPLES = 20_000
@@ -77,8 +77,7 @@ class PolicyIndex:
         self._index: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
         for service in policy.services:
             for family in (4, 6):
-                spans = sorted((e.interval.first, e.interval.last) for e in service.entries
-                               if e.interval.family == family)
+                spans = sorted(_spans(service, family))
                 firsts, reach = [], []
                 furthest = -1
                 for first, last in spans:
@@ -107,6 +106,20 @@ class PolicyIndex:
         if family == 6 and _MAPPED_FIRST <= address <= _MAPPED_LAST:
             return False
         return self.covered(target.service, family, address)
+
+
+def _spans(service: Service, family: int) -> list[tuple[int, int]]:
+    """First and last address of each of the service's entries. A `file:` list's lines
+    are read from the bytes its loader parsed them into (every line, unmerged), not
+    made into 100k Entry objects."""
+    entries = service.entries
+    if not isinstance(entries, Entries):
+        return [(e.interval.first, e.interval.last) for e in entries if e.interval.family == family]
+    spans = [(e.interval.first, e.interval.last) for e in entries.inline if e.interval.family == family]
+    for part in entries.lists:
+        firsts, lasts = IntervalSet(family, part.parsed.lines(family)).bounds()
+        spans.extend(zip(firsts, lasts, strict=True))
+    return spans
 
 
 def service_targets(service: Service) -> list[Target]:

@@ -261,3 +261,25 @@ def test_the_entry_involved_is_the_containing_one_else_the_bordering_one(write_f
     assert named("9.255.255.255") == f"{where}:4 (wide)"  # just below it
     assert named("10.2.0.0") == "-"
     assert printable("a\x1b[31mb\n") == "a\\x1b[31mb\\n"
+
+
+def test_kernel_elements_are_read_as_parse_listing_reads_them() -> None:
+    from hostwall.nft import parse_listing
+    from hostwall.verify.kernel_sets import kernel_sets
+
+    document = {"nftables": [
+        {"metainfo": {"version": "1.0.6"}},
+        {"set": {"family": "inet", "name": "https_v4_hosts", "table": "hostwall", "type": "ipv4_addr",
+                 "elem": ["203.0.113.45", {"elem": {"val": "198.51.100.7", "timeout": 60, "expires": 59}}]}},
+        {"set": {"family": "inet", "name": "https_v4", "table": "hostwall", "type": "ipv4_addr",
+                 "elem": [{"prefix": {"addr": "10.0.0.0", "len": 8}},
+                          {"range": ["192.0.2.3", "192.0.2.9"]}]}},
+        {"set": {"family": "inet", "name": "https_v6", "table": "hostwall", "type": "ipv6_addr",
+                 "elem": [{"prefix": {"addr": "2001:db8::", "len": 32}}, "::ffff:1.2.3.4", "fe80::1"]}},
+        {"set": {"family": "inet", "name": "generation", "table": "hostwall", "type": "mark", "elem": [7]}},
+    ]}
+    expected = {name: sorted((i.first, i.last) for i in intervals)
+                for name, intervals in parse_listing(document)[1].items()}
+    assert {name: sorted((i.first, i.last) for i in intervals)
+            for name, intervals in kernel_sets(document).items()} == expected
+    assert len(expected["https_v4"]) == 4 and len(expected["https_v6"]) == 3
