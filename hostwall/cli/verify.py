@@ -30,18 +30,19 @@ DEFAULT_SAMPLES = 20_000  # hostwall.verify.probes.DEFAULT_SAMPLES, repeated so 
 SHOWN = 50
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised where the process stands so that every cleanup runs."""
+EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 @contextmanager
 def terminated_cleanly() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C: the replica's namespaces are removed on the way out."""
+    """SIGTERM unwinds like Ctrl-C, so the replica's namespaces are removed on the way
+    out; a second SIGTERM is ignored so that it cannot cut that clean-up short."""
 
-    def raise_terminated(signum: int, frame: FrameType | None) -> None:
-        raise Terminated()
+    def exit_cleanly(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(EXIT_TERMINATED)
 
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    previous = signal.signal(signal.SIGTERM, exit_cleanly)
     try:
         yield
     finally:

@@ -174,8 +174,10 @@ class Replica:
         tag = f"{PREFIX}{os.getpid()}-{next(_sequence)}"
         self.name, self.probe_name = f"{tag}r", f"{tag}p"
         for name in (self.name, self.probe_name):
-            ip("netns", "add", name)
+            # Recorded first: a signal right after `ip netns add` returns must not leave
+            # a namespace that close() does not know of.
             self._created.append(name)
+            ip("netns", "add", name)
         self.interface = names[0] if names else FALLBACK_DEVICE
         ip("link", "add", PROBE_DEVICE, "type", "veth", "peer", "name", self.interface, "netns", self.name,
            namespace=self.probe_name)
@@ -239,6 +241,8 @@ class Replica:
         self._backend = self._observer = None
         errors = []
         for name in reversed(self._created):
+            if not os.path.lexists(netns.netns_path(name)):
+                continue  # never created: the signal came before `ip netns add` did it
             try:
                 ip("netns", "delete", name)
             except KernelError as error:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from netns_support import COMMAND_TIMEOUT, Cli, CliJson, Nft, PolicyWriter
 
 from hostwall.lab import Lab
-from hostwall.verify.replica import PREFIX
+from hostwall.verify.replica import OBSERVER_TABLE, PREFIX
 
 
 def _verify_namespaces() -> list[str]:
@@ -95,10 +95,23 @@ def test_an_element_removed_by_hand_is_caught(write_policy: PolicyWriter, hostwa
     assert all(m["entry"].endswith("(netns-tests)") for m in report["mismatches"])
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_mid_run_leaves_no_namespace_and_the_ruleset_alone(signum: int, lab: Lab, policy_dir: Path,
-                                                                    state_dir: Path, hostwall: Cli, nft: Nft) -> None:
-    lines = [f"10.{a}.{b}.{c}/32" for a in range(20, 22) for b in range(0, 40) for c in range(1, 250, 2)]
+def _probing(replica: str) -> bool:
+    """The replica's observer table is loaded: building is over, probing begins."""
+    listing = subprocess.run(["ip", "netns", "exec", replica, "nft", "list", "tables"], capture_output=True,
+                             text=True, timeout=COMMAND_TIMEOUT, check=False)
+    return f"table inet {OBSERVER_TABLE}" in listing.stdout
+
+
+@pytest.mark.parametrize(("signum", "when", "code"), [(signal.SIGTERM, "building", 143),
+                                                      (signal.SIGTERM, "probing", 143),
+                                                      (signal.SIGINT, "probing", 1)])
+def test_a_signal_mid_run_leaves_no_namespace_and_the_ruleset_alone(signum: int, when: str, code: int, lab: Lab,
+                                                                    policy_dir: Path, state_dir: Path, hostwall: Cli,
+                                                                    nft: Nft) -> None:
+    """The signal lands as soon as the replica namespace exists, or once its observer
+    table is loaded (about 2 s of probing follow)."""
+    # Long enough (20k entries, about 2 s of probing) that the signal lands mid-run.
+    lines = [f"10.{a}.{b}.{c}/32" for a in range(20, 22) for b in range(0, 80) for c in range(1, 250, 2)]
     (policy_dir / "list.txt").write_text("\n".join(lines) + "\n")
     (policy_dir / "policy.yaml").write_text(
         "services:\n  https:\n    allow:\n      - file: list.txt\n        owner: netns-tests\n"
@@ -115,14 +128,16 @@ def test_a_signal_mid_run_leaves_no_namespace_and_the_ruleset_alone(signum: int,
         while not any(n.startswith(mine) for n in _verify_namespaces()):
             assert time.monotonic() < deadline and process.poll() is None, "verify never built its replica"
             time.sleep(0.01)
-        time.sleep(0.3)  # into the probing
+        while when == "probing" and not _probing(f"{mine}0r"):
+            assert time.monotonic() < deadline and process.poll() is None, "verify never began to probe"
+            time.sleep(0.01)
         process.send_signal(signum)
         process.wait(timeout=COMMAND_TIMEOUT)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode != 0
+    assert process.returncode == code
     assert not [n for n in _verify_namespaces() if n.startswith(mine)]
     assert _ruleset(nft) == before
 
