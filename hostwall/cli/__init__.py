@@ -39,7 +39,7 @@ def main(ctx: click.Context, netns: str | None, policy_dir: Path, state_dir: Pat
     Exit codes: 0 ok, 1 unexpected error, 2 usage error, 3 invalid policy,
     4 kernel error, 5 not permitted, 6 state directory error, 7 lock busy,
     10 needs attention (plan: changes pending; status: drift; check: denied;
-    audit: findings at or above --fail-on).
+    audit: findings at or above --fail-on; verify: a difference).
 
     \b
     Shell completion: eval "$(_HOSTWALL_COMPLETE=bash_source hostwall)" in ~/.bashrc,

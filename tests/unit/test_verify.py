@@ -283,3 +283,22 @@ def test_kernel_elements_are_read_as_parse_listing_reads_them() -> None:
     assert {name: sorted((i.first, i.last) for i in intervals)
             for name, intervals in kernel_sets(document).items()} == expected
     assert len(expected["https_v4"]) == 4 and len(expected["https_v6"]) == 3
+
+
+def test_the_command_line_default_is_the_planner_default() -> None:
+    from hostwall.cli import verify as command
+    from hostwall.verify import probes
+
+    assert command.DEFAULT_SAMPLES == probes.DEFAULT_SAMPLES
+
+
+def test_verify_help_names_its_options() -> None:
+    from click.testing import CliRunner
+
+    from hostwall.cli import main
+
+    runner = CliRunner()
+    assert "--samples" in runner.invoke(main, ["verify", "--help"]).output
+    for command in ("apply", "rollback"):
+        assert "--verify" in runner.invoke(main, [command, "--help"]).output
+    assert "--verify-after-reload" in runner.invoke(main, ["agent", "--help"]).output
