@@ -149,7 +149,7 @@ def agent(options: Options, log_group: int | None, flood_window: float, flood_re
         events=RulesetEvents(options.netns), counters=backend.counters,
         settings=AgentSettings(full_check_interval, metrics_file, metrics_interval, test_stall_watchdog_after),
         boot_time=_boot_time(),
-        verify=_reload_verifier(options) if verify_after_reload else None,
+        verify=reload_verifier(options) if verify_after_reload else None,
     )
     requests = {"reload": False, "stop": False}
 
@@ -248,7 +248,7 @@ def drops(options: Options, service: str | None, source_address: str | None, sin
             options.out.line(f"{stamp}  {entry.message}")
 
 
-def _reload_verifier(options: Options) -> Callable[[Policy], Report]:
+def reload_verifier(options: Options) -> Callable[[Policy], Report]:
     from hostwall.cli.verify import run_verify
 
     def verify(policy: Policy) -> Report:

@@ -18,7 +18,15 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from netns_support import COMMAND_TIMEOUT, Cli, CliJson, Nft, PolicyWriter
 
+from hostwall.agent import Agent
+from hostwall.cli.common import Options
+from hostwall.cli.journal import reload_verifier
+from hostwall.drops import MESSAGE_ID_VERIFY, Record
+from hostwall.engine import Engine
 from hostwall.lab import Lab
+from hostwall.nft import NftBackend
+from hostwall.policy import load_policy
+from hostwall.state import StateDir
 from hostwall.verify.replica import OBSERVER_TABLE, PREFIX
 
 
@@ -175,3 +183,51 @@ def test_a_failed_verify_reverts_an_unconfirmed_change_at_once(write_policy: Pol
     code, status = cli_json("status", "--drops", "0")
     assert status["generation"] == 1 and status["pending"] is None
     assert "203.0.113.0" not in nft("list", "set", "inet", "hostwall", "https_v4").stdout
+
+
+class _Notes:
+    watchdog_interval = None
+
+    def ready(self, status: str) -> None: ...
+    def reloading(self) -> None: ...
+    def stopping(self) -> None: ...
+    def status(self, text: str) -> None: ...
+    def watchdog(self) -> None: ...
+
+
+class _Records:
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+
+    def send(self, record: Record) -> None:
+        self.records.append(record)
+
+
+def test_the_agent_verifies_after_reload_and_records_a_difference(lab: Lab, policy_dir: Path, state_dir: Path,
+                                                                  write_policy: PolicyWriter, nft: Nft) -> None:
+    """The agent's verifier as `agent --verify-after-reload` builds it, against the lab."""
+    write_policy({"https": ["198.51.100.7/32"], "postgres": ["10.0.1.0/24"]})
+    options = Options(lab.server, policy_dir, state_dir)
+    backend = NftBackend(lab.server)
+    sink = _Records()
+    state = StateDir(state_dir)
+    agent = Agent(Engine(backend, state), state, lambda: load_policy(policy_dir), _Notes(), sink,
+                  verify=reload_verifier(options))
+    try:
+        agent.start()
+        agent.reload()
+        assert [r for r in sink.records if r.message_id == MESSAGE_ID_VERIFY] == []
+
+        nft("-f", "-", stdin="table inet other {\n chain pre {\n  type filter hook prerouting priority -350; "
+                              "policy accept;\n  ip saddr 10.0.1.0/24 tcp dport 5432 drop\n }\n}\n")
+        agent.reload()
+    finally:
+        agent.stop()
+        backend.close()
+    records = [r for r in sink.records if r.message_id == MESSAGE_ID_VERIFY]
+    assert len(records) == 1, [r.message for r in sink.records]
+    fields = records[0].fields
+    assert fields["HOSTWALL_MISMATCHES"] == "2" and fields["HOSTWALL_SRC"] in ("10.0.1.0", "10.0.1.255")
+    assert (fields["HOSTWALL_DPORT"], fields["HOSTWALL_EXPECTED"], fields["HOSTWALL_OBSERVED"]) == \
+        ("5432", "admitted", "denied")
+    assert _verify_namespaces() == []
