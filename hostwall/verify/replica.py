@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any, Protocol
+from typing import Any
 
 from hostwall import netns
 from hostwall.errors import KernelError, KernelUnavailable
@@ -52,11 +52,6 @@ SETTLE_SECONDS = 0.2
 BATCH = 256  # frames between checks of the UDP listeners, so their buffers never fill
 _IP_PATHS = ("/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip")
 _sequence = count()
-
-
-class Prober(Protocol):
-    def observe(self, probes: Sequence[Probe]) -> list[bool]:
-        """For each probe, whether the service answered it (True) or it was dropped."""
 
 
 def _ip_command() -> str:

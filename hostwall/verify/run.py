@@ -7,16 +7,23 @@ import ipaddress
 import random
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from typing import Protocol
 
 from hostwall.cidr import Interval
 from hostwall.policy import Policy
 from hostwall.verify.probes import DEFAULT_SAMPLES, Probe, elements_of, plan_probes
-from hostwall.verify.replica import Prober
 from hostwall.verify.report import Report, compare
 
 # The replica's own addresses: from the benchmarking ranges, moved along when a probe
 # uses one as its source (a packet from the host's own address is a martian).
 _DESTINATION_BASE = {4: int(ipaddress.ip_address("198.18.0.1")), 6: int(ipaddress.ip_address("2001:db8:ffff::1"))}
+
+class Prober(Protocol):
+    """What sends the probes: the replica (hostwall.verify.replica), or a fake."""
+
+    def observe(self, probes: Sequence[Probe]) -> list[bool]:
+        """For each probe, whether the service answered it (True) or it was dropped."""
+
 
 OpenProber = Callable[[dict[int, str], Sequence[int], Sequence[int]], AbstractContextManager[Prober]]
 
