@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from hostwall import netns
 from hostwall.clock import now as wall_now
@@ -21,6 +21,7 @@ from hostwall.drops import (
     MESSAGE_ID_CHANGE,
     MESSAGE_ID_DRIFT,
     MESSAGE_ID_POLICY,
+    MESSAGE_ID_VERIFY,
     PRIORITY_NOTICE,
     PRIORITY_WARNING,
     Drop,
@@ -37,6 +38,9 @@ from hostwall.nflog import LoggedPacket, ReadResult
 from hostwall.packet import PacketError, decode
 from hostwall.policy import BUILTIN_SERVICES, Policy, Service, Settings
 from hostwall.state import HEARTBEAT_SECONDS, AgentState, StateDir, atomic_write, note_reverted, reverted_digest
+
+if TYPE_CHECKING:
+    from hostwall.verify.report import Report
 
 
 class PacketSource(Protocol):
@@ -239,8 +243,11 @@ class Agent:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = wall_now,
         boot_time: float = 0.0,
+        verify: Callable[[Policy], Report] | None = None,
     ) -> None:
         self._engine = engine
+        self._verify = verify
+        self._applied: Policy | None = None  # the policy the last reload loaded, for verify
         self._state = state
         self._load = load
         self._notifier = notifier
@@ -275,7 +282,10 @@ class Agent:
 
     def reload(self) -> None:
         self._notifier.reloading()
+        self._applied = None
         self._survive("reload", lambda: self._converge("reload", respect_reverted=False, skip_policy=False))
+        if self._verify is not None and self._applied is not None:
+            self._verify_reload(self._verify, self._applied)
         self._notifier.ready(self.status_text())
 
     def stop(self) -> None:
@@ -380,12 +390,34 @@ class Agent:
                          MESSAGE_ID_CHANGE, PRIORITY_WARNING)
             return
         self.counters.last_apply_ok = True
+        self._applied = policy
         if result.applied:
             if result.plan.drift and result.plan.table_present:
                 self.counters.drift_repairs += 1
             self._record(f"{message}: loaded generation {result.generation} ({result.method}); "
                          f"{result.plan.summary}", MESSAGE_ID_CHANGE, PRIORITY_NOTICE,
                          generation=result.generation)
+
+    def _verify_reload(self, verify: Callable[[Policy], Report], policy: Policy) -> None:
+        generation = self._loaded()
+        try:
+            report = verify(policy)
+        except HostwallError as error:
+            self._record(f"verify after reload failed to run: {error}", MESSAGE_ID_VERIFY, PRIORITY_WARNING,
+                         generation=generation)
+            return
+        if report.agrees:
+            return
+        first = report.mismatches[0]
+        fields = {"HOSTWALL_MISMATCHES": str(len(report.mismatches)), "HOSTWALL_SRC": first.probe.address_text,
+                  "HOSTWALL_DPORT": str(first.probe.target.port), "HOSTWALL_PROTO": first.probe.target.protocol,
+                  "HOSTWALL_EXPECTED": "admitted" if first.probe.expected else "denied",
+                  "HOSTWALL_OBSERVED": "admitted" if first.observed else "denied",
+                  "HOSTWALL_GENERATION": str(generation)}
+        self._sink.send(Record(f"verify after reload: {report.summary()}; first: {first.probe.address_text} to "
+                               f"{first.probe.target} {fields['HOSTWALL_EXPECTED']} by the policy, "
+                               f"{fields['HOSTWALL_OBSERVED']} by the ruleset ({first.entry})",
+                               MESSAGE_ID_VERIFY, PRIORITY_WARNING, fields))
 
     def _reassert(self, generation: int) -> None:
         self._engine.rollback(generation, wait=30)

@@ -160,6 +160,21 @@ class NftBackend:
         return dataclasses.replace(table, counters=counters, sets=sets,
                                    element_packets=parse_element_packets(document))
 
+    def list_ruleset(self) -> str:
+        """Every table of the namespace in nft's own syntax, as `nft list ruleset` prints
+        it: what verify loads into its replica. Read-only."""
+        return self._run("list ruleset")
+
+    def load_text(self, text: str) -> None:
+        """Run text as one transaction (verify's replica only: hostwall's own table is
+        always loaded through submit)."""
+        self._run(text)
+
+    def query(self, command: str) -> dict[str, Any]:
+        """A listing command's JSON document."""
+        document: dict[str, Any] = json.loads(self._run(command, json_output=True))
+        return document
+
 
 def parse_listing(document: dict[str, Any]) -> tuple[dict[str, Counter], dict[str, tuple[Interval, ...]]]:
     """Counters and address sets from libnftables' JSON listing of the hostwall table."""

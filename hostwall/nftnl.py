@@ -63,6 +63,7 @@ NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 1, 2, 4
 NFTA_SET_TABLE, NFTA_SET_NAME, NFTA_SET_FLAGS, NFTA_SET_USERDATA = 1, 2, 3, 13
 NFT_SET_ANONYMOUS = 0x1
 NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE = 1, 2, 3
+NFTA_OBJ_DATA, NFTA_COUNTER_PACKETS = 4, 2
 NFT_OBJECT_COUNTER = 1
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_DATA_VALUE = 1, 1, 1
@@ -241,6 +242,28 @@ class NetlinkTable:
                 if len(value) == struct.calcsize(_MARKER_FORMAT):
                     values.append(struct.unpack(_MARKER_FORMAT, value)[0])
         return values[0] if len(values) == 1 else None
+
+    def set_keys(self, set_name: str) -> list[bytes]:
+        """The raw key of every element of one of the table's sets (verify reads its
+        observer's sets this way: libnftables would fetch every other set first)."""
+        replies = self._dump(NFT_MSG_GETSETELEM, [(NFTA_SET_ELEM_LIST_TABLE, _c_string(self._table)),
+                                                  (NFTA_SET_ELEM_LIST_SET, _c_string(set_name))])
+        keys = []
+        for reply in replies:
+            for element in _repeated(reply.get(NFTA_SET_ELEM_LIST_ELEMENTS, b""), NFTA_LIST_ELEM):
+                key = _attributes(element, 0, len(element)).get(NFTA_SET_ELEM_KEY, b"")
+                keys.append(_attributes(key, 0, len(key)).get(NFTA_DATA_VALUE, b""))
+        return keys
+
+    def counter_packets(self, name: str) -> int | None:
+        """The packets of one of the table's named counters, or None without it."""
+        table = _c_string(self._table)
+        for item in self._dump(NFT_MSG_GETOBJ, [(NFTA_OBJ_TABLE, table)]):
+            if item.get(NFTA_OBJ_TABLE) == table and item.get(NFTA_OBJ_NAME) == _c_string(name):
+                data = item.get(NFTA_OBJ_DATA, b"")
+                packets = _attributes(data, 0, len(data)).get(NFTA_COUNTER_PACKETS)
+                return int.from_bytes(packets, "big") if packets is not None else None
+        return None
 
     # -- writing -----------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from hostwall import __version__
-from hostwall.cli import export, journal, kernel, lab, policy
+from hostwall.cli import export, journal, kernel, lab, policy, verify
 from hostwall.cli.common import DEFAULT_KEEP, DEFAULT_POLICY_DIR, DEFAULT_STATE_DIR, Options
 
 
@@ -62,7 +62,7 @@ def main(ctx: click.Context, netns: str | None, policy_dir: Path, state_dir: Pat
     Exit codes: 0 ok, 1 unexpected error, 2 usage error, 3 invalid policy,
     4 kernel error, 5 not permitted, 6 state directory error, 7 lock busy,
     10 needs attention (plan: changes pending; status: drift; check: denied;
-    audit: findings at or above --fail-on).
+    audit: findings at or above --fail-on; verify: a difference).
 
     \b
     Shell completion: eval "$(_HOSTWALL_COMPLETE=bash_source hostwall)" in ~/.bashrc,
@@ -79,3 +79,4 @@ for command in (
 ):
     main.add_command(command)
 main.add_command(export.export)
+main.add_command(verify.verify_command)

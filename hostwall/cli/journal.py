@@ -24,7 +24,11 @@ from hostwall.cli.common import (
 from hostwall.errors import HostwallError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from hostwall.journal import JournalEntry
+    from hostwall.policy import Policy
+    from hostwall.verify.report import Report
 
 
 @dataclass(frozen=True)
@@ -89,11 +93,14 @@ def _boot_time() -> float:
               help="Write Prometheus metrics here (node_exporter textfile collector).")
 @click.option("--metrics-interval", type=click.FloatRange(min=1), default=15.0, show_default=True)
 @click.option("--test-stall-watchdog-after", type=float, default=None, hidden=True)
+@click.option("--verify-after-reload", is_flag=True,
+              help="After each reload, run `hostwall verify`; a difference is a journal warning.")
 @pass_options
 @reports_errors
 def agent(options: Options, log_group: int | None, flood_window: float, flood_records: int,
           recon_per_minute: int, nflog_buffer: int, nflog_queue_threshold: int, full_check_interval: float,
-          metrics_file: Path | None, metrics_interval: float, test_stall_watchdog_after: float | None) -> None:
+          metrics_file: Path | None, metrics_interval: float, test_stall_watchdog_after: float | None,
+          verify_after_reload: bool) -> None:
     """Run the agent in the foreground (systemd Type=notify service).
 
     On start it loads the policy (or keeps the last generation when the policy is
@@ -139,6 +146,7 @@ def agent(options: Options, log_group: int | None, flood_window: float, flood_re
         events=RulesetEvents(options.netns), counters=backend.counters,
         settings=AgentSettings(full_check_interval, metrics_file, metrics_interval, test_stall_watchdog_after),
         boot_time=_boot_time(),
+        verify=reload_verifier(options) if verify_after_reload else None,
     )
     requests = {"reload": False, "stop": False}
 
@@ -232,3 +240,12 @@ def drops(options: Options, service: str | None, source_address: str | None, sin
             stamp = datetime.fromtimestamp(entry.timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
             options.out.line(f"{stamp}  {entry.message}")
 
+
+def reload_verifier(options: Options) -> Callable[[Policy], Report]:
+    from hostwall.cli.verify import run_verify
+
+    def verify(policy: Policy) -> Report:
+        # The agent keeps its own SIGTERM handler: it stops once verify has cleaned up.
+        return run_verify(options, policy, own_signals=False)
+
+    return verify

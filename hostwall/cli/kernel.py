@@ -4,6 +4,7 @@ confirm, status, generations, diff, and the detached reverter."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import os
 import sys
@@ -35,8 +36,15 @@ from hostwall.output import Output
 if TYPE_CHECKING:
     from hostwall.engine import Status
     from hostwall.plan import Plan, ServiceChange
+    from hostwall.policy import Policy
     from hostwall.ruleset import Ruleset
     from hostwall.state import AgentState, Pending, Reverted
+    from hostwall.verify.report import Report
+
+
+verify_option = click.option("--verify", "verify_after", is_flag=True,
+                             help="Right after loading, run `hostwall verify`; exit 10 when it finds a difference "
+                                  "(with --confirm-within, a difference reverts at once).")
 
 
 def _interval_json(interval: Any) -> str:
@@ -154,11 +162,12 @@ allow_lockout_option = click.option(
 @wait_option
 @confirm_option
 @allow_lockout_option
+@verify_option
 @json_option
 @pass_options
 @reports_errors
 def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_within: float | None,
-          allow_lockout: bool, as_json: bool) -> None:
+          allow_lockout: bool, verify_after: bool, as_json: bool) -> None:
     """Validate, compile and load the policy in one atomic transaction."""
     require_privileges("apply")
     policy = options.policy(write_cache=not dry_run)
@@ -169,13 +178,18 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
         from hostwall.state import clear_reverted
 
         clear_reverted(options.state())  # an explicit apply overrides a past rollback
+    checked = verified(options, policy, result.pending) if verify_after and not dry_run else None
     if as_json:
         payload = _plan_json(result.plan)
         payload.update({"applied": result.applied, "generation": result.generation, "method": result.method,
                         "dry_run": dry_run, "warnings": policy.warnings(),
                         "pending": pending_json(result.pending),
                         "confirmed": result.confirmed.generation if result.confirmed else None})
+        if checked is not None:
+            payload["verify"] = {**checked.report.to_json(), "reverted": checked.reverted}
         emit_json(payload)
+        if checked is not None and not checked.report.agrees:
+            sys.exit(EXIT_NEEDS_ATTENTION)
         return
     for warning in policy.warnings():
         options.out.warn(warning)
@@ -193,10 +207,48 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
     if result.confirmed:
         options.out.line(f"confirmed generation {result.confirmed.generation}: a plain apply confirms the "
                          "change that was pending", style="ok")
-    if result.pending:
+    if result.pending and not (checked and checked.reverted):
         options.out.line(pending_text(result.pending))
     elif dry_run and result.plan.changed:
         options.out.line("dry run: nothing was applied")
+    if checked is not None:
+        print_verified(options, checked)
+
+
+@dataclass(frozen=True)
+class Verified:
+    report: Report
+    reverted: bool  # the change was pending confirmation and verify failed: reverted at once
+
+
+def verified(options: Options, policy: Policy, pending: Pending | None) -> Verified:
+    """verify after a load; a failed one reverts a change awaiting confirmation now
+    rather than at its deadline."""
+    from hostwall.cli.verify import run_verify
+
+    report = run_verify(options, policy)
+    if report.agrees or pending is None:
+        return Verified(report, False)
+    from hostwall.state import note_reverted
+
+    state = options.state()
+    state.set_pending(dataclasses.replace(pending, deadline=clock.now()))
+    reverted = options.engine().revert_if_unconfirmed(pending.generation)
+    if reverted:
+        reason = "hostwall verify found the loaded ruleset differing from the policy"
+        report_reverted(options.netns, pending, reason, "verify")
+        note_reverted(state, pending, at=clock.now(), reason=reason, by="verify")
+    return Verified(report, reverted)
+
+
+def print_verified(options: Options, checked: Verified) -> None:
+    from hostwall.cli.verify import print_report
+
+    print_report(options, checked.report)
+    if checked.reverted:
+        options.out.line("verify failed: the unconfirmed change was reverted", style="error")
+    if not checked.report.agrees:
+        sys.exit(EXIT_NEEDS_ATTENTION)
 
 
 def pending_json(pending: Pending | None) -> dict[str, Any] | None:
@@ -397,24 +449,35 @@ def generations(options: Options, as_json: bool) -> None:
 @wait_option
 @confirm_option
 @allow_lockout_option
+@verify_option
 @json_option
 @pass_options
 @reports_errors
 def rollback(options: Options, target: int | None, wait: float, confirm_within: float | None,
-             allow_lockout: bool, as_json: bool) -> None:
+             allow_lockout: bool, verify_after: bool, as_json: bool) -> None:
     """Load an earlier generation atomically, exactly as it was submitted."""
     require_privileges("rollback")
     result = options.engine().rollback(target, wait=wait, confirm_within=confirm_within,
                                        guard=lockout_guard(options, allow_lockout, "rollback"))
+    checked = None
+    if verify_after:
+        # The expected answers come from the policy that generation was made of.
+        stored = options.state().generation(result.generation).path / "policy"
+        checked = verified(options, options.policy(stored), result.pending)
     if as_json:
         emit_json({"generation": result.generation, "previous": result.previous,
                     "replayed": result.replayed, "rendered_because": result.rendered_because,
-                    "pending": pending_json(result.pending)})
+                    "pending": pending_json(result.pending),
+                    **({"verify": {**checked.report.to_json(), "reverted": checked.reverted}} if checked else {})})
+        if checked is not None and not checked.report.agrees:
+            sys.exit(EXIT_NEEDS_ATTENTION)
         return
     how = "stored transaction replayed" if result.replayed else f"rendered again: {result.rendered_because}"
     options.out.line(f"rolled back from generation {result.previous} to {result.generation} ({how})")
-    if result.pending:
+    if result.pending and not (checked and checked.reverted):
         options.out.line(pending_text(result.pending))
+    if checked is not None:
+        print_verified(options, checked)
 
 
 

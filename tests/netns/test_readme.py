@@ -8,7 +8,7 @@ just above it that says how it is checked:
   README's policy block, in a namespace of the test's own.
 - `<!-- doc: output hostwall demo -->`: the sample output of a command, run here (from the
   repository's root, so `--policy-dir policies` is the example policy).
-- `<!-- doc: usage hostwall export -->`: a synopsis; every option it names is in `--help`.
+- `<!-- doc: usage -->`: synopses, a command a line; every option named is in its `--help`.
 - `<!-- doc: journal record -->`: a drop record as the agent writes it (its fields).
 - `<!-- doc: run -->`: shell commands, run as written (with HOME in a temporary directory).
 - `<!-- doc: make -->`: every `make TARGET` in it is a target of the Makefile, and every
@@ -155,15 +155,16 @@ def test_sample_outputs_match_the_command(journald: Journald, block: Block) -> N
         f"{block}: the output no longer matches at {matches(block.text, result.stdout)!r}:\n{result.stdout}"
 
 
-@pytest.mark.parametrize("block", [b for b in blocks() if (b.marker or "").startswith("usage ")], ids=str)
+@pytest.mark.parametrize("block", [b for b in blocks() if b.marker == "usage"], ids=str)
 def test_usage_blocks_name_only_real_options(block: Block) -> None:
-    assert block.marker is not None
-    words = shlex.split(block.marker.removeprefix("usage "))
-    assert words[0] == "hostwall"
-    result = _hostwall(*words[1:], "--help")
-    assert result.returncode == 0, f"{block}: {result.stderr}"
-    for option in re.findall(r"--[a-z][a-z-]*", block.text):
-        assert option in result.stdout, f"{block}: {shlex.join(words)} has no {option}"
+    for line in block.text.splitlines():
+        words = [w for w in shlex.split(line.replace("[", " ").replace("]", " ").replace("|", " ")) if w != "sudo"]
+        assert words[:1] == ["hostwall"], f"{block}: not a hostwall synopsis: {line}"
+        command = next(w for w in words[1:] if not w.startswith("-"))
+        result = _hostwall(command, "--help")
+        assert result.returncode == 0, f"{block}: {result.stderr}"
+        for option in re.findall(r"--[a-z][a-z-]*", line):
+            assert option in result.stdout, f"{block}: hostwall {command} has no {option}"
 
 
 @pytest.mark.parametrize("block", [b for b in blocks() if b.marker == "journal record"], ids=str)
