@@ -205,7 +205,7 @@ def drops(options: Options, service: str | None, source_address: str | None, sin
     """
     from collections import Counter
 
-    from hostwall.drops import MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY
+    from hostwall.drops import MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY, typed_fields
     from hostwall.journal import read_entries
 
     matches = {}
@@ -234,7 +234,7 @@ def drops(options: Options, service: str | None, source_address: str | None, sin
     for entry in entries:
         if as_json:
             click.echo(json.dumps({"time": datetime.fromtimestamp(entry.timestamp, UTC).isoformat(),
-                                   "message": entry.message, **entry.fields}, sort_keys=True))
+                                   "message": entry.message, **typed_fields(entry.fields)}, sort_keys=True))
         else:
             stamp = datetime.fromtimestamp(entry.timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
             options.out.line(f"{stamp}  {entry.message}")

@@ -80,6 +80,9 @@ def validate(options: Options, path: Path | None, as_json: bool) -> None:
 def check(options: Options, address: str, port: str, use_kernel: bool | None, why: bool, as_json: bool) -> None:
     """Would ADDRESS reach PORT[/PROTO]? Exit 0 allowed, 10 denied.
 
+    ADDRESS may be a CIDR: allowed when every address in it is, with the entries
+    that cover it.
+
     \b
     Example: hostwall check 203.0.113.45 443/tcp --why
     """
