@@ -29,10 +29,21 @@ MANIFEST=$INSTALL_VENV/installed-files
 RUNTIME_PACKAGES=(nftables libnftables1 python3-venv)
 [ "$SYSTEM_SYSTEMD" = 1 ] && RUNTIME_PACKAGES+=(python3-systemd)
 
-installed=()
+installed=()  # files, and directories (with a trailing /) that did not exist before
+
+make_dir() {  # make_dir DIR: create it and its missing parents, remembered for uninstall
+  local directory=$1 missing=()
+  while [ ! -d "$DESTDIR$directory" ]; do
+    missing+=("$directory/")
+    directory=$(dirname "$directory")
+  done
+  install -d -m 0755 "$DESTDIR$1"
+  [ ${#missing[@]} -eq 0 ] || installed+=("${missing[@]}")
+}
 
 put() {  # put MODE SOURCE TARGET: install one file, remembered for uninstall
-  install -D -m "$1" "$2" "$DESTDIR$3"
+  make_dir "$(dirname "$3")"
+  install -m "$1" "$2" "$DESTDIR$3"
   installed+=("$3")
 }
 
@@ -63,7 +74,7 @@ do_install() {
     grep -rlI --null -F "$venv" "$venv/bin" "$venv/pyvenv.cfg" | xargs -0 -r sed -i "s|$venv|$INSTALL_VENV|g"
   fi
 
-  install -d "$DESTDIR$PREFIX/bin"
+  make_dir "$PREFIX/bin"
   ln -sfn "$INSTALL_VENV/bin/hostwall" "$DESTDIR$PREFIX/bin/hostwall"
   installed+=("$PREFIX/bin/hostwall")
 
@@ -85,7 +96,7 @@ do_install() {
   put 0644 "$work/completions/_hostwall" "$zsh_dir/_hostwall"
   put 0644 "$work/completions/hostwall.fish" "$PREFIX/share/fish/vendor_completions.d/hostwall.fish"
 
-  install -d -m 0755 "$DESTDIR$SYSCONFDIR/hostwall/policies"
+  make_dir "$SYSCONFDIR/hostwall/policies"
   # An operator's settings survive a reinstall (the package manages it as a conffile).
   if [ ! -e "$DESTDIR$SYSCONFDIR/default/hostwall" ]; then
     put 0644 units/hostwall.default "$SYSCONFDIR/default/hostwall"
@@ -98,7 +109,7 @@ do_install() {
   put 0644 "$work/sudoers.hostwall" "$DOCDIR/sudoers.hostwall.example"
 
   if [ -z "$DESTDIR" ]; then
-    printf '%s\n' "${installed[@]}" "$SYSCONFDIR/hostwall/policies" "$SYSCONFDIR/hostwall" >"$MANIFEST"
+    printf '%s\n' "${installed[@]}" >"$MANIFEST"
     journalctl --update-catalog 2>/dev/null || true
     if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
     echo "installed: write a policy to $SYSCONFDIR/hostwall/policies (examples: $DOCDIR/examples), then:"
@@ -117,15 +128,18 @@ do_uninstall() {
   local path
   while IFS= read -r path; do
     case "$path" in
+      */) ;;
       "$SYSCONFDIR/default/hostwall")
         # Edited settings are the operator's: kept, like a package's conffile on remove.
-        cmp -s "$path" units/hostwall.default && rm -f "$path" || echo "uninstall: kept $path (edited)" ;;
-      "$SYSCONFDIR/hostwall/policies" | "$SYSCONFDIR/hostwall")
-        rmdir "$path" 2>/dev/null || echo "uninstall: kept $path (not empty)" ;;
+        if cmp -s "$path" units/hostwall.default; then rm -f "$path"; else echo "uninstall: kept $path (edited)"; fi ;;
       *) rm -f "$path" ;;
     esac
   done <"$MANIFEST"
-  rmdir "$DOCDIR/examples" "$DOCDIR" 2>/dev/null || true
+  # The directories it created, deepest first; one still holding something (the
+  # operator's policies) stays.
+  grep '/$' "$MANIFEST" | awk '{ print length($0) "\t" $0 }' | sort -rn | cut -f2- | while IFS= read -r path; do
+    rmdir "$path" 2>/dev/null || echo "uninstall: kept $path (not empty)"
+  done
   rm -rf "$INSTALL_VENV"
   journalctl --update-catalog 2>/dev/null || true
   if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

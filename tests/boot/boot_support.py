@@ -600,8 +600,19 @@ def file_list(root: Path) -> set[str]:
     return {p for p in found if not p.startswith(NOT_FILES + BOOKKEEPING)}
 
 
+def host_trust() -> tuple[str, ...]:
+    """nspawn arguments with which pip inside trusts what this host trusts (as in
+    make_install): the host's CA bundle and its proxy settings."""
+    extra: list[str] = []
+    if HOST_CA_BUNDLE.is_file():
+        extra += [f"--bind-ro={HOST_CA_BUNDLE}:/run/host-ca-certificates.crt",
+                  "--setenv=PIP_CERT=/run/host-ca-certificates.crt"]
+    extra += [f"--setenv={name}={os.environ[name]}" for name in PASSED_ENVIRONMENT if os.environ.get(name)]
+    return tuple(extra)
+
+
 class Rootfs:
-    """An overlay of the cached base in which apt runs (systemd-nspawn as a chroot)."""
+    """An overlay of the cached base in which apt and make run (systemd-nspawn as a chroot)."""
 
     def __init__(self, base: Path, work: Path) -> None:
         self.base = base
@@ -621,7 +632,7 @@ class Rootfs:
     def run(self, *command: str, timeout: float = APT_TIMEOUT, check: bool = True,
             chdir: str = "/") -> subprocess.CompletedProcess[str]:
         result = nspawn_run(self.root, self.name, "/usr/bin/env", "DEBIAN_FRONTEND=noninteractive", *command,
-                            timeout=timeout, chdir=chdir)
+                            timeout=timeout, chdir=chdir, extra=host_trust())
         if check and result.returncode != 0:
             raise BootError(f"{' '.join(command)} failed ({result.returncode}):\n{tail(result.stdout)}\n"
                             f"{tail(result.stderr)}")
