@@ -43,7 +43,7 @@ from hostwall.lab import Lab
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-BUILD_TOOLS = ("debhelper", "dpkg-dev", "python3-venv", "python3-dev", "libsystemd-dev", "pkgconf")
+BUILD_TOOLS = ("debhelper", "dpkg-dev", "python3-venv", "python3-dev", "libsystemd-dev", "pkgconf", "lintian")
 BUILD_TIMEOUT = 20 * 60
 POLICY_FILE = "/etc/hostwall/policies/site.yaml"
 
@@ -166,6 +166,17 @@ def test_the_package_ships_what_an_operator_expects(installed: tuple[set[str], R
         # Installing twice (postinst again) changes nothing and fails on nothing.
         rootfs.run("dpkg-reconfigure", "hostwall")
         assert (root / "etc/group").read_text().count("hostwall-operators:") == 1
+
+
+def test_lintian_reports_nothing_that_is_not_overridden_with_a_reason(deb: Path) -> None:
+    result = subprocess.run(["lintian", "--pedantic", "--info", "--fail-on", "error,warning,info,pedantic",
+                             str(deb)], capture_output=True, text=True, timeout=APT_TIMEOUT, check=False)
+    findings = [line for line in result.stdout.splitlines() if line[:2] in ("E:", "W:", "I:", "P:", "X:")]
+    assert result.returncode == 0 and findings == [], result.stdout + result.stderr
+    overrides = (REPO / "debian" / "hostwall.lintian-overrides").read_text().splitlines()
+    for number, line in enumerate(overrides):
+        if line.startswith("hostwall:"):
+            assert number > 0 and overrides[number - 1].startswith(("#", "hostwall:")), line
 
 
 def _files(policy_text: str | None) -> dict[str, str]:
