@@ -7,6 +7,7 @@ import inspect
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from click.testing import CliRunner, Result
@@ -88,20 +89,28 @@ class Clock:
         return self.now
 
 
+class EngineSetup(NamedTuple):
+    engine: Engine
+    backend: FakeBackend
+    state: StateDir
+    policy: Path
+    clock: Clock
+
+
 @pytest.fixture
-def engine_setup(tmp_path: Path) -> tuple[Engine, FakeBackend, StateDir, Path]:
+def engine_setup(tmp_path: Path) -> EngineSetup:
     clock = Clock()
     backend = FakeBackend()
     state = StateDir(tmp_path / "state", clock=clock)
     policy = tmp_path / "policy.yaml"
     policy.write_text("services:\n" + service("https", cidr="203.0.113.0/24"))
-    return Engine(backend, state, clock=clock), backend, state, policy
+    return EngineSetup(Engine(backend, state, clock=clock), backend, state, policy, clock)
 
 
 def test_disable_removes_the_table_as_a_generation_that_rollback_undoes(
-    engine_setup: tuple[Engine, FakeBackend, StateDir, Path],
+    engine_setup: EngineSetup,
 ) -> None:
-    engine, backend, state, path = engine_setup
+    engine, backend, state, path, _clock = engine_setup
     engine.apply(load_policy(path, now=FIXED), user="alice", message="first")
 
     result = engine.disable(user="alice", message="OPS-9")
@@ -126,8 +135,8 @@ def test_disable_removes_the_table_as_a_generation_that_rollback_undoes(
     assert engine.status().disabled
 
 
-def test_disable_twice_records_one_generation(engine_setup: tuple[Engine, FakeBackend, StateDir, Path]) -> None:
-    engine, _backend, state, path = engine_setup
+def test_disable_twice_records_one_generation(engine_setup: EngineSetup) -> None:
+    engine, _backend, state, path, _clock = engine_setup
     engine.apply(load_policy(path, now=FIXED), user="alice", message="first")
     engine.disable(user="alice", message="")
     again = engine.disable(user="alice", message="")
@@ -135,8 +144,8 @@ def test_disable_twice_records_one_generation(engine_setup: tuple[Engine, FakeBa
     assert state.numbers() == [1, 2]
 
 
-def test_apply_after_disable_loads_the_policy_again(engine_setup: tuple[Engine, FakeBackend, StateDir, Path]) -> None:
-    engine, backend, state, path = engine_setup
+def test_apply_after_disable_loads_the_policy_again(engine_setup: EngineSetup) -> None:
+    engine, backend, state, path, _clock = engine_setup
     policy = load_policy(path, now=FIXED)
     engine.apply(policy, user="alice", message="first")
     engine.disable(user="alice", message="")
@@ -151,8 +160,8 @@ def test_apply_after_disable_loads_the_policy_again(engine_setup: tuple[Engine, 
     assert current is not None and not current.disabled
 
 
-def test_a_table_loaded_behind_a_disable_is_drift(engine_setup: tuple[Engine, FakeBackend, StateDir, Path]) -> None:
-    engine, backend, state, path = engine_setup
+def test_a_table_loaded_behind_a_disable_is_drift(engine_setup: EngineSetup) -> None:
+    engine, backend, state, path, _clock = engine_setup
     engine.apply(load_policy(path, now=FIXED), user="alice", message="first")
     engine.disable(user="alice", message="")
     backend.submit(state.generation(1).transaction())
@@ -161,8 +170,8 @@ def test_a_table_loaded_behind_a_disable_is_drift(engine_setup: tuple[Engine, Fa
     assert drift and "disabled" in drift.reasons[0]
 
 
-def test_disable_supersedes_a_pending_confirmation(engine_setup: tuple[Engine, FakeBackend, StateDir, Path]) -> None:
-    engine, backend, state, path = engine_setup
+def test_disable_supersedes_a_pending_confirmation(engine_setup: EngineSetup) -> None:
+    engine, backend, state, path, _clock = engine_setup
     engine.apply(load_policy(path, now=FIXED), user="alice", message="first", confirm_within=60)
     assert state.pending() is not None
     engine.disable(user="alice", message="")
@@ -171,8 +180,28 @@ def test_disable_supersedes_a_pending_confirmation(engine_setup: tuple[Engine, F
     assert backend.read_table(elements=False) is None
 
 
-def test_disable_with_nothing_loaded_records_it(engine_setup: tuple[Engine, FakeBackend, StateDir, Path]) -> None:
-    engine, backend, state, _path = engine_setup
+def test_an_unconfirmed_change_after_a_disable_reverts_to_disabled(
+    engine_setup: EngineSetup,
+) -> None:
+    engine, backend, state, path, _clock = engine_setup
+    policy = load_policy(path, now=FIXED)
+    engine.apply(policy, user="alice", message="first")
+    engine.disable(user="alice", message="")
+    result = engine.apply(policy, user="alice", message="try", confirm_within=60)
+    assert result.pending is not None and result.pending.revert_to == 2
+    assert backend.read_table(elements=False) is not None
+
+    engine_setup.clock.now += 61
+    assert engine.revert_if_unconfirmed(3)
+
+    assert backend.read_table(elements=False) is None
+    current = state.current()
+    assert current is not None and (current.generation, current.disabled) == (2, True)
+    assert not engine.status().drift
+
+
+def test_disable_with_nothing_loaded_records_it(engine_setup: EngineSetup) -> None:
+    engine, backend, state, _path, _clock = engine_setup
     result = engine.disable(user="alice", message="")
     assert (result.generation, result.previous, result.changed) == (1, None, True)
     assert engine.status().disabled and not engine.status().drift
@@ -192,9 +221,9 @@ def invoke(policy: Path, state: Path, *args: str) -> Result:
 
 
 def test_diff_of_a_missing_generation_is_a_usage_error(
-    engine_setup: tuple[Engine, FakeBackend, StateDir, Path],
+    engine_setup: EngineSetup,
 ) -> None:
-    engine, _backend, state, path = engine_setup
+    engine, _backend, state, path, _clock = engine_setup
     engine.apply(load_policy(path, now=FIXED), user="alice", message="first")
     engine.disable(user="alice", message="")
 
