@@ -168,6 +168,22 @@ def test_the_package_ships_what_an_operator_expects(installed: tuple[set[str], R
         assert (root / "etc/group").read_text().count("hostwall-operators:") == 1
 
 
+def test_an_upgrade_keeps_the_operators_settings(installed: tuple[set[str], Rootfs], deb: Path) -> None:
+    _before, rootfs = installed
+    with rootfs.mounted() as root:
+        settings = root / "etc/default/hostwall"
+        edited = settings.read_text() + "HOSTWALL_FULL_CHECK_INTERVAL=30\n"
+        settings.write_text(edited)
+        shutil.copy2(deb, root / "var/tmp" / deb.name)
+        # The same package again takes the upgrade path: prerm upgrade, unpack, postinst configure.
+        rootfs.run("apt-get", "install", "-y", "-qq", "--reinstall", f"/var/tmp/{deb.name}")
+        (root / "var/tmp" / deb.name).unlink()
+        assert settings.read_text() == edited
+        assert rootfs.run("hostwall", "--version").stdout.strip() == "hostwall, version 0.1.0"
+        # Byte-compiled again by postinst (prerm removed the old bytecode).
+        assert list((root / "opt/hostwall/lib").glob("python3.*/site-packages/hostwall/__pycache__/*.pyc"))
+
+
 def test_lintian_reports_nothing_that_is_not_overridden_with_a_reason(deb: Path) -> None:
     result = subprocess.run(["lintian", "--pedantic", "--info", "--fail-on", "error,warning,info,pedantic",
                              str(deb)], capture_output=True, text=True, timeout=APT_TIMEOUT, check=False)
