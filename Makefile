@@ -8,7 +8,7 @@ INSTALL_VENV ?= /opt/hostwall
 UNITDIR ?= /etc/systemd/system
 CATALOGDIR ?= /usr/lib/systemd/catalog
 
-.PHONY: setup setup-tests demo test lint unit unit-shifted netns bench clean install
+.PHONY: setup setup-tests demo test lint unit unit-shifted netns bench clean install uninstall deb
 
 setup:
 	./scripts/setup.sh
@@ -56,20 +56,25 @@ bench: setup
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
 
-# Installs hostwall on this host: a private virtual environment, the command in
-# $(PREFIX)/bin, the systemd unit, the journald catalog, /etc/hostwall (policies
-# directory, with the examples beside it, not active) and /var/lib/hostwall.
-install: setup
-	python3 -m venv $(INSTALL_VENV)
-	$(INSTALL_VENV)/bin/python -m pip install -q .
-	install -d $(PREFIX)/bin
-	ln -sf $(INSTALL_VENV)/bin/hostwall $(PREFIX)/bin/hostwall
-	install -D -m 0644 units/hostwall.service $(UNITDIR)/hostwall.service
-	install -D -m 0644 units/hostwall.catalog $(CATALOGDIR)/hostwall.catalog
-	install -d -m 0755 /etc/hostwall/policies /etc/hostwall/examples
-	install -m 0644 policies/*.yaml policies/*.txt policies/examples/*.yaml /etc/hostwall/examples/
-	install -D -m 0644 units/sudoers.hostwall $(INSTALL_VENV)/share/sudoers.hostwall
-	install -d -m 0700 /var/lib/hostwall
-	-journalctl --update-catalog
-	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
-	@echo "installed: write policies to /etc/hostwall/policies, then: systemctl enable --now hostwall"
+# Installs hostwall on this host, runtime only (no development extras, no compiler: the
+# systemd binding is Debian's python3-systemd): a private virtual environment in
+# $(INSTALL_VENV), the command in $(PREFIX)/bin, the unit (its ExecStart follows PREFIX),
+# the journald catalog, man pages, bash/zsh/fish completions, /etc/default/hostwall, an
+# empty /etc/hostwall/policies and the examples in $(PREFIX)/share/doc/hostwall.
+# DESTDIR stages it elsewhere. `make uninstall` removes what it installed.
+install:
+	DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" INSTALL_VENV="$(INSTALL_VENV)" UNITDIR="$(UNITDIR)" \
+		CATALOGDIR="$(CATALOGDIR)" SYSTEM_SYSTEMD=1 ./scripts/install.sh install
+
+uninstall:
+	PREFIX="$(PREFIX)" INSTALL_VENV="$(INSTALL_VENV)" ./scripts/install.sh uninstall
+
+# dist/hostwall_<version>_<arch>.deb, built with debhelper (debian/); needs the packages in
+# debian/control's Build-Depends (dpkg-checkbuilddeps names what is missing).
+# debian/rules writes the package to dist/ and nothing to the parent directory (as
+# dpkg-buildpackage would).
+deb:
+	dpkg-checkbuilddeps
+	debian/rules clean
+	debian/rules binary
+	debian/rules clean

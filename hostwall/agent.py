@@ -359,6 +359,15 @@ class Agent:
         return True
 
     def _converge(self, reason: str, *, respect_reverted: bool, skip_policy: bool) -> None:
+        current = self._state.current()
+        if current is not None and current.disabled:
+            # Like `ufw disable`: it lasts across restarts and reboots until an apply.
+            self._record(f"hostwall is disabled (generation {current.generation}); not loading the policy on "
+                         f"{reason} (run `hostwall apply` to enable it)", MESSAGE_ID_AGENT, PRIORITY_NOTICE,
+                         generation=current.generation)
+            if self._engine.status().drift:
+                self._reassert(current.generation)
+            return
         try:
             policy = None if skip_policy else self._load()
         except PolicyError as error:
@@ -465,6 +474,8 @@ class Agent:
             return f"state directory error: {error}"
         if current is None:
             return "no generation loaded"
+        if current.disabled:
+            return f"disabled by generation {current.generation}: no hostwall table"
         try:
             entries = self._state.generation(current.generation).meta.entries
         except HostwallError:

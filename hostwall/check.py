@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from hostwall.cidr import Interval
@@ -40,6 +41,26 @@ def parse_target(address: str, port_spec: str) -> tuple[ipaddress.IPv4Address | 
     return parsed, int(port_text), protocol
 
 
+def parse_source(address: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A single address, or a CIDR whose every address is asked about."""
+    if "/" not in address:
+        parsed = parse_target(address, "1")[0]
+        return ipaddress.ip_network(parsed)
+    try:
+        network = ipaddress.ip_network(address)
+    except ValueError as exc:
+        if "has host bits set" in str(exc):
+            loose = ipaddress.ip_network(address, strict=False)
+            raise AddressError(f"{address!r} has host bits set: write {loose}") from None
+        raise AddressError(f"{address!r} is not an IPv4 or IPv6 address or CIDR") from None
+    return network
+
+
+def _parse_port(port_spec: str) -> tuple[int, str]:
+    _, port, protocol = parse_target("127.0.0.1", port_spec)
+    return port, protocol
+
+
 def _service_for(policy: Policy, port: int, protocol: str) -> Service | None:
     for service in policy.services:
         if protocol in service.protocols and any(p.contains(port) for p in service.ports):
@@ -47,33 +68,59 @@ def _service_for(policy: Policy, port: int, protocol: str) -> Service | None:
     return None
 
 
+def first_gap(intervals: Iterable[Interval], first: int, last: int) -> int | None:
+    """The lowest address of first..last that no interval covers, or None when all are."""
+    reached = first
+    for interval in sorted(intervals, key=lambda i: i.first):
+        if interval.first > reached:
+            break
+        reached = max(reached, interval.last + 1)
+        if reached > last:
+            return None
+    return reached
+
+
+MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
 def check_policy(policy: Policy, address: str, port_spec: str) -> Decision:
-    parsed, port, protocol = parse_target(address, port_spec)
+    network = parse_source(address)
+    port, protocol = _parse_port(port_spec)
     service = _service_for(policy, port, protocol)
     if service is None:
         return Decision(True, f"{port}/{protocol} is not a protected port", None)
-    if parsed.is_loopback:
+    if network.is_loopback:
         return Decision(True, "loopback traffic is always allowed", service.name)
-    mapped = parsed.ipv4_mapped if isinstance(parsed, ipaddress.IPv6Address) else None
-    if mapped is not None:
+    if isinstance(network, ipaddress.IPv6Network) and network.overlaps(MAPPED):
         return Decision(False, "IPv4-mapped IPv6 sources are never on an allowlist", service.name)
-    value = int(parsed)
+    first, last = int(network.network_address), int(network.broadcast_address)
     matches = tuple(
-        e for e in service.entries if e.interval.family == parsed.version and e.interval.contains(value)
+        e for e in service.entries
+        if e.interval.family == network.version and e.interval.first <= last and first <= e.interval.last
     )
-    if matches:
-        return Decision(True, f"allowed by service {service.name}", service.name, matches)
-    return Decision(False, f"no allow entry of service {service.name} covers {parsed}", service.name)
+    gap = first_gap((e.interval for e in matches), first, last)
+    single = network.num_addresses == 1
+    subject = str(network.network_address) if single else str(network)
+    if gap is None:
+        reason = f"allowed by service {service.name}" if single else (
+            f"every address of {subject} is allowed by service {service.name}")
+        return Decision(True, reason, service.name, matches)
+    if single or not matches:
+        return Decision(False, f"no allow entry of service {service.name} covers {subject}", service.name)
+    uncovered = ipaddress.ip_address(gap) if network.version == 4 else ipaddress.IPv6Address(gap)
+    return Decision(False, f"{subject} is only partly allowed by service {service.name}: {uncovered} is "
+                    f"covered by no entry (the entries below cover the rest of it, in part)",
+                    service.name, matches)
 
 
 def check_kernel(kernel: KernelTable, service_name: str, address: str) -> bool:
-    parsed = ipaddress.ip_address(address)
-    if parsed.is_loopback:
+    network = parse_source(address)
+    if network.is_loopback:
         return True
     sets = kernel.sets or {}
-    name = f"{service_name}_v{parsed.version}"
-    value = int(parsed)
-    return any(i.contains(value) for i in sets.get(name, ()))
+    name = f"{service_name}_v{network.version}"
+    first, last = int(network.network_address), int(network.broadcast_address)
+    return first_gap(sets.get(name, ()), first, last) is None
 
 
 NEIGHBOUR_PREFIX = {4: 16, 6: 48}
@@ -111,8 +158,10 @@ def explain(policy: Policy, ruleset: Ruleset, address: str, port_spec: str) -> E
     """check_policy's answer with the reasoning behind it: the service the port belongs
     to, the entries and the merged kernel element that match, and for a denial the
     entries that might have been meant."""
+    if "/" in address and parse_source(address).num_addresses > 1:
+        raise AddressError(f"--why explains one address, not the range {address}; check the range without it")
     decision = check_policy(policy, address, port_spec)
-    parsed, port, protocol = parse_target(address, port_spec)
+    parsed, port, protocol = parse_target(address.partition("/")[0], port_spec)
     value, family = int(parsed), parsed.version
     steps: list[str] = []
     service = _service_for(policy, port, protocol)

@@ -16,6 +16,7 @@ def compile_policy(policy: Policy) -> Ruleset:
             protocols=service.protocols,
             action=service.action,
             entry_counters=service.entry_counters,
+            log=service.log,
             v4=_merged(service, 4),
             v6=_merged(service, 6),
         ))

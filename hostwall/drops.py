@@ -103,6 +103,20 @@ def drop_fields(drop: Drop) -> dict[str, str]:
     return fields
 
 
+# Journal fields are text; these hold counts and numbers, which --json gives as numbers.
+NUMERIC_FIELDS = frozenset({
+    "HOSTWALL_SRC_PORT", "HOSTWALL_DPORT", "HOSTWALL_GENERATION", "HOSTWALL_COUNT", "HOSTWALL_FRAGMENT",
+    "HOSTWALL_DROPS_PER_MINUTE", "HOSTWALL_LOST", "HOSTWALL_LOST_TOTAL",
+})
+
+
+def typed_fields(fields: dict[str, str]) -> dict[str, str | int]:
+    """A record's fields with the numeric ones as integers (text that is not a plain
+    number, written by someone else, stays text rather than failing the listing)."""
+    return {name: int(value) if name in NUMERIC_FIELDS and value.isascii() and value.isdigit() else value
+            for name, value in fields.items()}
+
+
 @dataclass
 class _Source:
     window_start: float

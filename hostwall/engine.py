@@ -55,6 +55,13 @@ class RollbackResult:
 
 
 @dataclass(frozen=True)
+class DisableResult:
+    generation: int  # the disable generation: new, or the one already in force
+    previous: int | None  # the generation that was loaded before, None when none was
+    changed: bool  # False when hostwall was already disabled
+
+
+@dataclass(frozen=True)
 class ServiceStatus:
     name: str
     ports: str
@@ -73,6 +80,7 @@ class Status:
     services: tuple[ServiceStatus, ...]
     pending: Pending | None = None
     expired: tuple[ExpiredEntry, ...] = ()
+    disabled: bool = False  # `hostwall disable` removed the table on purpose
 
 
 @dataclass(frozen=True)
@@ -232,7 +240,7 @@ class Engine:
     def _trusted_record(self, current: Current | None) -> Ruleset | None:
         """The recorded ruleset, when the kernel's comment, structure and generation marker
         all say it is what the kernel holds (a cheap check: no elements are read)."""
-        if current is None:
+        if current is None or current.disabled:
             return None
         snapshot = self._backend.read_table(elements=False)
         if snapshot is None or detect_drift(snapshot, current, None, self._clock()):
@@ -327,6 +335,10 @@ class Engine:
         byte, else why it was rendered from its recorded (hash-verified) ruleset."""
         generation = self._state.generation(number)
         ruleset = generation.ruleset()
+        if generation.meta.disabled:
+            self._backend.submit(generation.transaction())
+            self._record_disabled(number, ruleset)
+            return None
         because = None
         if any(s.has_timeouts(4) or s.has_timeouts(6) for s in ruleset.services):
             # Stored timeouts are relative to the original load; replaying them would
@@ -353,6 +365,37 @@ class Engine:
                 f"generation {current.generation} is the oldest kept; there is nothing before it"
             )
         return earlier[-1]
+
+    def disable(self, *, user: str, message: str, wait: float = 0.0) -> DisableResult:
+        """Remove the table, recorded as a generation of its own: rollback (or the
+        confirm-within revert of a later change) can return to it or from it."""
+        with self._state.locked(wait):
+            before = self._state.current()
+            if before is not None and before.disabled and self._backend.read_table(elements=False) is None:
+                return DisableResult(before.generation, None, changed=False)
+            number = self._state.next_number()
+            empty = Ruleset(services=())
+            removal = render_removal()
+            self._state.stage(number, ruleset=empty, transaction=removal, policy_files={}, user=user,
+                              message=message, disabled=True)
+            try:
+                self._backend.submit(removal)
+                self._record_disabled(number, empty)
+            except KernelError:
+                self._state.discard(number)
+                raise
+            # A change awaiting confirmation is superseded: its reverter must not load
+            # anything once hostwall is disabled.
+            self._state.clear_pending()
+            self._state.prune()
+            previous = before.generation if before is not None and not before.disabled else None
+            return DisableResult(number, previous, changed=True)
+
+    def _record_disabled(self, number: int, ruleset: Ruleset) -> None:
+        if self._backend.read_table(elements=False) is not None:
+            raise KernelError(f"the kernel still lists a hostwall table after generation {number} removed it; "
+                              "another process loaded one")
+        self._state.set_current(Current(number, ruleset.digest, "", self._clock(), disabled=True))
 
     def confirm(self, *, wait: float = 0.0) -> Pending | None:
         with self._state.locked(wait):
@@ -403,6 +446,7 @@ class Engine:
             services=_service_status(kernel, recorded),
             pending=self._state.pending(),
             expired=_expired(recorded, now),
+            disabled=bool(current and current.disabled),
         )
 
     def quick_drift(self) -> Drift:

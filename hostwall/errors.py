@@ -48,6 +48,12 @@ class PolicyError(HostwallError):
         super().__init__(first + more)
 
 
+class UsageError(HostwallError):
+    """A command was asked for something that cannot exist (a generation never recorded)."""
+
+    exit_code = 2
+
+
 class KernelError(HostwallError):
     """The kernel or libnftables failed a request."""
 

@@ -111,6 +111,11 @@ class Plan:
 def detect_drift(
     kernel: KernelTable | None, current: Current | None, recorded: Ruleset | None, now: float
 ) -> Drift:
+    if current is not None and current.disabled:
+        if kernel is None:
+            return Drift()
+        return Drift((f"a hostwall table ({kernel.comment or 'no comment'}) is loaded although generation "
+                      f"{current.generation} disabled hostwall",))
     if kernel is None:
         return Drift(("the hostwall table is missing from the kernel",)) if current else Drift()
     reasons = []

@@ -163,7 +163,19 @@ class ServiceModel(_Strict):
     action: Literal["drop", "reject"] | None = None
     widest: WidestModel | None = None
     entry_counters: bool | None = None
+    # Drop logging of this service: "off", or records per second (the burst stays
+    # settings.log_burst). YAML 1.1 reads a bare `off` as false, so false means off too.
+    log: Literal["off"] | int | None = None
     allow: list[AllowEntryModel] = Field(default_factory=list)
+
+    @field_validator("log", mode="before")
+    @classmethod
+    def _log_off_or_rate(cls, value: Any) -> Any:
+        if value is False or value == "off":
+            return "off"
+        if value is None or (type(value) is int and 1 <= value <= 100000):
+            return value
+        raise ValueError(f"log is off or a rate in records per second (1-100000), not {value!r}")
 
     @field_validator("ports")
     @classmethod
@@ -402,6 +414,7 @@ class Service:
     widest: Widest = Widest()
     entry_counters: bool = False  # a packet counter on every kernel element (for audit)
     listed: bool = True  # False: a built-in service no policy file names (closed by default)
+    log: Literal["off"] | int | None = None  # None: settings.log_rate
 
     @property
     def allows_nobody(self) -> bool:
@@ -691,14 +704,14 @@ def _load_policy(path: Path, now: datetime | None, cache: ListCache | None, prog
                 service_name, _ServiceDraft(service_name, None, None, [], f"{name}:{service_line}")
             )
             defines = any(value is not None for value in (service.ports, service.protocols, service.action,
-                                                          service.widest, service.entry_counters))
+                                                          service.widest, service.entry_counters, service.log))
             if defines:
                 if draft.defined_in is not None:
                     problems.append(
                         Problem(name, service_line, f"services.{service_name}",
                                 f"service {service_name!r} is already defined in {draft.defined_in}; "
-                                "define ports/protocols/action/widest/entry_counters in one file and only add allow "
-                                "entries elsewhere")
+                                "define ports/protocols/action/widest/entry_counters/log in one file and only "
+                                "add allow entries elsewhere")
                     )
                 else:
                     draft.definition = service
@@ -977,6 +990,7 @@ def _finish_services(drafts: dict[str, _ServiceDraft], problems: list[Problem]) 
             widest=Widest(definition.widest.ipv4, definition.widest.ipv6) if definition.widest else Widest(),
             entry_counters=bool(definition.entry_counters),
             listed=name in drafts,
+            log=definition.log,
         ))
     _check_port_claims(services, problems)
     return services

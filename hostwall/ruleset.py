@@ -68,6 +68,7 @@ class ServiceRules:
     v4: Sequence[Interval] = ()
     v6: Sequence[Interval] = ()
     entry_counters: bool = False
+    log: Literal["off"] | int | None = None  # None: the ruleset's log_rate
 
     def __post_init__(self) -> None:
         for family, given in ((4, self.v4), (6, self.v6)):
@@ -103,6 +104,7 @@ class ServiceRules:
             "timeouts": [self.has_timeouts(4), self.has_timeouts(6)],
             # Only when on, so that rulesets recorded before the option keep their digest.
             **({"entry_counters": True} if self.entry_counters else {}),
+            **({"log": self.log} if self.log is not None else {}),
         }
 
     def has_timeouts(self, family: int) -> bool:
@@ -167,6 +169,7 @@ class Ruleset:
                 v4=intervals(4),
                 v6=intervals(6),
                 entry_counters=bool(item.get("entry_counters", False)),
+                log=item.get("log"),
             ))
         return cls(tuple(services), int(log[0]), int(log[1]), int(log[2]), bool(data.get("strict_source", False)))
 
@@ -199,6 +202,7 @@ class Ruleset:
                 v4=sets[f"{item['name']}_v4"],
                 v6=sets[f"{item['name']}_v6"],
                 entry_counters=bool(item.get("entry_counters", False)),
+                log=item.get("log"),
             )
             for item in services_data
         ]
@@ -475,10 +479,12 @@ def _service_chain_lines(ruleset: Ruleset, service: ServiceRules) -> Iterator[st
             yield f'\t\t{match} @{name} counter name "{service.accepted_counter}" accept\n'
     if not ruleset.strict_source:
         yield local_only
-    yield (
-        f"\t\tlimit rate {ruleset.log_rate}/second burst {ruleset.log_burst} packets "
-        f'log prefix "{LOG_PREFIX}{service.name}" group {ruleset.log_group}\n'
-    )
+    if service.log != "off":
+        rate = ruleset.log_rate if service.log is None else service.log
+        yield (
+            f"\t\tlimit rate {rate}/second burst {ruleset.log_burst} packets "
+            f'log prefix "{LOG_PREFIX}{service.name}" group {ruleset.log_group}\n'
+        )
     if service.action == "reject":
         yield f"\t\tmeta l4proto tcp {dropped} reject with tcp reset\n"
         yield f"\t\t{dropped} reject with icmpx type port-unreachable\n"

@@ -59,6 +59,8 @@ class GenerationMeta:
     digest: str
     entries: int
     files: dict[str, str]  # relative path -> sha256 of its content
+    # `hostwall disable`: loading this generation removes the table.
+    disabled: bool = False
 
 
 # How often the agent records that it is alive, for `hostwall status`.
@@ -100,6 +102,9 @@ class Current:
     # When the last full load created the table, and with it every per-entry counter;
     # deltas keep it. None in records written before counters were read.
     counting_since: float | None = None
+    # The generation is a `hostwall disable`: the kernel holds no hostwall table on purpose,
+    # and nothing puts it back but an apply or a rollback.
+    disabled: bool = False
 
 
 def _sha256(data: bytes) -> str:
@@ -350,6 +355,7 @@ class StateDir:
         user: str,
         message: str,
         known_hashes: dict[str, str] | None = None,
+        disabled: bool = False,
     ) -> Generation:
         """Write a generation directory whole; it only becomes current after the kernel accepts it.
 
@@ -378,6 +384,7 @@ class StateDir:
             digest=ruleset.digest,
             entries=ruleset.entry_count(),
             files=files,
+            disabled=disabled,
         )
         try:
             # The blob files are fsynced; their entries in blobs/ need not be: the

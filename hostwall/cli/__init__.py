@@ -75,7 +75,7 @@ def main(ctx: click.Context, netns: str | None, policy_dir: Path, state_dir: Pat
 for command in (
     policy.validate, kernel.plan, kernel.apply, kernel.confirm, kernel.rollback, kernel.generations, kernel.diff,
     kernel.status, policy.check, policy.audit, policy.owners, policy.revoke, journal.drops, journal.agent,
-    lab.demo, kernel.revert_unconfirmed,
+    lab.demo, kernel.revert_unconfirmed, kernel.disable,
 ):
     main.add_command(command)
 main.add_command(export.export)

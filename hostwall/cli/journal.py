@@ -75,23 +75,32 @@ def _boot_time() -> float:
 
 
 @click.command(epilog="Example: sudo hostwall agent --metrics-file /var/lib/node_exporter/hostwall.prom")
-@click.option("--log-group", type=click.IntRange(0, 65535), default=None,
+@click.option("--log-group", envvar="HOSTWALL_LOG_GROUP", show_envvar=True,
+              type=click.IntRange(0, 65535), default=None,
               help="NFLOG group to read (default: the loaded ruleset's).")
-@click.option("--flood-window", type=click.FloatRange(min=1), default=10.0, show_default=True,
+@click.option("--flood-window", envvar="HOSTWALL_FLOOD_WINDOW", show_envvar=True,
+              type=click.FloatRange(min=1), default=10.0, show_default=True,
               help="Seconds per flood-control window.")
-@click.option("--flood-records", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--flood-records", envvar="HOSTWALL_FLOOD_RECORDS", show_envvar=True,
+              type=click.IntRange(min=1), default=5, show_default=True,
               help="Records per source and window before it is summarised.")
-@click.option("--recon-per-minute", type=click.IntRange(min=1), default=60, show_default=True,
+@click.option("--recon-per-minute", envvar="HOSTWALL_RECON_PER_MINUTE", show_envvar=True,
+              type=click.IntRange(min=1), default=60, show_default=True,
               help="Drops per minute from one source that raise a reconnaissance warning.")
-@click.option("--nflog-buffer", type=click.IntRange(min=1024), default=16 << 20, show_default=True,
+@click.option("--nflog-buffer", envvar="HOSTWALL_NFLOG_BUFFER", show_envvar=True,
+              type=click.IntRange(min=1024), default=16 << 20, show_default=True,
               help="Receive buffer for drop logs, in bytes.")
-@click.option("--nflog-queue-threshold", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--nflog-queue-threshold", envvar="HOSTWALL_NFLOG_QUEUE_THRESHOLD", show_envvar=True,
+              type=click.IntRange(min=1), default=64, show_default=True,
               help="Drop logs the kernel batches into one message.")
-@click.option("--full-check-interval", type=click.FloatRange(min=1), default=60.0, show_default=True,
+@click.option("--full-check-interval", envvar="HOSTWALL_FULL_CHECK_INTERVAL", show_envvar=True,
+              type=click.FloatRange(min=1), default=60.0, show_default=True,
               help="Seconds between full comparisons of the kernel's sets with the record.")
-@click.option("--metrics-file", type=click.Path(path_type=Path), default=None,
+@click.option("--metrics-file", envvar="HOSTWALL_METRICS_FILE", show_envvar=True,
+              type=click.Path(path_type=Path), default=None,
               help="Write Prometheus metrics here (node_exporter textfile collector).")
-@click.option("--metrics-interval", type=click.FloatRange(min=1), default=15.0, show_default=True)
+@click.option("--metrics-interval", envvar="HOSTWALL_METRICS_INTERVAL", show_envvar=True,
+              type=click.FloatRange(min=1), default=15.0, show_default=True, help="Seconds between metrics writes.")
 @click.option("--test-stall-watchdog-after", type=float, default=None, hidden=True)
 @click.option("--verify-after-reload", is_flag=True,
               help="After each reload, run `hostwall verify`; a difference is a journal warning.")
@@ -102,6 +111,9 @@ def agent(options: Options, log_group: int | None, flood_window: float, flood_re
           metrics_file: Path | None, metrics_interval: float, test_stall_watchdog_after: float | None,
           verify_after_reload: bool) -> None:
     """Run the agent in the foreground (systemd Type=notify service).
+
+    Every option can also be set in the environment (HOSTWALL_FLOOD_WINDOW and so on);
+    hostwall.service reads them from /etc/default/hostwall.
 
     On start it loads the policy (or keeps the last generation when the policy is
     invalid; with neither, it closes the protected ports to all but loopback), then
@@ -206,7 +218,7 @@ def drops(options: Options, service: str | None, source_address: str | None, sin
     """Drop records from the journal, filtered; --top N ranks sources."""
     from collections import Counter
 
-    from hostwall.drops import MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY
+    from hostwall.drops import MESSAGE_ID_DROP, MESSAGE_ID_DROP_SUMMARY, typed_fields
     from hostwall.journal import read_entries
 
     matches = {}
@@ -235,7 +247,7 @@ def drops(options: Options, service: str | None, source_address: str | None, sin
     for entry in entries:
         if as_json:
             click.echo(json.dumps({"time": datetime.fromtimestamp(entry.timestamp, UTC).isoformat(),
-                                   "message": entry.message, **entry.fields}, sort_keys=True))
+                                   "message": entry.message, **typed_fields(entry.fields)}, sort_keys=True))
         else:
             stamp = datetime.fromtimestamp(entry.timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
             options.out.line(f"{stamp}  {entry.message}")

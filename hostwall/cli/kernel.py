@@ -168,7 +168,8 @@ allow_lockout_option = click.option(
 @reports_errors
 def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_within: float | None,
           allow_lockout: bool, verify_after: bool, as_json: bool) -> None:
-    """Validate, compile and load the policy in one atomic transaction."""
+    """Validate, compile and load the policy in one atomic transaction; with --check,
+    exit 10 when there are changes (like plan)."""
     require_privileges("apply")
     policy = options.policy(write_cache=not dry_run)
     result = options.engine().apply(policy, user=invoking_user(), message=message,
@@ -179,6 +180,10 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
 
         clear_reverted(options.state())  # an explicit apply overrides a past rollback
     checked = verified(options, policy, result.pending) if verify_after and not dry_run else None
+    # Like plan: a dry run that finds changes needs attention (exit 10).
+    exit_code = EXIT_NEEDS_ATTENTION if dry_run and result.plan.changed else EXIT_OK
+    if checked is not None and not checked.report.agrees:
+        exit_code = EXIT_NEEDS_ATTENTION
     if as_json:
         payload = _plan_json(result.plan)
         payload.update({"applied": result.applied, "generation": result.generation, "method": result.method,
@@ -188,9 +193,7 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
         if checked is not None:
             payload["verify"] = {**checked.report.to_json(), "reverted": checked.reverted}
         emit_json(payload)
-        if checked is not None and not checked.report.agrees:
-            sys.exit(EXIT_NEEDS_ATTENTION)
-        return
+        sys.exit(exit_code)
     for warning in policy.warnings():
         options.out.warn(warning)
     if dry_run and not allow_lockout:
@@ -213,6 +216,7 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
         options.out.line("dry run: nothing was applied")
     if checked is not None:
         print_verified(options, checked)
+    sys.exit(exit_code)
 
 
 @dataclass(frozen=True)
@@ -285,9 +289,12 @@ def reverted_text(record: Reverted) -> str:
 
 
 def _status_json(status: Status, agent: AgentView, drops: DropsView) -> dict[str, Any]:
+    from hostwall.drops import typed_fields
+
     return {
         "pending": pending_json(status.pending),
         "loaded": status.loaded,
+        "disabled": status.disabled,
         "generation": status.generation,
         "recorded_generation": status.recorded_generation,
         "drift": list(status.drift.reasons),
@@ -306,7 +313,8 @@ def _status_json(status: Status, agent: AgentView, drops: DropsView) -> dict[str
                       "drops_read": agent.record.drops_read, "lost": agent.record.lost}
                      if agent.record else {})},
         "last_drops": None if drops.error else [
-            {"time": datetime.fromtimestamp(e.timestamp, UTC).isoformat(), "message": e.message, **e.fields}
+            {"time": datetime.fromtimestamp(e.timestamp, UTC).isoformat(), "message": e.message,
+             **typed_fields(e.fields)}
             for e in drops.entries],
         "last_drops_error": drops.error,
     }
@@ -368,7 +376,7 @@ def _pid_alive(pid: int) -> bool:
 @reports_errors
 def status(options: Options, drop_count: int, as_json: bool) -> None:
     """One screen: generation, confirm deadline, per-service entries and counters, drift,
-    agent, last drops; exit 10 on drift or no table.
+    agent, last drops; exit 10 on drift or no table (unless disabled).
     """
     from hostwall.state import reverted
 
@@ -379,9 +387,12 @@ def status(options: Options, drop_count: int, as_json: bool) -> None:
     rolled_back = reverted(options.state())
     if as_json:
         emit_json({**_status_json(result, agent, drops), "reverted": reverted_json(rolled_back)})
-        sys.exit(EXIT_NEEDS_ATTENTION if result.drift or not result.loaded else EXIT_OK)
+        sys.exit(_status_exit(result))
     out = options.out
-    if not result.loaded:
+    if result.disabled and not result.loaded:
+        out.line(f"disabled: generation {result.recorded_generation} removed the hostwall table; "
+                 "`hostwall apply` (or `hostwall rollback`) enables it again", style="warning")
+    elif not result.loaded:
         out.line("not loaded: the kernel has no hostwall table", style="error")
     else:
         out.line(f"generation {result.generation} loaded (recorded: {result.recorded_generation or 'none'})")
@@ -411,7 +422,14 @@ def status(options: Options, drop_count: int, as_json: bool) -> None:
         else:
             out.table(["time", "drop"], [[datetime.fromtimestamp(e.timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S"),
                                           e.message] for e in drops.entries], title="last drops:")
-    sys.exit(EXIT_NEEDS_ATTENTION if result.drift or not result.loaded else EXIT_OK)
+    sys.exit(_status_exit(result))
+
+
+def _status_exit(result: Status) -> int:
+    """Drift, or no table that was not asked for, needs attention; a disabled hostwall
+    is what the operator chose."""
+    missing = not result.loaded and not result.disabled
+    return EXIT_NEEDS_ATTENTION if result.drift or missing else EXIT_OK
 
 
 
@@ -427,7 +445,8 @@ def generations(options: Options, as_json: bool) -> None:
     if as_json:
         emit_json([{"generation": g.meta.number, "created": datetime.fromtimestamp(g.meta.created, UTC).isoformat(),
                      "user": g.meta.user, "message": g.meta.message, "entries": g.meta.entries,
-                     "digest": g.meta.digest, "current": bool(current and current.generation == g.meta.number)}
+                     "digest": g.meta.digest, "disabled": g.meta.disabled,
+                     "current": bool(current and current.generation == g.meta.number)}
                     for g in items])
         return
     if not items:
@@ -436,7 +455,7 @@ def generations(options: Options, as_json: bool) -> None:
     loaded = [bool(current and current.generation == g.meta.number) for g in items]
     rows = [["*" if is_loaded else "", str(g.meta.number),
              datetime.fromtimestamp(g.meta.created, UTC).strftime("%Y-%m-%d %H:%M:%SZ"), g.meta.user,
-             str(g.meta.entries), g.meta.digest[:12], g.meta.message]
+             "disabled" if g.meta.disabled else str(g.meta.entries), g.meta.digest[:12], g.meta.message]
             for g, is_loaded in zip(items, loaded, strict=True)]
     options.out.table(["", "generation", "created", "user", "entries", "sha256", "message"], rows,
                       styles=["ok" if is_loaded else None for is_loaded in loaded], right=(1, 4))
@@ -511,9 +530,15 @@ def confirm(options: Options, wait: float, as_json: bool) -> None:
 @reports_errors
 def diff(options: Options, old: int, new: int, as_json: bool) -> None:
     """What changed between two generations."""
+    from hostwall.errors import UsageError
     from hostwall.plan import diff_rulesets
 
     state = options.state()
+    recorded = state.numbers()
+    for number in (old, new):
+        if number not in recorded:
+            kept = f"{recorded[0]}-{recorded[-1]}" if recorded else "none"
+            raise UsageError(f"generation {number} does not exist (kept: {kept}; see `hostwall generations`)")
     changes = diff_rulesets(state.generation(old).ruleset(), state.generation(new).ruleset())
     if as_json:
         emit_json({"old": old, "new": new, "services": [
@@ -573,3 +598,29 @@ def revert_unconfirmed(options: Options, generation: int) -> None:
             return
         time.sleep(min(remaining, 1.0))
         pending = state.pending()
+
+
+@click.command(epilog="Example: sudo hostwall disable -m \"OPS-1300: tracing a partner's outage\"")
+@message_option
+@wait_option
+@json_option
+@pass_options
+@reports_errors
+def disable(options: Options, message: str, wait: float, as_json: bool) -> None:
+    """Remove hostwall's table: protected ports are open to every source.
+
+    Recorded as a generation, so `hostwall rollback` loads the previous ruleset again.
+    The agent keeps the table away, across restarts, until the next `hostwall apply`."""
+    require_privileges("disable")
+    result = options.engine().disable(user=invoking_user(), message=message or "hostwall disable", wait=wait)
+    if as_json:
+        emit_json({"generation": result.generation, "previous": result.previous, "changed": result.changed})
+        return
+    if not result.changed:
+        options.out.line(f"already disabled (generation {result.generation})")
+        return
+    back = f"; `hostwall rollback` loads generation {result.previous} again" if result.previous else ""
+    options.out.line(f"disabled: generation {result.generation} removed the hostwall table{back}",
+                     style="warning")
+
+

@@ -74,7 +74,10 @@ def validate(options: Options, path: Path | None, as_json: bool) -> None:
 @pass_options
 @reports_errors
 def check(options: Options, address: str, port: str, use_kernel: bool | None, why: bool, as_json: bool) -> None:
-    """Would ADDRESS reach PORT[/PROTO]? Exit 0 allowed, 10 denied."""
+    """Would ADDRESS reach PORT[/PROTO]? Exit 0 allowed, 10 denied.
+
+    ADDRESS may be a CIDR: allowed when every address in it is, with the entries
+    that cover it."""
     from hostwall.check import AddressError, check_kernel, check_policy, explain
     from hostwall.compile import compile_policy
 

@@ -577,3 +577,63 @@ def booted(installed: Installed, files: Files, enable: tuple[str, ...],
     finally:
         lab.destroy()
         remove_tree(directory)
+
+
+# --- package installs and file lists (the Debian package and make install/uninstall) ------
+
+APT_TIMEOUT = 10 * 60
+# Written by apt, dpkg, debconf and the shadow tools about their own work, whatever the
+# package: their logs, caches and backups. Everything else must be as it was.
+BOOKKEEPING = ("/var/log/", "/var/cache/apt/", "/var/lib/apt/", "/var/cache/debconf/", "/var/cache/man/",
+               "/var/cache/ldconfig/", "/var/lib/dpkg/", "/etc/group-", "/etc/gshadow-", "/etc/passwd-",
+               "/etc/shadow-", "/etc/subgid-", "/etc/subuid-")
+NOT_FILES = ("/proc/", "/sys/", "/dev/", "/run/", "/tmp/", "/var/tmp/")
+
+
+def file_list(root: Path) -> set[str]:
+    """Every path in the rootfs (files, directories, links), as seen from inside."""
+    found = set()
+    for directory, subdirectories, files in os.walk(root):
+        inside = "/" + os.path.relpath(directory, root).removeprefix(".").lstrip("/")
+        for name in (*subdirectories, *files):
+            found.add(os.path.join(inside, name) + ("/" if name in subdirectories else ""))
+    return {p for p in found if not p.startswith(NOT_FILES + BOOKKEEPING)}
+
+
+def host_trust() -> tuple[str, ...]:
+    """nspawn arguments with which pip inside trusts what this host trusts (as in
+    make_install): the host's CA bundle and its proxy settings."""
+    extra: list[str] = []
+    if HOST_CA_BUNDLE.is_file():
+        extra += [f"--bind-ro={HOST_CA_BUNDLE}:/run/host-ca-certificates.crt",
+                  "--setenv=PIP_CERT=/run/host-ca-certificates.crt"]
+    extra += [f"--setenv={name}={os.environ[name]}" for name in PASSED_ENVIRONMENT if os.environ.get(name)]
+    return tuple(extra)
+
+
+class Rootfs:
+    """An overlay of the cached base in which apt and make run (systemd-nspawn as a chroot)."""
+
+    def __init__(self, base: Path, work: Path) -> None:
+        self.base = base
+        self.layer = work / "upper"
+        self.root = work / "root"
+        self.work = work
+        self.name = f"hwdeb{os.getpid()}"
+
+    @contextlib.contextmanager
+    def mounted(self) -> Iterator[Path]:
+        mount_overlay([self.base], self.layer, self.work / "overlay-work", self.root)
+        try:
+            yield self.root
+        finally:
+            unmount_under(self.root)
+
+    def run(self, *command: str, timeout: float = APT_TIMEOUT, check: bool = True,
+            chdir: str = "/") -> subprocess.CompletedProcess[str]:
+        result = nspawn_run(self.root, self.name, "/usr/bin/env", "DEBIAN_FRONTEND=noninteractive", *command,
+                            timeout=timeout, chdir=chdir, extra=host_trust())
+        if check and result.returncode != 0:
+            raise BootError(f"{' '.join(command)} failed ({result.returncode}):\n{tail(result.stdout)}\n"
+                            f"{tail(result.stderr)}")
+        return result

@@ -211,8 +211,9 @@ def test_drops_follow_prints_new_records_as_json(
             selector.register(follower.stdout, selectors.EVENT_READ)
             assert selector.select(timeout=10), "drops --follow printed nothing within 10 s"
         record = json.loads(follower.stdout.readline())
-        assert (record["HOSTWALL_SRC"], record["HOSTWALL_DPORT"], record["HOSTWALL_SERVICE"]) == (
-            lab.denied.ipv6, "5432", "postgres")
+        # Ports and counts as numbers (journal fields are text).
+        assert (record["HOSTWALL_SRC"], record["HOSTWALL_DPORT"], record["HOSTWALL_SERVICE"],
+                record["HOSTWALL_COUNT"]) == (lab.denied.ipv6, 5432, "postgres", 1)
         assert record["message"].startswith("dropped tcp [")
     finally:
         follower.terminate()

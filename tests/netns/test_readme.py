@@ -63,9 +63,9 @@ def blocks() -> list[Block]:
         lines = document.read_text(encoding="utf-8").splitlines()
         index = 0
         while index < len(lines):
-            if lines[index].startswith("```"):
-                start, language = index, lines[index][3:].strip()
-                end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("```"))
+            if lines[index].lstrip().startswith("```"):
+                start, language = index, lines[index].lstrip()[3:].strip()
+                end = next(i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("```"))
                 previous = lines[start - 1] if start else ""
                 match = MARKER.fullmatch(previous.strip())
                 found.append(Block(document, start + 1, language, match[1] if match else None,

@@ -254,7 +254,7 @@ def test_service_defined_in_two_files_is_an_error(write_files: WriteFiles) -> No
 
     assert_located(problem, root / "b.yaml", 3, "services.metrics")
     assert f"already defined in {root / 'a.yaml'}:2" in problem.message
-    assert "define ports/protocols/action/widest/entry_counters in one file" in problem.message
+    assert "define ports/protocols/action/widest/entry_counters/log in one file" in problem.message
 
 
 @pytest.mark.parametrize("key", ["ports: [9101]", "protocols: [udp]", "action: drop"])

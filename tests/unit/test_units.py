@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,12 @@ def _installed_copy(tmp_path: Path) -> Path:
 
 
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    # verify runs `man` for each man: page in Documentation=: the generated ones must exist.
+    subprocess.run([sys.executable, str(UNITS.parent / "scripts" / "gendocs.py"), "--man",
+                    str(tmp_path / "man" / "man8")], check=True, timeout=60)
     result = subprocess.run([_tool("systemd-analyze"), "verify", str(_installed_copy(tmp_path))],
-                            capture_output=True, text=True, timeout=60, check=False)
+                            capture_output=True, text=True, timeout=60, check=False,
+                            env={**os.environ, "MANPATH": f"{tmp_path / 'man'}:"})
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
 
 

@@ -216,7 +216,8 @@ confirmed:
   returned: with O(confirm=true)
   type: int
 rc:
-  description: hostwall's exit code (on failure, the documented hostwall exit code).
+  description: hostwall's exit code (on failure, the documented hostwall exit code; 10 in check mode when the
+    kernel would change).
   returned: always
   type: int
 problems:
@@ -517,7 +518,8 @@ def run_apply(module, hostwall):
         if module.check_mode:
             rc, document, stderr, command = hostwall.run(
                 mirror, "apply", "--check", "--wait", _seconds(hostwall.wait))
-            if rc != 0 or not isinstance(document, dict):
+            # 10: changes pending (apply --check exits like plan), which check mode reports.
+            if rc not in (0, 10) or not isinstance(document, dict):
                 hostwall.fail(rc, document, stderr, command, replace={mirror: policy_dir})
             finish(module, document, previous, candidate, file_changed, managed, rc)
     finally:
@@ -563,6 +565,9 @@ def finish(module, document, previous, candidate, file_changed, managed, rc):
         "warnings_hostwall": document.get("warnings") or [],
         "dry_run": bool(document.get("dry_run")),
         "rc": rc,
+        # Said outright: Ansible takes a result's non-zero rc for a failure, and check mode's
+        # apply --check exits 10 when the kernel would change.
+        "failed": False,
     }
     if not kernel_changed:
         result["msg"] = "no changes: the kernel already holds this policy"
