@@ -360,13 +360,15 @@ def _rules(ruleset: Ruleset, set_ids: dict[str, int]) -> list[Message]:
 def _service_rules(ruleset: Ruleset, service: ServiceRules, set_ids: dict[str, int]) -> Iterator[list[bytes]]:
     """The rules of ruleset._service_chain_lines, in its order."""
     dropped = _objref(service.dropped_counter)
+    rate = None if service.log == "off" else ruleset.log_rate if service.log is None else service.log
     local_only = [_fib(NFTA_FIB_F_DADDR, NFT_FIB_RESULT_ADDRTYPE), _cmp(NFT_CMP_NEQ, struct.pack("=I", RTN_LOCAL)),
                   _verdict(NFT_RETURN)]
     if ruleset.strict_source:
         yield local_only
         spoofed = [_fib(NFTA_FIB_F_SADDR | NFTA_FIB_F_IIF | NFTA_FIB_F_PRESENT, NFT_FIB_RESULT_OIF),
                    _cmp(NFT_CMP_EQ, bytes(4))]
-        yield [*spoofed, *_logged(ruleset, f"{LOG_PREFIX}{service.name}{SPOOFED_SUFFIX}")]
+        if rate is not None:
+            yield [*spoofed, *_logged(ruleset, rate, f"{LOG_PREFIX}{service.name}{SPOOFED_SUFFIX}")]
         yield [*spoofed, dropped, _verdict(0)]
     for family, nfproto, offset, width in ((4, NFPROTO_IPV4, 12, 4), (6, NFPROTO_IPV6, 8, 16)):
         for name in (hosts_set_name(service.set_name(family)), service.set_name(family)):
@@ -375,7 +377,8 @@ def _service_rules(ruleset: Ruleset, service: ServiceRules, set_ids: dict[str, i
                    _objref(service.accepted_counter), _verdict(NF_ACCEPT)]
     if not ruleset.strict_source:
         yield local_only
-    yield _logged(ruleset, f"{LOG_PREFIX}{service.name}")
+    if rate is not None:
+        yield _logged(ruleset, rate, f"{LOG_PREFIX}{service.name}")
     if service.action == "reject":
         yield [_meta(NFT_META_L4PROTO), _cmp(NFT_CMP_EQ, bytes((IPPROTO["tcp"],))), dropped,
                _reject(NFT_REJECT_TCP_RST, 0)]
@@ -384,9 +387,9 @@ def _service_rules(ruleset: Ruleset, service: ServiceRules, set_ids: dict[str, i
         yield [dropped, _verdict(0)]  # NF_DROP
 
 
-def _logged(ruleset: Ruleset, prefix: str) -> list[bytes]:
+def _logged(ruleset: Ruleset, rate: int, prefix: str) -> list[bytes]:
     """The rate-limited log of a drop: the limit is in the kernel, so a flood cannot swamp the reader."""
-    return [_expression("limit", _u64(1, ruleset.log_rate) + _u64(2, 1) + _u32(3, ruleset.log_burst)
+    return [_expression("limit", _u64(1, rate) + _u64(2, 1) + _u32(3, ruleset.log_burst)
                         + _u32(4, 0) + _u32(5, 0)),
             _expression("log", _string(2, prefix) + _attribute(1, ruleset.log_group.to_bytes(2, "big")))]
 

@@ -461,6 +461,7 @@ def _service_chain_lines(ruleset: Ruleset, service: ServiceRules) -> Iterator[st
     dropped = f'counter name "{service.dropped_counter}"'
     # Only traffic to the host itself is dropped; forwarded traffic is none of hostwall's business.
     local_only = "\t\tfib daddr type != local return\n"
+    rate = None if service.log == "off" else ruleset.log_rate if service.log is None else service.log
     if ruleset.strict_source:
         yield local_only
         # Before the allowlist: an allowed address arriving on a link the host would not
@@ -468,8 +469,9 @@ def _service_chain_lines(ruleset: Ruleset, service: ServiceRules) -> Iterator[st
         # prefix of its own: the source is forged, but that it happens, and on which
         # link, is what an operator needs to see.
         spoofed = "fib saddr . iif oif missing"
-        yield (f"\t\t{spoofed} limit rate {ruleset.log_rate}/second burst {ruleset.log_burst} packets "
-               f'log prefix "{LOG_PREFIX}{service.name}{SPOOFED_SUFFIX}" group {ruleset.log_group}\n')
+        if rate is not None:
+            yield (f"\t\t{spoofed} limit rate {rate}/second burst {ruleset.log_burst} packets "
+                   f'log prefix "{LOG_PREFIX}{service.name}{SPOOFED_SUFFIX}" group {ruleset.log_group}\n')
         yield f"\t\t{spoofed} {dropped} drop\n"
     # Otherwise the allowlist comes before the route lookup, so that an allowed packet
     # needs none (bench_packet.py); forwarded traffic from an allowed address then
@@ -479,8 +481,7 @@ def _service_chain_lines(ruleset: Ruleset, service: ServiceRules) -> Iterator[st
             yield f'\t\t{match} @{name} counter name "{service.accepted_counter}" accept\n'
     if not ruleset.strict_source:
         yield local_only
-    if service.log != "off":
-        rate = ruleset.log_rate if service.log is None else service.log
+    if rate is not None:
         yield (
             f"\t\tlimit rate {rate}/second burst {ruleset.log_burst} packets "
             f'log prefix "{LOG_PREFIX}{service.name}" group {ruleset.log_group}\n'

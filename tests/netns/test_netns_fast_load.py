@@ -78,7 +78,8 @@ def nft_batch(namespace: str, text: str, tmp_path: Path) -> list[tuple[int, byte
 def hand_made(now: float, *, strict_source: bool) -> Ruleset:
     """Every shape the encoder has: a range starting at address zero and ranges reaching
     the last address (no end element), single addresses and ranges with and without
-    timeouts, port ranges, both protocols, reject and drop, IPv6 below ::1:0:0:0."""
+    timeouts, port ranges, both protocols, reject and drop, IPv6 below ::1:0:0:0, drop
+    logging at the ruleset's rate, at a service's own and switched off."""
     v4 = [Interval(4, 0, 0x00FFFFFF), Interval(4, 0x0A000000, 0x0AFFFFFF),
           Interval(4, 0xC0000201, 0xC0000201, now + 3600), Interval(4, 0xC0000207, 0xC0000207),
           Interval(4, 0xC6336400, 0xC6336409, now + 100),
@@ -87,8 +88,8 @@ def hand_made(now: float, *, strict_source: bool) -> Ruleset:
           Interval(6, 0xFFFF << 112, V6_MAX, now + 60)]
     return Ruleset((
         ServiceRules("https", (PortRange(443, 443), PortRange(8000, 8010)), ("tcp", "udp"), "reject", v4, v6),
-        ServiceRules("postgres", (PortRange(5432, 5432),), ("tcp",), "drop", (), [Interval(6, 1, 1)]),
-        ServiceRules("empty", (PortRange(9100, 9100),), ("udp",), "drop"),
+        ServiceRules("postgres", (PortRange(5432, 5432),), ("tcp",), "drop", (), [Interval(6, 1, 1)], log=25),
+        ServiceRules("empty", (PortRange(9100, 9100),), ("udp",), "drop", log="off"),
     ), log_group=7, log_rate=3, log_burst=9, strict_source=strict_source)
 
 
