@@ -1,5 +1,5 @@
-# sudo make demo   - set up everything and run the namespace lab demo
-# sudo make test   - set up everything and run lint, types and the whole test suite
+# make demo   - set up everything and run the namespace lab demo (as root, or with sudo)
+# make test   - set up everything and run lint, types and the whole test suite (as root, or with sudo)
 VENV ?= .venv
 export VENV
 
