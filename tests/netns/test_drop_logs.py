@@ -18,6 +18,7 @@ from netns_support import COMMAND_TIMEOUT, Cli, Journald, journal_records, reach
 
 from hostwall.drops import (
     MESSAGE_ID_AGENT,
+    MESSAGE_ID_CHANGE,
     MESSAGE_ID_DROP,
     MESSAGE_ID_DROP_SUMMARY,
     MESSAGE_ID_LOST,
@@ -101,6 +102,30 @@ def test_denied_connections_become_journal_records_with_every_field(
     drops = subprocess.run([sys.executable, "-m", "hostwall", "--netns", lab.server, "drops", "--top", "2"],
                            capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
     assert drops.returncode == 0 and lab.denied.ipv4 in drops.stdout
+
+
+def test_drop_records_carry_the_generation_loaded_by_a_reload(
+    lab: Lab, policy_dir: Path, hostwall: Cli, start_agent: Any
+) -> None:
+    """The generation is read when drops are recorded, not once when the agent starts."""
+    _policy(policy_dir, lab)
+    assert hostwall("apply").returncode == 0
+    agent = start_agent()
+    before = {("denied", 4, "443/tcp"): "timeout"}
+    assert reach(lab, before) == before
+    first = wait_for_records(lab.server, lambda r: len(r) >= 1, f"MESSAGE_ID={MESSAGE_ID_DROP}",
+                             "HOSTWALL_DPORT=443", seconds=60)
+    assert first and {r["HOSTWALL_GENERATION"] for r in first} == {"1"}, first
+    _policy(policy_dir, lab, log_rate=11)  # another policy: the reload loads generation 2
+    agent.process.send_signal(signal.SIGHUP)
+    loaded = wait_for_records(lab.server, lambda r: any(x.get("HOSTWALL_GENERATION") == "2" for x in r),
+                              f"MESSAGE_ID={MESSAGE_ID_CHANGE}", seconds=60)
+    assert any(r.get("HOSTWALL_GENERATION") == "2" for r in loaded), loaded
+    probe = {("denied", 4, "5432/tcp"): "timeout"}
+    assert reach(lab, probe) == probe
+    records = wait_for_records(lab.server, lambda r: len(r) >= 1, f"MESSAGE_ID={MESSAGE_ID_DROP}",
+                               "HOSTWALL_DPORT=5432", seconds=60)
+    assert records and {r["HOSTWALL_GENERATION"] for r in records} == {"2"}, records
 
 
 def test_a_flood_is_summarised_and_every_drop_is_counted(
