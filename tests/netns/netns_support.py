@@ -259,6 +259,7 @@ class Harness:
         environment.update(NOTIFY_SOCKET=self.socket_path, WATCHDOG_USEC=str(watchdog_usec))
         command = [*wrapper, sys.executable, "-m", "hostwall", "--netns", lab.server,
                    "--policy-dir", str(policy_dir), "--state-dir", str(state_dir), "agent", *args]
+        self.started = time.monotonic()  # before the agent exists: bounds what it can have sent
         self.process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True)
 
