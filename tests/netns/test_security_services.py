@@ -25,7 +25,7 @@ from typing import Any
 import craft
 import pytest
 import yaml
-from netns_support import Cli, run_nft
+from netns_support import Cli, run_nft, tcp_counters
 from netns_support import counters as counters_in
 from services import (
     HTTPS_BODY,
@@ -256,18 +256,6 @@ def _cycle_policies(root: Path, battery: Battery) -> tuple[Path, Path]:
 
 
 CYCLES = int(os.environ.get("HOSTWALL_RELOAD_CYCLES", "1000"))
-
-
-def tcp_counters(namespace: str) -> dict[str, int]:
-    """The namespace's TCP counters (/proc/net/snmp Tcp:, /proc/net/netstat TcpExt:)."""
-    counted: dict[str, int] = {}
-    for source in ("/proc/net/snmp", "/proc/net/netstat"):
-        text = subprocess.run(["ip", "netns", "exec", namespace, "cat", source], capture_output=True,
-                              text=True, timeout=30, check=True).stdout.splitlines()
-        for names, values in zip(text[::2], text[1::2], strict=True):
-            if names.startswith(("Tcp:", "TcpExt:")):
-                counted.update(zip(names.split()[1:], map(int, values.split()[1:]), strict=True))
-    return counted
 
 
 def test_no_window_during_a_thousand_apply_rollback_cycles(
