@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ class Agent:
         command = [sys.executable, "-m", "hostwall", "--netns", lab.server, "--policy-dir", str(policy_dir),
                    "--state-dir", str(state_dir), "agent", *args]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        started = wait_for_records(lab.server, lambda r: len(r) > 0, f"MESSAGE_ID={MESSAGE_ID_AGENT}")
+        started = wait_for_records(lab.server, lambda r: len(r) > 0, f"MESSAGE_ID={MESSAGE_ID_AGENT}", seconds=60)
         if not started:
             self.stop()
             pytest.fail(f"the agent did not start: {self.process.stderr.read() if self.process.stderr else ''}")
@@ -223,18 +224,20 @@ def test_drops_follow_prints_new_records_as_json(
     _policy(policy_dir, lab)
     assert hostwall("apply").returncode == 0
     start_agent()
+    # A moment the test fixes before the drop, not one relative to when the follower
+    # happens to start: however late it starts, it reads the drop, then follows.
+    since = datetime.fromtimestamp(int(time.time()) - 1, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     follower = subprocess.Popen(
         [sys.executable, "-m", "hostwall", "--netns", lab.server, "drops", "--follow", "--json",
-         "--service", "postgres", "--since", "1s"],
+         "--service", "postgres", "--since", since],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)  # the follower is waiting on the journal by now
         probe = {("denied", 6, "5432/tcp"): "timeout"}
         assert reach(lab, probe) == probe
         assert follower.stdout is not None
         with selectors.DefaultSelector() as selector:
             selector.register(follower.stdout, selectors.EVENT_READ)
-            assert selector.select(timeout=10), "drops --follow printed nothing within 10 s"
+            assert selector.select(timeout=60), "drops --follow printed nothing within 60 s"
         record = json.loads(follower.stdout.readline())
         assert (record["HOSTWALL_SRC"], record["HOSTWALL_DPORT"], record["HOSTWALL_SERVICE"]) == (
             lab.denied.ipv6, "5432", "postgres")
