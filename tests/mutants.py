@@ -67,7 +67,7 @@ MUTANTS = (
     Mutant("full-load-keeps-old-rules", "transaction building", "hostwall/ruleset.py",
            'lines = [f"table {table} {{ {_base_chain_declaration()}; }}\\n", f"flush table {table}\\n"]',
            'lines = [f"table {table} {{ {_base_chain_declaration()}; }}\\n"]',
-           (f"{LIFECYCLE}::test_rollback_restores_the_previous_table_exactly_and_its_connectivity",)),
+           (f"{GUARD}::test_a_full_load_replaces_the_contents_in_place",)),
     # --- the element delta's guard -------------------------------------------------------
     Mutant("delta-without-marker-guard", "delta guard", "hostwall/nftnl.py",
            "        messages += self._element_messages(NFT_MSG_DELSETELEM, GENERATION_SET,\n"

@@ -1,5 +1,5 @@
-"""Rollback's choice and expiry, and the element delta's in-batch guard, against the real
-kernel (each a mutation the rest of the suite let through: issue 24)."""
+"""Rollback's choice and expiry, the element delta's in-batch guard and the in-place full
+load, against the real kernel (each a mutation the rest of the suite let through: issue 24)."""
 
 from __future__ import annotations
 
@@ -156,3 +156,30 @@ def test_the_kernel_refuses_a_delta_batch_over_another_marker(
     with pytest.raises(KernelRejected):
         backend.apply_delta(delta, time.time())
     assert nft("list", "table", "inet", "hostwall").stdout == before
+
+
+def _handles(nft: Nft) -> tuple[int, int]:
+    document = json.loads(nft("-j", "list", "table", "inet", "hostwall").stdout)
+    (table,) = [item["table"] for item in document["nftables"] if "table" in item]
+    (chain,) = [item["chain"] for item in document["nftables"]
+                if "chain" in item and item["chain"]["name"] == "ingress"]
+    return int(table["handle"]), int(chain["handle"])
+
+
+def test_a_full_load_replaces_the_contents_in_place(
+    lab: Lab, policy_dir: Path, hostwall: Cli, nft: Nft
+) -> None:
+    """The table and its base chain outlive every full load (render_clearing says why a
+    re-created table lets packets through mid-commit): the kernel's handles stay."""
+    _write(policy_dir, [{"cidr": "192.0.2.1/32"}])
+    assert hostwall("apply").returncode == 0
+    handles = _handles(nft)
+    for ports in ([5432, 6432], [5432]):  # other ports: other rules, a full load each time
+        document = json.loads((policy_dir / "policy.yaml").read_text())
+        document["services"]["postgres"]["ports"] = ports
+        (policy_dir / "policy.yaml").write_text(json.dumps(document))
+        applied = output(hostwall("apply", "--json"))
+        assert applied["method"] == "full", applied
+        assert _handles(nft) == handles
+    assert output(hostwall("rollback", "--to", "1", "--json"))["generation"] == 1
+    assert _handles(nft) == handles
