@@ -18,7 +18,7 @@ from hostwall.errors import KernelRejected, LockBusy, StateError
 from hostwall.fake import FakeBackend
 from hostwall.kernel import Counter
 from hostwall.policy import Policy, load_policy
-from hostwall.ruleset import render_full_load
+from hostwall.ruleset import Delta, render_full_load
 from hostwall.state import Current, StateDir
 
 FIXED = datetime(2026, 6, 1, tzinfo=UTC)
@@ -411,3 +411,35 @@ def test_a_corrupt_pending_json_fails_before_the_kernel_is_touched(setup: Setup,
             setup.engine.rollback(1)
     assert setup.backend.table == table
     assert setup.generation_dirs() == ["00000001", "00000002"]
+
+
+# --- the element delta's guard ----------------------------------------------------------
+
+
+class EditedBeforeTheBatch(FakeBackend):
+    """Another tool moves the generation marker after hostwall's label check, just before
+    the delta batch arrives: the fake's guard (like the kernel's) must refuse the batch."""
+
+    deltas_refused = 0
+
+    def apply_delta(self, delta: Delta, now: float) -> None:
+        assert self.table is not None
+        self.table.marker = 4_000_000
+        try:
+            super().apply_delta(delta, now)
+        except KernelRejected:
+            self.deltas_refused += 1
+            raise
+
+
+def test_the_fakes_delta_guard_refuses_a_batch_over_another_marker(tmp_path: Path) -> None:
+    setup = Setup(tmp_path)
+    setup.backend = EditedBeforeTheBatch()
+    setup.engine = Engine(setup.backend, setup.state, clock=setup.clock)
+    setup.engine.apply(setup.policy(POLICY_V1), user="t", message="base")
+    result = setup.engine.apply(setup.policy(POLICY_V1.replace("192.0.2.0/24", "192.0.2.0/25")),
+                                user="t", message="one entry narrower")
+    assert setup.backend.deltas_refused == 1, "the delta path was not taken"
+    assert (result.applied, result.method, result.generation) == (True, "full", 2)
+    kernel = setup.backend.read_table(elements=False)
+    assert kernel is not None and kernel.marker == 2
