@@ -439,7 +439,7 @@ def test_the_fakes_delta_guard_refuses_a_batch_over_another_marker(tmp_path: Pat
     setup.engine.apply(setup.policy(POLICY_V1), user="t", message="base")
     result = setup.engine.apply(setup.policy(POLICY_V1.replace("192.0.2.0/24", "192.0.2.0/25")),
                                 user="t", message="one entry narrower")
-    assert setup.backend.deltas_refused == 1, "the delta path was not taken"
+    assert setup.backend.deltas_refused == 1, "the batch over another marker was not refused"
     assert (result.applied, result.method, result.generation) == (True, "full", 2)
     kernel = setup.backend.read_table(elements=False)
     assert kernel is not None and kernel.marker == 2
