@@ -1,5 +1,5 @@
-# sudo make demo   - set up everything and run the namespace lab demo
-# sudo make test   - set up everything and run lint, types and the whole test suite
+# make demo   - set up everything and run the namespace lab demo (as root, or with sudo)
+# make test   - set up everything and run lint, types and the whole test suite (as root, or with sudo)
 VENV ?= .venv
 export VENV
 
@@ -8,7 +8,7 @@ INSTALL_VENV ?= /opt/hostwall
 UNITDIR ?= /etc/systemd/system
 CATALOGDIR ?= /usr/lib/systemd/catalog
 
-.PHONY: setup setup-tests demo test lint unit unit-shifted netns bench clean install uninstall deb
+.PHONY: setup setup-tests demo test lint unit unit-shifted netns bench mutants clean install uninstall deb
 
 setup:
 	./scripts/setup.sh
@@ -52,6 +52,12 @@ bench: setup
 	$(VENV)/bin/python tests/bench/run_all.py $(BENCH_ARGS)
 	HOSTWALL_HYPOTHESIS=bench $(VENV)/bin/python -m pytest tests/unit/test_differential.py \
 		tests/unit/test_bad_input.py tests/netns/test_differential_kernel.py
+
+# Hand-written mutants of the critical paths (tests/mutants.py), each in a copy of the tree
+# with the tests that must catch it; reports the survivors. Root; not part of `make test`.
+MUTANTS_ARGS ?=
+mutants: setup-tests
+	$(VENV)/bin/python tests/mutants.py $(MUTANTS_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

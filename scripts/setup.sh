@@ -21,7 +21,7 @@ for package in "${packages[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
-    echo "setup: missing system packages: ${missing[*]}; run as root (sudo make ...)" >&2
+    echo "setup: missing system packages: ${missing[*]}; run as root (make ... as root, or sudo make ...)" >&2
     exit 1
   fi
   echo "setup: installing ${missing[*]}"

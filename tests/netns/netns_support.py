@@ -245,6 +245,18 @@ def counters(namespace: str) -> dict[str, int]:
             if "counter" in item}
 
 
+def tcp_counters(namespace: str) -> dict[str, int]:
+    """The namespace's TCP counters (/proc/net/snmp Tcp:, /proc/net/netstat TcpExt:)."""
+    counted: dict[str, int] = {}
+    for source in ("/proc/net/snmp", "/proc/net/netstat"):
+        text = subprocess.run(["ip", "netns", "exec", namespace, "cat", source], capture_output=True,
+                              text=True, timeout=30, check=True).stdout.splitlines()
+        for names, values in zip(text[::2], text[1::2], strict=True):
+            if names.startswith(("Tcp:", "TcpExt:")):
+                counted.update(zip(names.split()[1:], map(int, values.split()[1:]), strict=True))
+    return counted
+
+
 class Harness:
     """Starts `hostwall agent` the way systemd would and collects what it notifies.
 
@@ -267,6 +279,7 @@ class Harness:
         environment.update(NOTIFY_SOCKET=self.socket_path, WATCHDOG_USEC=str(watchdog_usec))
         command = [*wrapper, sys.executable, "-m", "hostwall", "--netns", lab.server,
                    "--policy-dir", str(policy_dir), "--state-dir", str(state_dir), "agent", *args]
+        self.started = time.monotonic()  # before the agent exists: bounds what it can have sent
         self.process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True)
 

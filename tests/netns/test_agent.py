@@ -61,11 +61,13 @@ def test_ready_only_after_the_table_exists_then_reload_watchdog_and_stop(
     ready = next(m for _, m in agent.messages if "READY=1" in m)
     assert "STATUS=generation 1 loaded, 1 entries" in ready
 
-    agent.collect(0.0)
+    # Pings keep coming (a deadline, not a rate: a loaded machine only makes them later),
+    # and never more often than every WATCHDOG_USEC/2 since the agent was started.
     pings_before = agent.count("WATCHDOG=1")
-    agent.collect(3.0)
-    pings = agent.count("WATCHDOG=1") - pings_before
-    assert 3 <= pings <= 12, f"{pings} watchdog pings in 3 s; expected about one per 0.5 s (WATCHDOG_USEC/2)"
+    agent.wait_for("WATCHDOG=1", seconds=60, occurrence=pings_before + 5)
+    elapsed = time.monotonic() - agent.started
+    pings = agent.count("WATCHDOG=1")
+    assert pings <= elapsed / 0.5 + 1, f"{pings} watchdog pings in {elapsed:.1f} s; at most one per 0.5 s"
 
     _policy(policy_dir, ["192.0.2.0/24"])
     readies = agent.count("READY=1")
@@ -114,30 +116,47 @@ def test_fail_closed_without_policy_or_generation(
     assert agent.stop() == 0
 
 
-def test_drift_is_repaired_quickly_and_reported(
+def _set_elements(nft: Nft, name: str) -> str:
+    return nft("list", "set", "inet", "hostwall", name).stdout
+
+
+def test_a_deleted_table_is_restored_on_the_change_event(
+    lab: Lab, policy_dir: Path, nft: Nft, hostwall: Cli, harness: Any
+) -> None:
+    """The README's "within a second" rests on the nf_tables change event, not on a timer:
+    with the periodic full check an hour away, only the event can bring the table back."""
+    _policy(policy_dir, [f"{lab.allowed.ipv4}/32"])
+    agent = harness("--full-check-interval", "3600")
+    agent.wait_for("READY=1")
+
+    nft("delete", "table", "inet", "hostwall")
+    deadline = time.monotonic() + 60
+    while not _table_exists(nft) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _table_exists(nft), "the deleted table was not restored"
+    assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
+    records = wait_for_records(lab.server, lambda r: len(r) >= 1, f"MESSAGE_ID={MESSAGE_ID_DRIFT}", seconds=60)
+    assert records, "the repair was not reported"
+    assert output(hostwall("status", "--json"))["drift"] == []
+    assert agent.stop() == 0
+
+
+def test_an_element_added_by_hand_is_found_by_the_full_check_and_reported(
     lab: Lab, policy_dir: Path, nft: Nft, hostwall: Cli, harness: Any
 ) -> None:
     _policy(policy_dir, [f"{lab.allowed.ipv4}/32"])
     agent = harness("--full-check-interval", "2")
     agent.wait_for("READY=1")
 
-    nft("delete", "table", "inet", "hostwall")
-    deadline = time.monotonic() + 5
-    while not _table_exists(nft) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _table_exists(nft), "the deleted table was not restored within 5 s"
-    assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
-
     # An element added by hand changes no label: the periodic full check finds it.
     nft("add", "element", "inet", "hostwall", "postgres_v4", f"{{ {lab.denied.ipv4} }}")
-    assert reach(lab, {("denied", 4, "5432/tcp"): "open"}) == {("denied", 4, "5432/tcp"): "open"}
-    deadline = time.monotonic() + 8
-    while time.monotonic() < deadline:
-        if reach(lab, {("denied", 4, "5432/tcp"): "timeout"}) == {("denied", 4, "5432/tcp"): "timeout"}:
-            break
+    deadline = time.monotonic() + 60
+    while lab.denied.ipv4 in _set_elements(nft, "postgres_v4") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert lab.denied.ipv4 not in _set_elements(nft, "postgres_v4"), "the element added by hand stayed"
     assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
-    records = wait_for_records(lab.server, lambda r: len(r) >= 2, f"MESSAGE_ID={MESSAGE_ID_DRIFT}")
-    assert len(records) >= 2
+    records = wait_for_records(lab.server, lambda r: len(r) >= 1, f"MESSAGE_ID={MESSAGE_ID_DRIFT}", seconds=60)
+    assert records, "the repair was not reported"
     assert output(hostwall("status", "--json"))["drift"] == []
     assert agent.stop() == 0
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from netns_support import COMMAND_TIMEOUT, Cli, Journald, journal_records, reach
 
 from hostwall.drops import (
     MESSAGE_ID_AGENT,
+    MESSAGE_ID_CHANGE,
     MESSAGE_ID_DROP,
     MESSAGE_ID_DROP_SUMMARY,
     MESSAGE_ID_LOST,
@@ -41,7 +43,7 @@ class Agent:
         command = [sys.executable, "-m", "hostwall", "--netns", lab.server, "--policy-dir", str(policy_dir),
                    "--state-dir", str(state_dir), "agent", *args]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        started = wait_for_records(lab.server, lambda r: len(r) > 0, f"MESSAGE_ID={MESSAGE_ID_AGENT}")
+        started = wait_for_records(lab.server, lambda r: len(r) > 0, f"MESSAGE_ID={MESSAGE_ID_AGENT}", seconds=60)
         if not started:
             self.stop()
             pytest.fail(f"the agent did not start: {self.process.stderr.read() if self.process.stderr else ''}")
@@ -101,6 +103,30 @@ def test_denied_connections_become_journal_records_with_every_field(
     drops = subprocess.run([sys.executable, "-m", "hostwall", "--netns", lab.server, "drops", "--top", "2"],
                            capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
     assert drops.returncode == 0 and lab.denied.ipv4 in drops.stdout
+
+
+def test_drop_records_carry_the_generation_loaded_by_a_reload(
+    lab: Lab, policy_dir: Path, hostwall: Cli, start_agent: Any
+) -> None:
+    """The generation is read when drops are recorded, not once when the agent starts."""
+    _policy(policy_dir, lab)
+    assert hostwall("apply").returncode == 0
+    agent = start_agent()
+    before = {("denied", 4, "443/tcp"): "timeout"}
+    assert reach(lab, before) == before
+    first = wait_for_records(lab.server, lambda r: len(r) >= 1, f"MESSAGE_ID={MESSAGE_ID_DROP}",
+                             "HOSTWALL_DPORT=443", seconds=60)
+    assert first and {r["HOSTWALL_GENERATION"] for r in first} == {"1"}, first
+    _policy(policy_dir, lab, log_rate=11)  # another policy: the reload loads generation 2
+    agent.process.send_signal(signal.SIGHUP)
+    loaded = wait_for_records(lab.server, lambda r: any(x.get("HOSTWALL_GENERATION") == "2" for x in r),
+                              f"MESSAGE_ID={MESSAGE_ID_CHANGE}", seconds=60)
+    assert any(r.get("HOSTWALL_GENERATION") == "2" for r in loaded), loaded
+    probe = {("denied", 4, "5432/tcp"): "timeout"}
+    assert reach(lab, probe) == probe
+    records = wait_for_records(lab.server, lambda r: len(r) >= 1, f"MESSAGE_ID={MESSAGE_ID_DROP}",
+                               "HOSTWALL_DPORT=5432", seconds=60)
+    assert records and {r["HOSTWALL_GENERATION"] for r in records} == {"2"}, records
 
 
 def test_a_flood_is_summarised_and_every_drop_is_counted(
@@ -198,18 +224,20 @@ def test_drops_follow_prints_new_records_as_json(
     _policy(policy_dir, lab)
     assert hostwall("apply").returncode == 0
     start_agent()
+    # A moment the test fixes before the drop, not one relative to when the follower
+    # happens to start: however late it starts, it reads the drop, then follows.
+    since = datetime.fromtimestamp(int(time.time()) - 1, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     follower = subprocess.Popen(
         [sys.executable, "-m", "hostwall", "--netns", lab.server, "drops", "--follow", "--json",
-         "--service", "postgres", "--since", "1s"],
+         "--service", "postgres", "--since", since],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)  # the follower is waiting on the journal by now
         probe = {("denied", 6, "5432/tcp"): "timeout"}
         assert reach(lab, probe) == probe
         assert follower.stdout is not None
         with selectors.DefaultSelector() as selector:
             selector.register(follower.stdout, selectors.EVENT_READ)
-            assert selector.select(timeout=10), "drops --follow printed nothing within 10 s"
+            assert selector.select(timeout=60), "drops --follow printed nothing within 60 s"
         record = json.loads(follower.stdout.readline())
         # Ports and counts as numbers (journal fields are text).
         assert (record["HOSTWALL_SRC"], record["HOSTWALL_DPORT"], record["HOSTWALL_SERVICE"],

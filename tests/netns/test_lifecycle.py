@@ -143,6 +143,27 @@ def _wait_until(predicate: Any, seconds: float) -> bool:
     return bool(predicate())
 
 
+# Long enough for the checks made while a change is pending (CLI runs and a probe that
+# waits DENY_TIMEOUT) to end before the deadline, even on a loaded machine.
+CONFIRM_WITHIN = 15
+REVERT_WAIT = CONFIRM_WITHIN + 60
+
+
+def _reverters(state_dir: Path) -> list[int]:
+    """The detached reverters (spawn_reverter) still running for this state directory."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"revert-unconfirmed" in arguments and str(state_dir).encode() in arguments:
+            found.append(int(entry.name))
+    return found
+
+
 def test_unconfirmed_apply_reverts_after_the_cli_session_is_killed(
     lab: Lab, policy_dir: Path, state_dir: Path, hostwall: Cli
 ) -> None:
@@ -150,8 +171,8 @@ def test_unconfirmed_apply_reverts_after_the_cli_session_is_killed(
     assert hostwall("apply").returncode == 0
     _write(policy_dir, [_entry("192.0.2.0/24")])  # locks the allowed client out
 
-    result = _apply_in_own_session(_cli_prefix(lab, policy_dir, state_dir), "apply", "--confirm-within", "3",
-                                   "--json")
+    result = _apply_in_own_session(_cli_prefix(lab, policy_dir, state_dir), "apply", "--confirm-within",
+                                   str(CONFIRM_WITHIN), "--json")
     assert result.returncode == 0, result.stderr
     applied = json.loads(result.stdout)
     assert applied["generation"] == 2 and applied["pending"]["revert_to"] == 1
@@ -159,7 +180,7 @@ def test_unconfirmed_apply_reverts_after_the_cli_session_is_killed(
     status = output(hostwall("status", "--json"))
     assert status["pending"]["generation"] == 2
 
-    assert _wait_until(lambda: output(hostwall("status", "--json"))["generation"] == 1, 10)
+    assert _wait_until(lambda: output(hostwall("status", "--json"))["generation"] == 1, REVERT_WAIT)
     assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
     status = output(hostwall("status", "--json"))
     assert status["pending"] is None and status["drift"] == []
@@ -171,13 +192,16 @@ def test_confirm_in_time_keeps_the_new_generation(
     _write(policy_dir, [_entry("192.0.2.0/24")])
     assert hostwall("apply").returncode == 0
     _write(policy_dir, [_entry(f"{lab.allowed.ipv4}/32")])
-    result = _apply_in_own_session(_cli_prefix(lab, policy_dir, state_dir), "apply", "--confirm-within", "3")
+    result = _apply_in_own_session(_cli_prefix(lab, policy_dir, state_dir), "apply", "--confirm-within",
+                                   str(CONFIRM_WITHIN))
     assert result.returncode == 0, result.stderr
     assert "pending confirmation" in result.stdout
+    assert _reverters(state_dir), "no reverter is waiting for the deadline"
 
     confirmed = output(hostwall("confirm", "--json"))
     assert confirmed == {"confirmed": 2}
-    time.sleep(4.5)  # past the deadline: the reverter must have let it be
+    # The reverter wakes at the deadline and must let the confirmed change be.
+    assert _wait_until(lambda: not _reverters(state_dir), REVERT_WAIT), "the reverter did not finish"
     status = output(hostwall("status", "--json"))
     assert (status["generation"], status["pending"]) == (2, None)
     assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
@@ -187,10 +211,11 @@ def test_unconfirmed_first_apply_reverts_to_no_table(
     lab: Lab, policy_dir: Path, state_dir: Path, hostwall: Cli, nft: Nft
 ) -> None:
     _write(policy_dir, [_entry("192.0.2.0/24")])
-    result = _apply_in_own_session(_cli_prefix(lab, policy_dir, state_dir), "apply", "--confirm-within", "2")
+    result = _apply_in_own_session(_cli_prefix(lab, policy_dir, state_dir), "apply", "--confirm-within",
+                                   str(CONFIRM_WITHIN))
     assert result.returncode == 0, result.stderr
     assert reach(lab, NOBODY) == NOBODY
-    assert _wait_until(lambda: nft("list", "tables").stdout.strip() == "", 8)
+    assert _wait_until(lambda: nft("list", "tables").stdout.strip() == "", REVERT_WAIT)
     open_again = {("allowed", 4, "5432/tcp"): "open", ("denied", 4, "5432/tcp"): "open"}
     assert reach(lab, open_again) == open_again
 

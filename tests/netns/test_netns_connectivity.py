@@ -20,6 +20,7 @@ from netns_support import (
     CliJson,
     Nft,
     PolicyWriter,
+    counters,
     ip_json,
     link_local_address,
     matrix,
@@ -27,6 +28,7 @@ from netns_support import (
     probe_tcp_scoped,
     probe_udp_large,
     reach,
+    tcp_counters,
 )
 
 from hostwall import lab as labmod
@@ -76,10 +78,11 @@ def test_reject_action_answers_denied_clients_at_once(
         **matrix({"denied": "timeout"}, BOTH, ("443/tcp", "443/udp")),
     }
     assert reach(lab, expected) == expected
+    # At once: the reset answers the first SYN, which the client never had to send again.
+    syns_sent_again = tcp_counters(lab.denied.namespace)["TCPSynRetrans"]
     for address in (lab.denied.server_ipv4, lab.denied.server_ipv6):
-        started = time.monotonic()
-        result = labmod.probe_tcp(lab.denied.namespace, address, 5432, OPEN_TIMEOUT)
-        assert (result, time.monotonic() - started < 0.5) == ("refused", True)
+        assert labmod.probe_tcp(lab.denied.namespace, address, 5432, COMMAND_TIMEOUT) == "refused"
+    assert tcp_counters(lab.denied.namespace)["TCPSynRetrans"] == syns_sent_again
 
     # UDP has no reset: a rejecting service answers ICMP port unreachable instead.
     write_policy(allow_the_allowed_client(lab), action={"https": "reject"})
@@ -103,9 +106,11 @@ def test_revoked_source_loses_its_established_connection(
         write_policy({"https": [f"{ok.ipv4}/32"], "postgres": [f"{lab.denied.ipv4}/32"]})
         apply_ok(cli_json)
 
-        started = time.monotonic()
+        dropped = counters(lab.server)["postgres_dropped"]
+        sock.settimeout(OPEN_TIMEOUT)  # long enough for a loaded machine's answer, if one came
         assert not labmod.echo(sock, b"after"), "a revoked source kept its established connection"
-        assert time.monotonic() - started < 2.0
+        # The connection's own segments met the drop rule: the firewall cut it, not a slow server.
+        assert counters(lab.server)["postgres_dropped"] > dropped
     # The revocation was specific: https still answers the same client.
     assert reach(lab, {("allowed", 4, "443/tcp"): "open"}) == {("allowed", 4, "443/tcp"): "open"}
 
@@ -251,10 +256,13 @@ def test_status_counters_move_with_real_traffic(
 
 
 def test_an_expiring_entry_leaves_the_kernel_on_time(
-    lab: Lab, policy_dir: Path, cli_json: CliJson
+    lab: Lab, policy_dir: Path, cli_json: CliJson, nft: Nft
 ) -> None:
-    """No hostwall process runs when the entry expires: the kernel's set timeout does it."""
-    expires = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=4)
+    """No hostwall process runs when the entry expires: the kernel's set timeout does it.
+
+    On time is read from the kernel's own countdown, bounded by when it was read; the
+    probes only wait for what must happen, with deadlines a loaded machine cannot miss."""
+    expires = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=15)
     ok = lab.allowed
     (policy_dir / "policy.yaml").write_text(yaml.safe_dump({"services": {"https": {"allow": [
         {"cidr": f"{ok.ipv4}/32", "owner": "netns-tests", "reason": "expires soon",
@@ -263,13 +271,22 @@ def test_an_expiring_entry_leaves_the_kernel_on_time(
          "review_by": "2099-01-01"},
     ]}}}))
     apply_ok(cli_json)
+    read_from = time.time()
+    listing = json.loads(nft("-j", "list", "set", "inet", "hostwall", "https_v4_hosts").stdout)
+    read_until = time.time()
+    (element,) = [e["elem"] for item in listing["nftables"] if "set" in item for e in item["set"].get("elem", [])
+                  if isinstance(e, dict) and e.get("elem", {}).get("val") == ok.ipv4]
+    # hostwall rounds the timeout up to whole seconds; nft lists whole seconds left.
+    end = expires.timestamp()
+    assert end - read_until - 1 <= element["expires"] <= end + 1 - read_from, (element, end - read_from)
     before = {("allowed", 4, "443/tcp"): "open", ("allowed", 6, "443/tcp"): "open"}
-    assert reach(lab, before) == before, "applied too slowly: the entry expired already"
+    assert reach(lab, before) == before
 
-    # hostwall rounds the kernel's timeout up to whole seconds, so the element may
-    # outlive `expires` by up to a second; probing 2 s later is past any rounding.
-    time.sleep(max(0.0, expires.timestamp() - time.time()) + 2.0)
+    time.sleep(max(0.0, end - time.time()))
     after = {("allowed", 4, "443/tcp"): "timeout", ("allowed", 6, "443/tcp"): "open"}
+    deadline = end + 60
+    while reach(lab, after) != after and time.time() < deadline:
+        time.sleep(0.5)
     assert reach(lab, after) == after
 
     code, status = cli_json("status")

@@ -18,7 +18,7 @@ from hostwall.errors import KernelRejected, LockBusy, StateError
 from hostwall.fake import FakeBackend, _parse_full_load
 from hostwall.kernel import Counter
 from hostwall.policy import Policy, load_policy
-from hostwall.ruleset import render_full_load
+from hostwall.ruleset import Delta, render_full_load
 from hostwall.state import Current, StateDir
 
 FIXED = datetime(2026, 6, 1, tzinfo=UTC)
@@ -443,3 +443,35 @@ def test_an_unchanged_apply_with_confirm_within_leaves_the_pending_change_armed(
     result = setup.engine.apply(setup.policy(POLICY_V1), user="alice", message="", confirm_within=60)
 
     assert result.confirmed is None and result.pending == armed.pending == setup.state.pending()
+
+
+# --- the element delta's guard ----------------------------------------------------------
+
+
+class EditedBeforeTheBatch(FakeBackend):
+    """Another tool moves the generation marker after hostwall's label check, just before
+    the delta batch arrives: the fake's guard (like the kernel's) must refuse the batch."""
+
+    deltas_refused = 0
+
+    def apply_delta(self, delta: Delta, now: float) -> None:
+        assert self.table is not None
+        self.table.marker = 4_000_000
+        try:
+            super().apply_delta(delta, now)
+        except KernelRejected:
+            self.deltas_refused += 1
+            raise
+
+
+def test_the_fakes_delta_guard_refuses_a_batch_over_another_marker(tmp_path: Path) -> None:
+    setup = Setup(tmp_path)
+    setup.backend = EditedBeforeTheBatch()
+    setup.engine = Engine(setup.backend, setup.state, clock=setup.clock)
+    setup.engine.apply(setup.policy(POLICY_V1), user="t", message="base")
+    result = setup.engine.apply(setup.policy(POLICY_V1.replace("192.0.2.0/24", "192.0.2.0/25")),
+                                user="t", message="one entry narrower")
+    assert setup.backend.deltas_refused == 1, "the batch over another marker was not refused"
+    assert (result.applied, result.method, result.generation) == (True, "full", 2)
+    kernel = setup.backend.read_table(elements=False)
+    assert kernel is not None and kernel.marker == 2

@@ -1,8 +1,15 @@
 """The element batch hostwall packs by hand, byte for byte against pyroute2's nf_tables
-message classes (an independent encoder of the same kernel ABI)."""
+message classes (an independent encoder of the same kernel ABI).
+
+The reference takes nothing from hostwall but the elements' order: addresses are
+ipaddress's network byte order (nf_tables keys are big-endian), the last address of a
+family and the timeouts in milliseconds are written out here, as nf_tables.h defines
+NFTA_SET_ELEM_TIMEOUT (be64, ms) and hostwall promises them (whole seconds, rounded up).
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from typing import Any
 
@@ -15,6 +22,15 @@ from hostwall import nftnl
 from hostwall.cidr import Interval
 
 NOW = 1_800_000_000.0
+# Seconds left at NOW -> NFTA_SET_ELEM_TIMEOUT in milliseconds: rounded up to whole seconds,
+# so that an entry never leaves the kernel early.
+TIMEOUT_MS = {NOW + 90.5: 91_000, NOW + 7 * 86400: 604_800_000, NOW + 3: 3_000}
+LAST_ADDRESS = {4: int(ipaddress.IPv4Address("255.255.255.255")),
+                6: int(ipaddress.IPv6Address("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"))}
+
+
+def address_bytes(family: int, value: int) -> bytes:
+    return (ipaddress.IPv4Address(value) if family == 4 else ipaddress.IPv6Address(value)).packed
 
 
 def reference_batch_message(kind: int, sequence: int) -> bytes:
@@ -27,18 +43,23 @@ def reference_batch_message(kind: int, sequence: int) -> bytes:
     return bytes(message.data)
 
 
-def reference_interval(interval: Interval, *, with_timeout: bool) -> list[dict[str, Any]]:
-    start: list[list[Any]] = [
-        ["NFTA_SET_ELEM_KEY", {"attrs": [["NFTA_DATA_VALUE", nftnl._address_bytes(interval.family, interval.first)]]}]
+def reference_host(interval: Interval, *, with_timeout: bool) -> dict[str, Any]:
+    attributes: list[list[Any]] = [
+        ["NFTA_SET_ELEM_KEY", {"attrs": [["NFTA_DATA_VALUE", address_bytes(interval.family, interval.first)]]}]
     ]
     if with_timeout and interval.expires != float("inf"):
-        start.append(["NFTA_SET_ELEM_TIMEOUT", nftnl.timeout_seconds(interval, NOW) * 1000])
-    if interval.last == nftnl.family_max(interval.family):
+        attributes.append(["NFTA_SET_ELEM_TIMEOUT", TIMEOUT_MS[interval.expires]])
+    return {"attrs": attributes}
+
+
+def reference_interval(interval: Interval, *, with_timeout: bool) -> list[dict[str, Any]]:
+    start = reference_host(interval, with_timeout=with_timeout)["attrs"]
+    if interval.last == LAST_ADDRESS[interval.family]:
         start.append(["NFTA_SET_ELEM_USERDATA", [["NFTNL_UDATA_SET_ELEM_FLAGS", struct.pack("=I", 1)]]])
         return [{"attrs": start}]
     end = [
         ["NFTA_SET_ELEM_KEY",
-         {"attrs": [["NFTA_DATA_VALUE", nftnl._address_bytes(interval.family, interval.last + 1)]]}],
+         {"attrs": [["NFTA_DATA_VALUE", address_bytes(interval.family, interval.last + 1)]]}],
         ["NFTA_SET_ELEM_FLAGS", frozenset({1})],
     ]
     return [{"attrs": start}, {"attrs": end}]
@@ -95,6 +116,17 @@ def test_element_messages_match_pyroute2(kind: int, with_timeout: bool, count: i
     assert len(packed) == len(chunks)
     for (sequence, data), chunk in zip(packed, chunks, strict=True):
         assert data == reference_element_message(kind, "https_v4", chunk, sequence)
+
+
+@pytest.mark.parametrize("with_timeout", [True, False])
+def test_host_elements_match_pyroute2(with_timeout: bool) -> None:
+    """Single addresses, as a delta writes them into the hash sets beside the interval sets."""
+    one_v6 = 0x20010DB8 << 96 | 1
+    hosts = [i for i in INTERVALS if i.first == i.last] + [Interval(6, one_v6, one_v6, NOW + 3)]
+    packed_hosts = [nftnl._host_element(i, NOW, with_timeout=with_timeout) for i in hosts]
+    (sequence, packed), = Packer()._element_messages(nft.NFT_MSG_NEWSETELEM, "https_v4_hosts", packed_hosts)
+    reference = [reference_host(i, with_timeout=with_timeout) for i in hosts]
+    assert packed == reference_element_message(nft.NFT_MSG_NEWSETELEM, "https_v4_hosts", reference, sequence)
 
 
 def test_marker_element_matches_pyroute2() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import ipaddress
-import time
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -580,15 +579,15 @@ BILLION_LAUGHS = "".join(
 
 def test_alias_bomb_fails_fast_with_a_clear_message(write_files: WriteFiles) -> None:
     root = write_files({"p.yaml": BILLION_LAUGHS})
-    started = time.monotonic()
     problem = only_problem(root / "p.yaml")
-    elapsed = time.monotonic() - started
 
     assert problem.file == str(root / "p.yaml")
     assert problem.line is not None
+    # The counting check's words, not the builder's "expands to too many nodes": refused
+    # before anything was built (test_yamlsource measures the memory that takes).
+    assert "aliases expand the document to more than" in problem.message
     assert "alias bomb" in problem.message
     assert "write the values out" in problem.message
-    assert elapsed < 1.0, f"took {elapsed:.2f}s: the expansion was built before being refused"
 
 
 def test_alias_that_contains_itself_is_an_error(write_files: WriteFiles) -> None:
