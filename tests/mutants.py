@@ -39,6 +39,9 @@ class Mutant:
     mutated: str
     tests: tuple[str, ...]
     environment: dict[str, str] = field(default_factory=dict)
+    # More (original, mutated) lines of the same file, for a bug that takes two slips
+    # because the code guards it twice (each guard alone is then an equivalent mutant).
+    also: tuple[tuple[str, str], ...] = ()
 
     @property
     def needs_root(self) -> bool:
@@ -49,6 +52,7 @@ NFTNL_MESSAGES = "tests/unit/test_nftnl_messages.py"
 GUARD = "tests/netns/test_rollback_and_guard.py"
 LIFECYCLE = "tests/netns/test_lifecycle.py"
 DROP_LOGS = "tests/netns/test_drop_logs.py"
+SUDO_GUARDS = "tests/unit/test_sudo_guards.py"
 
 MUTANTS = (
     # --- transaction building ------------------------------------------------------------
@@ -118,13 +122,28 @@ MUTANTS = (
            (f"{DROP_LOGS}::test_denied_connections_become_journal_records_with_every_field",)),
     # --- the sudo boundary: the reverter that a sudo apply --confirm-within leaves behind -----
     Mutant("reverter-dies-with-the-session", "sudo boundary", "hostwall/cli/common.py",
-           "command, start_new_session=True, stdin=subprocess.DEVNULL,",
-           "command, start_new_session=False, stdin=subprocess.DEVNULL,",
+           'command, cwd="/", env=dict(ROOT_CHILD_ENVIRONMENT), start_new_session=True,',
+           'command, cwd="/", env=dict(ROOT_CHILD_ENVIRONMENT), start_new_session=False,',
            (f"{LIFECYCLE}::test_unconfirmed_apply_reverts_after_the_cli_session_is_killed",)),
     Mutant("reverter-loses-the-state-dir", "sudo boundary", "hostwall/cli/common.py",
-           'command = [sys.executable, "-m", "hostwall", "--state-dir", str(self.state_dir)]',
-           'command = [sys.executable, "-m", "hostwall"]',
+           'command = [sys.executable, "-I", "-m", "hostwall", "--state-dir", str(state_dir.absolute())]',
+           'command = [sys.executable, "-I", "-m", "hostwall"]',
            (f"{LIFECYCLE}::test_unconfirmed_apply_reverts_after_the_cli_session_is_killed",)),
+    Mutant("reverter-runs-the-callers-code", "sudo boundary", "hostwall/cli/common.py",
+           'command = [sys.executable, "-I", "-m", "hostwall", "--state-dir", str(state_dir.absolute())]',
+           'command = [sys.executable, "-m", "hostwall", "--state-dir", str(state_dir.absolute())]',
+           (f"{SUDO_GUARDS}::test_code_planted_in_the_working_directory_does_not_run",),
+           also=(('command, cwd="/", env=dict(ROOT_CHILD_ENVIRONMENT), start_new_session=True,',
+                  "command, start_new_session=True,"),)),
+    Mutant("lockout-guard-never-refuses", "sudo boundary", "hostwall/lockout.py",
+           "    if session is None:\n        return\n    service = blocking_service(",
+           "    if True:\n        return\n    service = blocking_service(",
+           (f"{SUDO_GUARDS}::test_a_session_outside_the_allowlist_of_its_port_is_blocked",
+            f"{SUDO_GUARDS}::test_the_engine_loads_nothing_the_guard_refuses")),
+    Mutant("journal-trusts-any-writer", "sudo boundary", "hostwall/journal.py",
+           "return all(str(raw.get(key)) == value for key, value in TRUSTED_WRITER.items())",
+           "return True",
+           (f"{SUDO_GUARDS}::test_only_records_root_sent_natively_are_trusted",)),
 )
 
 
@@ -156,10 +175,12 @@ def _pytest(tree: Path, tests: tuple[str, ...], environment: dict[str, str]) -> 
 def _mutate(tree: Path, mutant: Mutant) -> None:
     path = tree / mutant.path
     text = path.read_text()
-    if text.count(mutant.original) != 1:
-        raise LookupError(f"{mutant.name}: {mutant.path} holds the original line "
-                          f"{text.count(mutant.original)} times, not once: update the mutant")
-    path.write_text(text.replace(mutant.original, mutant.mutated))
+    for original, mutated in ((mutant.original, mutant.mutated), *mutant.also):
+        if text.count(original) != 1:
+            raise LookupError(f"{mutant.name}: {mutant.path} holds the original line "
+                              f"{text.count(original)} times, not once: update the mutant")
+        text = text.replace(original, mutated)
+    path.write_text(text)
 
 
 def main() -> int:
