@@ -214,3 +214,13 @@ def test_covered_blocks_name_a_test_that_does_it(block: Block) -> None:
     commands = re.findall(r"\b(make [a-z-]+|systemctl [a-z-]+)", block.text)
     missing = [command for command in commands if command.split()[-1] not in text]
     assert not missing, f"{block}: {covering.name} does not do {missing}"
+
+
+def test_the_quick_start_names_every_package_setup_installs() -> None:
+    setup = (ROOT / "scripts" / "setup.sh").read_text(encoding="utf-8")
+    packages = re.findall(r"[a-z0-9][a-z0-9.+-]+", " ".join(re.findall(r"packages\+?=\(([^)]*)\)", setup)))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    quick_start = readme[readme.index("## Quick start"):readme.index("\n## ", readme.index("## Quick start") + 1)]
+    named = set(re.findall(r"[a-z0-9][a-z0-9.+-]+", quick_start))
+    assert packages and not [p for p in packages if p not in named], \
+        f"the quick start does not name {[p for p in packages if p not in named]}"
