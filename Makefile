@@ -8,7 +8,7 @@ INSTALL_VENV ?= /opt/hostwall
 UNITDIR ?= /etc/systemd/system
 CATALOGDIR ?= /usr/lib/systemd/catalog
 
-.PHONY: setup setup-tests demo test lint unit unit-shifted netns bench clean install
+.PHONY: setup setup-tests demo test lint unit unit-shifted netns bench clean install collection collection-sanity
 
 setup:
 	./scripts/setup.sh
@@ -21,7 +21,7 @@ demo: setup
 	$(VENV)/bin/hostwall demo
 
 lint: setup-tests
-	$(VENV)/bin/ruff check hostwall tests vagrant/library
+	$(VENV)/bin/ruff check hostwall tests ansible
 	$(VENV)/bin/mypy
 
 unit: setup-tests
@@ -72,3 +72,14 @@ install: setup
 	-journalctl --update-catalog
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "installed: write policies to /etc/hostwall/policies, then: systemctl enable --now hostwall"
+
+# The Ansible collection hostwall.firewall (module, role, rolling-change playbook) as
+# dist/hostwall-firewall-<version>.tar.gz; install it with
+# ansible-galaxy collection install dist/hostwall-firewall-<version>.tar.gz
+collection: setup-tests
+	./scripts/build-collection.sh
+
+# ansible-test sanity on the built collection, without containers (the tests that need
+# none; those missing a tool, such as pwsh or shellcheck, report themselves skipped)
+collection-sanity: collection
+	./scripts/collection-sanity.sh
