@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import fcntl
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,10 +21,10 @@ from typing import Any
 
 import pytest
 import yaml
+from ansible_support import Run, ansible_environment, hostwall_wrapper, netns_python, prepare_root
 from collection_support import Collection
 from netns_support import reach, run_nft
 
-import hostwall
 from hostwall.lab import Lab
 
 pytestmark = pytest.mark.root
@@ -33,36 +32,6 @@ pytestmark = pytest.mark.root
 PLAYBOOK_TIMEOUT = 120
 REVIEW_BY = "2099-01-01"
 
-# ansible-core ships no JSON stdout callback (it lives in ansible.posix), so a small
-# aggregate callback records every task result to a file while the default callback
-# prints what an operator sees.
-RECORD_CALLBACK = """
-import json
-import os
-
-from ansible.plugins.callback import CallbackBase
-
-
-class CallbackModule(CallbackBase):
-    CALLBACK_VERSION = 2.0
-    CALLBACK_TYPE = "aggregate"
-    CALLBACK_NAME = "record"
-    CALLBACK_NEEDS_ENABLED = True
-
-    def _record(self, result, status):
-        with open(os.environ["HOSTWALL_TEST_RECORD"], "a", encoding="utf-8") as handle:
-            entry = {"task": result._task.get_name(), "status": status, "result": dict(result._result)}
-            handle.write(json.dumps(entry, default=str) + "\\n")
-
-    def v2_runner_on_ok(self, result):
-        self._record(result, "ok")
-
-    def v2_runner_on_failed(self, result, ignore_errors=False):
-        self._record(result, "failed")
-
-    def v2_runner_on_skipped(self, result):
-        self._record(result, "skipped")
-"""
 
 
 def _entry(cidr: str, owner: str) -> dict[str, str]:
@@ -87,27 +56,6 @@ def apply_task(**arguments: Any) -> dict[str, Any]:
     return {"name": "hostwall allowlist", MODULE: {
         "services": "{{ allowlist }}", "policy_dir": "{{ policy_dir }}", **LAB_ARGUMENTS,
         "comment": "ansible test", "wait": 5, **arguments}}
-
-
-@dataclass
-class Run:
-    process: subprocess.CompletedProcess[str]
-    record: Path
-
-    def results(self) -> list[dict[str, Any]]:
-        """The result of every task, in order (from the record callback)."""
-        if not self.record.exists():
-            pytest.fail(f"no task results (rc={self.process.returncode})\n"
-                        f"stdout: {self.process.stdout}\nstderr: {self.process.stderr}")
-        lines = self.record.read_text().splitlines()
-        return [{**entry["result"], "task_status": entry["status"]} for entry in map(json.loads, lines)]
-
-    def tasks(self) -> list[str]:
-        return [json.loads(line)["task"] for line in self.record.read_text().splitlines()]
-
-    def result(self) -> dict[str, Any]:
-        (only,) = self.results()
-        return only
 
 
 @dataclass
@@ -138,28 +86,13 @@ class Ansible:
         return self.play([apply_task(**arguments)], allow, *flags)
 
 
-def netns_python(root: Path, namespace: str) -> Path:
-    """A Python interpreter that runs inside the network namespace."""
-    wrapper = root / f"python-{namespace}"
-    wrapper.write_text(f'#!/bin/sh\nexec ip netns exec "{namespace}" "{sys.executable}" "$@"\n')
-    wrapper.chmod(0o755)
-    return wrapper
-
-
 @pytest.fixture
 def ansible(lab: Lab, policy_dir: Path, state_dir: Path, tmp_path: Path,
             installed_collection: Collection) -> Ansible:
     root = tmp_path / "ansible"
-    for directory in ("group_vars", "home", "local-tmp", "remote-tmp", "cp", "callbacks"):
-        (root / directory).mkdir(parents=True)
-    (root / "callbacks" / "record.py").write_text(RECORD_CALLBACK)
-    wrapper = root / "hostwall"
-    # The same hostwall that this test process imports, wherever it comes from.
-    source = Path(hostwall.__file__).resolve().parents[1]
-    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{source}${{PYTHONPATH:+:$PYTHONPATH}}" '
-                       f'exec "{sys.executable}" -m hostwall "$@"\n')
-    wrapper.chmod(0o755)
-    (root / "ansible.cfg").write_text("[defaults]\n")
+    (root / "group_vars").mkdir(parents=True)
+    prepare_root(root)
+    wrapper = hostwall_wrapper(root)
     # The lab's clients as inventory hosts: a module delegated to them runs inside their
     # namespace (its interpreter enters it), so a probe from them is a real client's.
     clients = {"partner": lab.allowed.namespace, "outsider": lab.denied.namespace}
@@ -168,28 +101,7 @@ def ansible(lab: Lab, policy_dir: Path, state_dir: Path, tmp_path: Path,
         f"ansible_python_interpreter={sys.executable}\n[clients]\n"
         + "".join(f"{name} ansible_connection=local ansible_python_interpreter={netns_python(root, namespace)}\n"
                   for name, namespace in clients.items()))
-    environment = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("ANSIBLE_", "HOSTWALL_"))}
-    environment.update({
-        "HOME": str(root / "home"),
-        "LC_ALL": "C.UTF-8",
-        "ANSIBLE_CONFIG": str(root / "ansible.cfg"),
-        "ANSIBLE_HOME": str(root / "home" / ".ansible"),
-        "ANSIBLE_LOCAL_TEMP": str(root / "local-tmp"),
-        "ANSIBLE_REMOTE_TEMP": str(root / "remote-tmp"),
-        "ANSIBLE_COLLECTIONS_PATH": str(installed_collection.path),
-        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(root / "cp"),
-        "ANSIBLE_PERSISTENT_CONTROL_PATH_DIR": str(root / "cp"),
-        "ANSIBLE_CALLBACK_PLUGINS": str(root / "callbacks"),
-        "ANSIBLE_CALLBACKS_ENABLED": "record",
-        "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_FORCE_COLOR": "0",
-        "ANSIBLE_RETRY_FILES_ENABLED": "0",
-        "ANSIBLE_GATHERING": "explicit",
-        "ANSIBLE_DEPRECATION_WARNINGS": "0",
-        "ANSIBLE_LOCALHOST_WARNING": "0",
-    })
+    environment = ansible_environment(root, installed_collection)
     variables = {"netns": lab.server, "policy_dir": str(policy_dir), "state_dir": str(state_dir),
                  "hostwall_bin": str(wrapper)}
     return Ansible(root, environment, variables)

@@ -74,7 +74,7 @@ def test_tarball_ships_the_role_files_and_the_wheel(installed_collection: Collec
     with tarfile.open(installed_collection.tarball) as tarball:
         names = set(tarball.getnames())
     assert {"plugins/modules/hostwall.py", "plugins/modules/tcp_probe.py", "roles/hostwall/tasks/main.yml",
-            "LICENSE", "MANIFEST.json",
+            "playbooks/rollout.yml", "LICENSE", "MANIFEST.json",
             f"roles/hostwall/files/dist/hostwall-{version}-py3-none-any.whl"} <= names
     files = installed_collection.root / "roles" / "hostwall" / "files"
     for name in ("hostwall.service", "hostwall.catalog", "sudoers.hostwall"):
