@@ -72,3 +72,19 @@ install: setup
 	-journalctl --update-catalog
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "installed: write policies to /etc/hostwall/policies, then: systemctl enable --now hostwall"
+
+# The Vagrant lab's twin (tests/boot/twin.py): server, partner and outsider as
+# systemd-nspawn machines on a network in namespaces of their own, provisioned by
+# vagrant/playbook.yml over SSH. LAB_SERVERS=N: N servers (server, server2, ...);
+# LAB_NAME names a second lab beside the first. lab-down also cleans up after a failure.
+LAB_SERVERS ?= 1
+LAB_NAME ?= hwlab
+.PHONY: lab lab-check lab-down
+lab: setup-tests
+	$(VENV)/bin/python tests/boot/twin.py up --name $(LAB_NAME) --servers $(LAB_SERVERS)
+
+lab-check:
+	$(VENV)/bin/python tests/boot/twin.py check --name $(LAB_NAME)
+
+lab-down:
+	$(VENV)/bin/python tests/boot/twin.py down --name $(LAB_NAME)
