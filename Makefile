@@ -77,14 +77,19 @@ install: setup
 # systemd-nspawn machines on a network in namespaces of their own, provisioned by
 # vagrant/playbook.yml over SSH. LAB_SERVERS=N: N servers (server, server2, ...);
 # LAB_NAME names a second lab beside the first. lab-down also cleans up after a failure.
+# lab-provision runs the playbook again, with ANSIBLE_ARGS (e.g. "--check --diff").
 LAB_SERVERS ?= 1
 LAB_NAME ?= hwlab
-.PHONY: lab lab-check lab-down
+ANSIBLE_ARGS ?=
+.PHONY: lab lab-check lab-provision lab-down
 lab: setup-tests
 	$(VENV)/bin/python tests/boot/twin.py up --name $(LAB_NAME) --servers $(LAB_SERVERS)
 
 lab-check:
 	$(VENV)/bin/python tests/boot/twin.py check --name $(LAB_NAME)
+
+lab-provision:
+	$(VENV)/bin/python tests/boot/twin.py provision --name $(LAB_NAME) -- $(ANSIBLE_ARGS)
 
 lab-down:
 	$(VENV)/bin/python tests/boot/twin.py down --name $(LAB_NAME)

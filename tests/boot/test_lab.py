@@ -70,6 +70,15 @@ def test_check_fails_when_a_probe_is_not_as_expected(lab: twin.Lab, capsys: pyte
         ssh(lab, "server2", "systemctl start nginx")
 
 
+def test_provision_again_in_check_mode_changes_no_allowlist(lab: twin.Lab,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    twin.reprovision(NAME, ("--check", "--diff"))
+    output = capsys.readouterr().out
+    assert "hostwall kernel: entries added" not in output, output
+    for server in lab.servers:
+        assert json.loads(ssh(lab, server.name, "hostwall status --json"))["generation"] == 1
+
+
 def test_up_refuses_a_lab_that_is_already_up(lab: twin.Lab) -> None:
     with pytest.raises(twin.BootError, match="already up"):
         twin.up(NAME, servers=1)

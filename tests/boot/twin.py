@@ -23,6 +23,7 @@ added there, and the only firewall that changes is the server machines' own.
 
     python tests/boot/twin.py up [--servers N] [--name NAME]   # make lab
     python tests/boot/twin.py check [--name NAME]              # make lab-check
+    python tests/boot/twin.py provision [--name NAME] -- ARGS  # make lab-provision
     python tests/boot/twin.py down [--name NAME]               # make lab-down
 """
 
@@ -421,7 +422,9 @@ def write_inventory(lab: Lab) -> tuple[Path, Path]:
     return inventory, extra
 
 
-def provision(lab: Lab) -> None:
+def provision(lab: Lab, arguments: tuple[str, ...] = ()) -> None:
+    """ansible-playbook vagrant/playbook.yml from the switch namespace; arguments go after
+    the inventory and extra vars (e.g. --check --diff)."""
     inventory, extra = write_inventory(lab)
     playbook = Path(sys.executable).with_name("ansible-playbook")
     # Pipelining (one SSH round trip per task instead of several) halves the provisioning
@@ -430,7 +433,7 @@ def provision(lab: Lab) -> None:
                        ANSIBLE_HOST_KEY_CHECKING="True", ANSIBLE_PIPELINING="True", ANSIBLE_NOCOWS="1",
                        ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_LOCAL_TEMP=str(lab.state_dir / "tmp"))
     command = ["ip", "netns", "exec", lab.switch, str(playbook), "-i", str(inventory), "-e", f"@{extra}",
-               str(VAGRANT_DIR / "playbook.yml")]
+               *arguments, str(VAGRANT_DIR / "playbook.yml")]
     with (lab.state_dir / "provision.log").open("w") as output, subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=environment, cwd=VAGRANT_DIR) as process:
@@ -506,6 +509,13 @@ def probe(lab: Lab, client: Host, server: Host, port: int) -> str:
     if result.returncode != 0:
         return f"ssh failed: {result.stderr.strip()}"
     return result.stdout.strip()
+
+
+def reprovision(name: str, arguments: tuple[str, ...]) -> None:
+    lab = Lab.load(valid_name(name))
+    if lab is None or not all(host.leader for host in lab.hosts):
+        raise BootError(f"lab {name} is not up: run `make lab` first")
+    provision(lab, arguments)
 
 
 def check(name: str) -> bool:
@@ -596,11 +606,13 @@ def leftovers(name: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("action", choices=("up", "check", "down"))
+    parser.add_argument("action", choices=("up", "check", "provision", "down"))
     parser.add_argument("--name", default=os.environ.get("LAB_NAME", DEFAULT_NAME),
                         help=f"lab name, prefix of its namespaces (default {DEFAULT_NAME}, or $LAB_NAME)")
     parser.add_argument("--servers", type=int, default=int(os.environ.get("LAB_SERVERS") or 1),
                         help="number of servers (default 1, or $LAB_SERVERS)")
+    parser.add_argument("playbook_arguments", nargs="*", metavar="ANSIBLE-PLAYBOOK-ARGUMENT",
+                        help="provision: more arguments for ansible-playbook, after --")
     arguments = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("lab: needs root (namespaces, mounts, systemd-nspawn)", file=sys.stderr)
@@ -608,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     actions: dict[str, Callable[[], object]] = {
         "up": lambda: up(arguments.name, arguments.servers),
         "check": lambda: check(arguments.name),
+        "provision": lambda: reprovision(arguments.name, tuple(arguments.playbook_arguments)),
         "down": lambda: down(arguments.name),
     }
     try:
