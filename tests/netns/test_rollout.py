@@ -10,6 +10,7 @@ at the first server, which then reverts by itself; the other two are never touch
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import subprocess
 import sys
@@ -164,3 +165,27 @@ def test_a_change_that_locks_the_partner_out_stops_at_the_first_server_which_rev
             assert (status["generation"], status["pending"]) == (1, None), (server, status)
             assert (fleet.policy_dir(server) / "ansible.yaml").read_bytes() == before[server], server
             assert reached(lab) == ("open", "timeout"), server
+
+
+def test_a_change_that_reverted_before_its_probes_ended_stops_the_rollout(
+        tmp_path: Path, installed_collection: Collection, privileges: None) -> None:
+    """confirm_within shorter than the probes: they pass against the old policy, so the
+    confirm that finds nothing to confirm must stop the rollout."""
+    with three_labs() as labs:
+        fleet = Fleet(tmp_path / "ansible", labs, installed_collection)
+        baseline = policy(labs[0].allowed.ipv4)
+        assert fleet.roll(baseline, confirm_within=60).process.returncode == 0
+        before = {server: (fleet.policy_dir(server) / "ansible.yaml").read_bytes() for server in SERVERS}
+        widened = copy.deepcopy(baseline)
+        widened["https"]["allow"].append(_entry("10.77.9.9/32", "newcomer"))
+        run = fleet.roll(widened, confirm_within=1)
+        assert run.process.returncode != 0, run.process.stdout
+        results = list(zip(run.tasks(), run.hosts(), run.results(), strict=True))
+        assert [host for task, host, _ in results if task.startswith("Apply the change")] == ["server1"]
+        failed = [(task, result) for task, _, result in results if result["task_status"] == "failed"]
+        assert [task for task, _ in failed] == ["Confirm the change on this host"], failed
+        assert failed[0][1]["confirmed"] is None, failed
+        assert fleet.status("server1", labs[0])["generation"] == 1
+        for server, lab in zip(SERVERS[1:], labs[1:], strict=True):
+            assert (fleet.policy_dir(server) / "ansible.yaml").read_bytes() == before[server], server
+            assert fleet.status(server, lab)["generation"] == 1, server
