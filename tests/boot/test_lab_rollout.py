@@ -72,7 +72,7 @@ def test_a_change_that_locks_the_partner_out_stops_at_the_first_server(
     output = capsys.readouterr().out
     assert code != 0, output
     # Stopped at the first server: its probe from the partner failed, nothing else ran.
-    assert "changed: [server]" in output and "failed: [server -> partner]" in output, output
+    assert "changed: [server]" in output and "failed: [server -> partner" in output, output
     assert "[server2" not in output and "[server3" not in output, output
     assert "Confirm the change on this host" not in output, output
 
