@@ -82,7 +82,7 @@ LAB_SERVERS ?= 1
 LAB_NAME ?= hwlab
 ANSIBLE_ARGS ?=
 .PHONY: lab lab-check lab-provision lab-down
-lab: setup-tests
+lab: setup
 	$(VENV)/bin/python tests/boot/twin.py up --name $(LAB_NAME) --servers $(LAB_SERVERS)
 
 lab-check:
