@@ -93,3 +93,13 @@ lab-provision:
 
 lab-down:
 	$(VENV)/bin/python tests/boot/twin.py down --name $(LAB_NAME)
+
+# A libvirt Vagrant box built here from Debian packages (tests/boot/vagrant_box.py) and
+# added as hostwall/bookworm, the Vagrantfile's default box. vagrant-box-check boots the
+# built box under QEMU's software emulation and logs in as vagrant.
+.PHONY: vagrant-box vagrant-box-check
+vagrant-box: setup
+	$(VENV)/bin/python tests/boot/vagrant_box.py add
+
+vagrant-box-check: setup
+	$(VENV)/bin/python tests/boot/vagrant_box.py boot-check
