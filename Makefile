@@ -82,7 +82,7 @@ LAB_SERVERS ?= 1
 LAB_NAME ?= hwlab
 ANSIBLE_ARGS ?=
 .PHONY: lab lab-check lab-provision lab-down
-lab: setup-tests
+lab: setup
 	$(VENV)/bin/python tests/boot/twin.py up --name $(LAB_NAME) --servers $(LAB_SERVERS)
 
 lab-check:
@@ -93,6 +93,16 @@ lab-provision:
 
 lab-down:
 	$(VENV)/bin/python tests/boot/twin.py down --name $(LAB_NAME)
+
+# A libvirt Vagrant box built here from Debian packages (tests/boot/vagrant_box.py) and
+# added as hostwall/bookworm, the Vagrantfile's default box. vagrant-box-check boots the
+# built box under QEMU's software emulation and logs in as vagrant.
+.PHONY: vagrant-box vagrant-box-check
+vagrant-box: setup
+	$(VENV)/bin/python tests/boot/vagrant_box.py add
+
+vagrant-box-check: setup
+	$(VENV)/bin/python tests/boot/vagrant_box.py boot-check
 
 # The Ansible collection hostwall.firewall (module, role, rolling-change playbook) as
 # dist/hostwall-firewall-<version>.tar.gz; install it with

@@ -95,3 +95,23 @@ def test_down_removes_a_half_made_lab(privileges: None) -> None:
     finally:
         twin.down(name)
     assert twin.leftovers(name) == []
+
+
+def test_a_failed_up_removes_what_it_made(privileges: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Machines booted, then provisioning fails: nothing of the lab is left."""
+    name = f"hwfail{os.getpid() % 1_000_000}"
+    booted: list[str] = []
+
+    def failing_provision(lab: twin.Lab, arguments: tuple[str, ...] = ()) -> None:
+        booted.extend(host.name for host in lab.hosts if host.leader and ssh(lab, host.name, "cat /proc/1/comm")
+                      .strip() == "systemd")
+        raise twin.BootError("provisioning failed (on purpose)")
+
+    monkeypatch.setattr(twin, "provision", failing_provision)
+    try:
+        with pytest.raises(twin.BootError, match="on purpose"):
+            twin.up(name, servers=1)
+        assert booted == ["server", "partner", "outsider"]
+        assert twin.leftovers(name) == []
+    finally:
+        twin.down(name)

@@ -468,14 +468,26 @@ def provision(lab: Lab, arguments: tuple[str, ...] = ()) -> None:
     the inventory and extra vars (e.g. --check --diff)."""
     code = run_playbook(lab, str(VAGRANT_DIR / "playbook.yml"), arguments, "provision.log")
     if code != 0:
-        raise BootError(f"ansible-playbook failed ({code}); the whole run is in {lab.state_dir / 'provision.log'}")
+        raise BootError(f"ansible-playbook failed ({code}); its output is above")
 
 
 # --- up, check, down -----------------------------------------------------------------------
 
 
+# What the lab runs on this host, and the Debian package each comes from.
+TOOLS = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "nsenter": "util-linux",
+         "ip": "iproute2", "ssh": "openssh-client", "ssh-keygen": "openssh-client"}
+
+
+def missing_packages() -> list[str]:
+    found = {tool: shutil.which(tool, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin") for tool in TOOLS}
+    return sorted({TOOLS[tool] for tool, path in found.items() if path is None})
+
+
 def up(name: str, servers: int) -> Lab:
     lab = Lab(valid_name(name), plan(name, servers))
+    if missing := missing_packages():
+        raise BootError(f"the lab needs the packages {', '.join(missing)}: apt-get install {' '.join(missing)}")
     if lab.state_dir.exists() or lab_namespaces(name):
         raise BootError(f"lab {name} is already up (or left over): run `make lab-down` first")
     timings: list[str] = []
