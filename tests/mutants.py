@@ -94,9 +94,10 @@ MUTANTS = (
            "if n < current.generation]", "if n <= current.generation]",
            (f"{GUARD}::test_default_rollback_goes_to_the_generation_before_the_loaded_one",)),
     # --- expiry --------------------------------------------------------------------------
+    # Timeouts computed as at the generation's first load: what replaying its text did.
     Mutant("rollback-replays-old-timeouts", "expiry", "hostwall/engine.py",
-           "text = generation.transaction() if because is None else",
-           "text = generation.transaction() if because is None or generation.has_transaction else",
+           "            self._backend.load(ruleset, number, self._clock())",
+           "            self._backend.load(ruleset, number, generation.meta.created)",
            (f"{GUARD}::test_rollback_of_an_expiring_generation_keeps_its_expiry",)),
     Mutant("timeout-rounded-down", "expiry", "hostwall/ruleset.py",
            "max(1, math.ceil(interval.expires - now))", "max(1, int(interval.expires - now))",

@@ -40,7 +40,8 @@ from boot_support import (
 from ci_gate import skip_or_fail_in_ci
 
 TOOLS = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "nsenter": "util-linux",
-         "ip": "iproute2", "nft": "nftables", "chroot": "coreutils", "mount": "mount"}
+         "ip": "iproute2", "nft": "nftables", "chroot": "coreutils", "mount": "mount",
+         "ssh": "openssh-client", "ssh-keygen": "openssh-client"}  # the last two: the lab (twin.py)
 
 
 def _which(tool: str) -> str | None:

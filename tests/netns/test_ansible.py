@@ -1,4 +1,5 @@
-"""The Ansible module (vagrant/library/hostwall.py) through real ansible-playbook runs.
+"""The Ansible collection's module and role (hostwall.firewall, built with `make collection`
+and installed with ansible-galaxy) through real ansible-playbook runs.
 
 Each run is a subprocess with a local connection; the module runs the real CLI (a
 wrapper around ``python -m hostwall``) against the lab's server namespace, so the kernel
@@ -11,9 +12,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,48 +21,17 @@ from typing import Any
 
 import pytest
 import yaml
+from ansible_support import Run, ansible_environment, hostwall_wrapper, netns_python, prepare_root
+from collection_support import Collection
 from netns_support import reach, run_nft
 
-import hostwall
 from hostwall.lab import Lab
 
 pytestmark = pytest.mark.root
 
-VAGRANT = Path(__file__).resolve().parents[2] / "vagrant"
-LIBRARY = VAGRANT / "library"
 PLAYBOOK_TIMEOUT = 120
 REVIEW_BY = "2099-01-01"
 
-# ansible-core ships no JSON stdout callback (it lives in ansible.posix), so a small
-# aggregate callback records every task result to a file while the default callback
-# prints what an operator sees.
-RECORD_CALLBACK = """
-import json
-import os
-
-from ansible.plugins.callback import CallbackBase
-
-
-class CallbackModule(CallbackBase):
-    CALLBACK_VERSION = 2.0
-    CALLBACK_TYPE = "aggregate"
-    CALLBACK_NAME = "record"
-    CALLBACK_NEEDS_ENABLED = True
-
-    def _record(self, result, status):
-        with open(os.environ["HOSTWALL_TEST_RECORD"], "a", encoding="utf-8") as handle:
-            entry = {"task": result._task.get_name(), "status": status, "result": dict(result._result)}
-            handle.write(json.dumps(entry, default=str) + "\\n")
-
-    def v2_runner_on_ok(self, result):
-        self._record(result, "ok")
-
-    def v2_runner_on_failed(self, result, ignore_errors=False):
-        self._record(result, "failed")
-
-    def v2_runner_on_skipped(self, result):
-        self._record(result, "skipped")
-"""
 
 
 def _entry(cidr: str, owner: str) -> dict[str, str]:
@@ -78,35 +46,16 @@ def allowlist(lab: Lab) -> dict[str, Any]:
     }
 
 
+MODULE = ROLE = "hostwall.firewall.hostwall"
+
 # Where the module finds the lab (from the inventory's variables).
 LAB_ARGUMENTS = {"netns": "{{ netns }}", "state_dir": "{{ state_dir }}", "hostwall_bin": "{{ hostwall_bin }}"}
 
 
 def apply_task(**arguments: Any) -> dict[str, Any]:
-    return {"name": "hostwall allowlist", "hostwall": {
+    return {"name": "hostwall allowlist", MODULE: {
         "services": "{{ allowlist }}", "policy_dir": "{{ policy_dir }}", **LAB_ARGUMENTS,
-        "message": "ansible test", "wait": 5, **arguments}}
-
-
-@dataclass
-class Run:
-    process: subprocess.CompletedProcess[str]
-    record: Path
-
-    def results(self) -> list[dict[str, Any]]:
-        """The result of every task, in order (from the record callback)."""
-        if not self.record.exists():
-            pytest.fail(f"no task results (rc={self.process.returncode})\n"
-                        f"stdout: {self.process.stdout}\nstderr: {self.process.stderr}")
-        lines = self.record.read_text().splitlines()
-        return [{**entry["result"], "task_status": entry["status"]} for entry in map(json.loads, lines)]
-
-    def tasks(self) -> list[str]:
-        return [json.loads(line)["task"] for line in self.record.read_text().splitlines()]
-
-    def result(self) -> dict[str, Any]:
-        (only,) = self.results()
-        return only
+        "comment": "ansible test", "wait": 5, **arguments}}
 
 
 @dataclass
@@ -138,50 +87,21 @@ class Ansible:
 
 
 @pytest.fixture
-def ansible(lab: Lab, policy_dir: Path, state_dir: Path, tmp_path: Path) -> Ansible:
-    if importlib.util.find_spec("ansible") is None:
-        reason = "ansible-core is not installed in this environment (pyproject's dev extra has it)"
-        if os.environ.get("CI"):
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
+def ansible(lab: Lab, policy_dir: Path, state_dir: Path, tmp_path: Path,
+            installed_collection: Collection) -> Ansible:
     root = tmp_path / "ansible"
-    for directory in ("group_vars", "home", "local-tmp", "remote-tmp", "collections", "cp", "callbacks"):
-        (root / directory).mkdir(parents=True)
-    (root / "callbacks" / "record.py").write_text(RECORD_CALLBACK)
-    wrapper = root / "hostwall"
-    # The same hostwall that this test process imports, wherever it comes from.
-    source = Path(hostwall.__file__).resolve().parents[1]
-    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{source}${{PYTHONPATH:+:$PYTHONPATH}}" '
-                       f'exec "{sys.executable}" -m hostwall "$@"\n')
-    wrapper.chmod(0o755)
-    (root / "ansible.cfg").write_text("[defaults]\n")
+    (root / "group_vars").mkdir(parents=True)
+    prepare_root(root)
+    wrapper = hostwall_wrapper(root)
+    # The lab's clients as inventory hosts: a module delegated to them runs inside their
+    # namespace (its interpreter enters it), so a probe from them is a real client's.
+    clients = {"partner": lab.allowed.namespace, "outsider": lab.denied.namespace}
     (root / "inventory.ini").write_text(
         "[lab]\nlocalhost ansible_connection=local "
-        f"ansible_python_interpreter={sys.executable}\n")
-    environment = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("ANSIBLE_", "HOSTWALL_"))}
-    environment.update({
-        "HOME": str(root / "home"),
-        "LC_ALL": "C.UTF-8",
-        "ANSIBLE_CONFIG": str(root / "ansible.cfg"),
-        "ANSIBLE_HOME": str(root / "home" / ".ansible"),
-        "ANSIBLE_LOCAL_TEMP": str(root / "local-tmp"),
-        "ANSIBLE_REMOTE_TEMP": str(root / "remote-tmp"),
-        "ANSIBLE_COLLECTIONS_PATH": str(root / "collections"),
-        "ANSIBLE_ROLES_PATH": str(VAGRANT / "roles"),
-        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(root / "cp"),
-        "ANSIBLE_PERSISTENT_CONTROL_PATH_DIR": str(root / "cp"),
-        "ANSIBLE_LIBRARY": str(LIBRARY),
-        "ANSIBLE_CALLBACK_PLUGINS": str(root / "callbacks"),
-        "ANSIBLE_CALLBACKS_ENABLED": "record",
-        "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_FORCE_COLOR": "0",
-        "ANSIBLE_RETRY_FILES_ENABLED": "0",
-        "ANSIBLE_GATHERING": "explicit",
-        "ANSIBLE_DEPRECATION_WARNINGS": "0",
-        "ANSIBLE_LOCALHOST_WARNING": "0",
-    })
+        f"ansible_python_interpreter={sys.executable}\n[clients]\n"
+        + "".join(f"{name} ansible_connection=local ansible_python_interpreter={netns_python(root, namespace)}\n"
+                  for name, namespace in clients.items()))
+    environment = ansible_environment(root, installed_collection)
     variables = {"netns": lab.server, "policy_dir": str(policy_dir), "state_dir": str(state_dir),
                  "hostwall_bin": str(wrapper)}
     return Ansible(root, environment, variables)
@@ -270,8 +190,8 @@ def test_playbook_is_declarative_idempotent_and_checkable(
 def test_confirm_within_then_confirm(lab: Lab, state_dir: Path, ansible: Ansible) -> None:
     tasks = [
         apply_task(confirm_within=60),
-        {"name": "confirm", "hostwall": {**LAB_ARGUMENTS, "confirm": True}},
-        {"name": "confirm again", "hostwall": {**LAB_ARGUMENTS, "confirm": True}},
+        {"name": "confirm", MODULE: {**LAB_ARGUMENTS, "confirm": True}},
+        {"name": "confirm again", MODULE: {**LAB_ARGUMENTS, "confirm": True}},
     ]
     run = ansible.play(tasks, allowlist(lab))
     succeeded(run)
@@ -334,27 +254,34 @@ def test_failures_report_hostwall_errors_and_keep_the_managed_file(
 
 
 def test_role_applies_checks_and_confirms(lab: Lab, policy_dir: Path, state_dir: Path, ansible: Ansible) -> None:
-    """vagrant/roles/hostwall without its install steps: apply with confirm_within, then
+    """The collection's role without its install steps: apply with confirm_within, then
     the handlers reconnect and confirm; a second run changes nothing."""
     role_variables = {
         "hostwall_install": False, "hostwall_agent": False, "hostwall_services": "{{ allowlist }}",
         "hostwall_netns": lab.server, "hostwall_policy_dir": str(policy_dir),
         "hostwall_state_dir": str(state_dir), "hostwall_bin": ansible.variables["hostwall_bin"],
         "hostwall_confirm_within": 60, "hostwall_connectivity_timeout": 10,
+        "hostwall_connectivity_checks": [
+            {"from": "partner", "host": lab.allowed.server_ipv4, "port": 5432},
+            {"from": "outsider", "host": lab.denied.server_ipv4, "port": 443, "expect": "timeout"},
+        ],
     }
-    run = ansible.play([], allowlist(lab), roles=("hostwall",), extra=role_variables)
+    run = ansible.play([], allowlist(lab), roles=(ROLE,), extra=role_variables)
     succeeded(run)
     by_name = {name: result for name, result in zip(run.tasks(), run.results(), strict=True)}
-    applied = by_name["hostwall : Load the allowlist (the whole policy, declaratively)"]
+    applied = by_name[f"{ROLE} : Load the allowlist (the whole policy, declaratively)"]
     assert (applied["changed"], applied["generation"], applied["pending"]["generation"]) == (True, 1, 1), applied
-    confirmed = by_name["hostwall : Confirm the hostwall change"]
+    confirmed = by_name[f"{ROLE} : Confirm the hostwall change"]
     assert (confirmed["changed"], confirmed["confirmed"]) == (True, 1), confirmed
-    assert "hostwall : Open a fresh connection to the host" in by_name
+    assert f"{ROLE} : Open a fresh connection to the host" in by_name
+    probes = by_name[f"{ROLE} : Check that the allowed paths still connect (and the others still time out)"]
+    assert [(probe["item"]["from"], probe["result"]) for probe in probes["results"]] == [
+        ("partner", "open"), ("outsider", "timeout")], probes
     assert not (state_dir / "pending.json").exists()
     opened = {("allowed", 4, "5432/tcp"): "open", ("denied", 4, "443/tcp"): "timeout"}
     assert reach(lab, opened) == opened
 
-    again = ansible.play([], allowlist(lab), roles=("hostwall",), extra=role_variables)
+    again = ansible.play([], allowlist(lab), roles=(ROLE,), extra=role_variables)
     succeeded(again)
     assert "changed=0" in again.process.stdout, again.process.stdout
     assert "Confirm the hostwall change" not in again.process.stdout

@@ -201,7 +201,7 @@ def test_make_blocks_name_real_targets_and_files(block: Block) -> None:
         dry = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True,
                              timeout=COMMAND_TIMEOUT, check=False)
         assert dry.returncode == 0, f"{block}: make {target}: {dry.stderr}"
-    for path in re.findall(r"\b((?:tests|scripts|units|policies|vagrant)/[\w./-]+)", block.text):
+    for path in re.findall(r"\b((?:tests|scripts|units|policies|vagrant|ansible)/[\w./-]+)", block.text):
         assert (ROOT / path).exists(), f"{block}: {path} does not exist"
 
 

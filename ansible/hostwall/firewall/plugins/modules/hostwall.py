@@ -2,7 +2,7 @@
 # ruff: noqa: E402
 # Copyright: the hostwall authors. Licensed under the Apache License, Version 2.0
 # (the project's licence); original code, no GPL-licensed source was used.
-"""Ansible module: hand hostwall the whole desired allowlist and load it declaratively."""
+"""Ansible module hostwall.firewall.hostwall: hand hostwall the whole desired allowlist and load it declaratively."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ description:
     applied earlier with O(confirm_within).
 version_added: "0.1.0"
 author:
-  - hostwall authors
+  - hostwall authors (!UNKNOWN)
 requirements:
   - hostwall on the managed host (C(pip install) of the hostwall project)
   - root, or CAP_NET_ADMIN, on the managed host (use O(ignore:become=true))
@@ -50,9 +50,33 @@ options:
     type: dict
   settings:
     description:
-      - hostwall's optional C(settings) mapping (C(log_group), C(log_rate), C(log_burst)).
-        Only one policy file may give settings.
+      - hostwall's optional C(settings) mapping. Only one policy file of O(policy_dir) may
+        give settings. A setting that is not given keeps hostwall's default.
     type: dict
+    suboptions:
+      log_group:
+        description: The NFLOG group the kernel logs drops to (0 to 65535). hostwall's default is 100.
+        type: int
+      log_rate:
+        description: Drop log records per second that the kernel lets through (1 to 100000). hostwall's default is 10.
+        type: int
+      log_burst:
+        description: The burst above O(settings.log_rate) (1 to 100000). hostwall's default is 20.
+        type: int
+      strict_source:
+        description:
+          - Drop packets to protected ports whose source the host would not route back out of
+            the interface they came in on (a reverse-path check against an allowed address
+            spoofed from another link).
+          - Leave it off on hosts with asymmetric routing (several uplinks).
+          - hostwall's default is V(false).
+        type: bool
+      owners:
+        description:
+          - The owners that allow entries may name. C(hostwall audit) reports an entry with
+            any other owner as an error. Not given, any owner is accepted.
+        type: list
+        elements: str
   policy_dir:
     description:
       - hostwall's policy directory. The module writes only C(ansible.yaml) in it, and
@@ -75,9 +99,10 @@ options:
         C(/opt/hostwall/bin). A path is used as it is.
     type: str
     default: hostwall
-  message:
+  comment:
     description:
-      - Why the change is made. It is recorded with the generation (C(apply -m)).
+      - Why the change is made. It is recorded with the generation (C(apply --message)).
+      - Named C(comment) because Ansible reserves C(message) for its own use.
     type: str
     default: applied by Ansible
   confirm_within:
@@ -102,8 +127,6 @@ notes:
     the kernel entries that are removed (before) and added (after).
   - C(changed) is true when hostwall changes the kernel (hostwall's own C(changed), which
     includes repairing drift) or when the managed file's text changes.
-  - The option name O(message) is kept although C(ansible-test sanity) reserves it for
-    collection modules. ansible-core logs it safely (prefixed in the journal; checked with 2.19).
 attributes:
   check_mode:
     description: Runs C(hostwall apply --check) against a temporary mirror of the policy directory.
@@ -115,7 +138,7 @@ attributes:
 
 EXAMPLES = r"""
 - name: Load the fleet's allowlist
-  hostwall:
+  hostwall.firewall.hostwall:
     services:
       https:
         allow:
@@ -134,19 +157,19 @@ EXAMPLES = r"""
         protocols: [tcp]
         action: reject
         allow: []
-    message: "OPS-1234: partner-b migrated"
+    comment: "OPS-1234: partner-b migrated"
     confirm_within: 120
   become: true
   register: hostwall_result
   notify: hostwall applied
 
 - name: Keep the change (in a handler, after a connectivity check)
-  hostwall:
+  hostwall.firewall.hostwall:
     confirm: true
   become: true
 
 - name: Lab use, inside a network namespace with its own directories
-  hostwall:
+  hostwall.firewall.hostwall:
     services: "{{ hostwall_services }}"
     netns: lab-server
     policy_dir: /srv/lab/policies
@@ -222,6 +245,30 @@ rc:
   type: int
 problems:
   description: Every problem of an invalid policy (exit code 3), one line each.
+  returned: on failure
+  type: list
+  elements: str
+dry_run:
+  description: Whether hostwall only planned the change (check mode).
+  returned: always, except with O(confirm=true)
+  type: bool
+kind:
+  description: The class name of hostwall's error, such as C(PolicyError), or null.
+  returned: on failure
+  type: str
+managed_file:
+  description:
+    - What became of the managed file after a failed C(hostwall apply). V(restored) (the
+      previous text is back), V(removed) (there was none before) or V(unchanged).
+  returned: when C(hostwall apply) fails
+  type: str
+  sample: restored
+stderr:
+  description: hostwall's standard error.
+  returned: on failure
+  type: str
+cmd:
+  description: The hostwall command that failed.
   returned: on failure
   type: list
   elements: str
@@ -308,8 +355,10 @@ def _inline(value):
 
 def render_policy(services, settings):
     document = {"services": services if services is not None else {}}
-    if settings:
-        document["settings"] = settings
+    # Ansible fills every setting that the play leaves out with None: those keep hostwall's defaults.
+    given = {key: value for key, value in (settings or {}).items() if value is not None}
+    if given:
+        document["settings"] = given
     lines = []
     _emit(document, 0, lines)
     return HEADER + "\n".join(lines) + "\n"
@@ -529,7 +578,7 @@ def run_apply(module, hostwall):
         os.makedirs(policy_dir, mode=0o755)
     if file_changed:
         write_atomically(module, managed, candidate)
-    args = ["apply", "-m", params["message"], "--wait", _seconds(hostwall.wait)]
+    args = ["apply", "-m", params["comment"], "--wait", _seconds(hostwall.wait)]
     if params["confirm_within"] is not None:
         args += ["--confirm-within", _seconds(params["confirm_within"])]
     rc, document, stderr, command = hostwall.run(policy_dir, *args)
@@ -595,12 +644,18 @@ def main():
     module = AnsibleModule(
         argument_spec={
             "services": {"type": "dict"},
-            "settings": {"type": "dict"},
+            "settings": {"type": "dict", "options": {
+                "log_group": {"type": "int"},
+                "log_rate": {"type": "int"},
+                "log_burst": {"type": "int"},
+                "strict_source": {"type": "bool"},
+                "owners": {"type": "list", "elements": "str"},
+            }},
             "policy_dir": {"type": "path", "default": "/etc/hostwall/policies"},
             "state_dir": {"type": "path"},
             "netns": {"type": "str"},
             "hostwall_bin": {"type": "str", "default": "hostwall"},
-            "message": {"type": "str", "default": "applied by Ansible"},
+            "comment": {"type": "str", "default": "applied by Ansible"},
             "confirm_within": {"type": "float"},
             "confirm": {"type": "bool", "default": False},
             "wait": {"type": "float", "default": 30},
