@@ -77,14 +77,18 @@ def _seconds_left(backend: NftBackend, cidr: str) -> float:
 def test_rollback_of_an_expiring_generation_keeps_its_expiry(
     lab: Lab, policy_dir: Path, state_dir: Path, hostwall: Cli, backend: NftBackend
 ) -> None:
-    """Generation 1 was loaded ten minutes ago (its engine's clock says so); its stored
-    text carries the timeout left then. Rolled back now, the kernel must count down to
-    the same absolute expiry, not restart the old relative timeout."""
+    """Generation 1 was made and loaded ten minutes ago (its engine's and state's clocks say
+    so): the timeouts it was loaded with were the time left then. Rolled back now, the
+    kernel must count down to the same absolute expiry, not restart a relative timeout
+    of back then."""
     expires = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=2)
     loaded_earlier = 600.0
     _write(policy_dir, [{"cidr": "192.0.2.9/32", "expires": expires.strftime("%Y-%m-%dT%H:%M:%SZ")},
                         {"cidr": "198.51.100.0/24"}])
-    engine = Engine(backend, StateDir(state_dir), clock=lambda: time.time() - loaded_earlier)
+    def earlier() -> float:
+        return time.time() - loaded_earlier
+
+    engine = Engine(backend, StateDir(state_dir, clock=earlier), clock=earlier)
     assert engine.apply(load_policy(policy_dir), user="t", message="contractor").generation == 1
     _write(policy_dir, [{"cidr": "198.51.100.0/24"}])
     assert hostwall("apply").returncode == 0
@@ -93,8 +97,8 @@ def test_rollback_of_an_expiring_generation_keeps_its_expiry(
     assert (rolled["generation"], rolled["replayed"]) == (1, False)
     expected = expires.timestamp() - time.time()  # taken before the kernel is read: left <= this
     left = _seconds_left(backend, "192.0.2.9/32")
-    # Rounded up to whole seconds, listed in whole seconds. A replay of the stored text
-    # would leave about expected + loaded_earlier.
+    # Rounded up to whole seconds, listed in whole seconds. Timeouts of back then would
+    # leave about expected + loaded_earlier.
     assert expected - 120 <= left <= expected + 2, (left, expected)
 
 
