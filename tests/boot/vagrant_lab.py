@@ -77,9 +77,10 @@ def _daemon_pid(name: str) -> int | None:
         return None
     try:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return None
-    return pid if comm == name else None
+    return pid if comm == name and state not in ("Z", "X") else None  # an exited daemon is not running
 
 
 def _namespace_of(pid: int) -> str:
