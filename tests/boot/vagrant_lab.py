@@ -36,6 +36,7 @@ VIRSH = ("virsh", "-c", "qemu:///system")
 # The libvirt networks defined before `vagrant up`: down removes only the others.
 NETWORKS_BEFORE = Path("/run/hostwall-vagrant-lab.networks")
 BOX_VOLUME_PREFIX = BOX.replace("/", "-VAGRANTSLASH-") + "_vagrant_box_image"
+IMAGES = Path("/var/lib/libvirt/images")  # vagrant-libvirt's default storage pool
 UP_TIMEOUT = 90 * 60
 STOP_TIMEOUT = 30
 
@@ -171,6 +172,9 @@ def down() -> None:
             time.sleep(0.2)
         if _daemon_pid(name) == pid:
             os.kill(pid, signal.SIGKILL)
+    # The box's volume, should libvirt not have listed it (an inactive pool): by its file.
+    for image in IMAGES.glob(f"{BOX_VOLUME_PREFIX}*"):
+        image.unlink(missing_ok=True)
     subprocess.run(["ip", "netns", "delete", NAMESPACE], capture_output=True, timeout=60, check=False)
     NETWORKS_BEFORE.unlink(missing_ok=True)
     log("removed")
