@@ -133,3 +133,19 @@ collection-sanity: collection
 # two keep their policy. Exit 0 only then. Brings its own lab up and down.
 lab-rollout-test: setup-tests
 	$(VENV)/bin/python -m pytest -p no:cacheprovider tests/boot/test_lab_rollout.py
+
+# The Vagrant lab on libvirt with QEMU's software emulation (tests/boot/vagrant_lab.py):
+# libvirtd, virtlogd and every libvirt network in a namespace of their own, then
+# `vagrant up` there with the box of vagrant-box. vagrant-test: up, check and down in one go.
+.PHONY: vagrant-up vagrant-check vagrant-down vagrant-test
+vagrant-up: setup
+	$(VENV)/bin/python tests/boot/vagrant_lab.py up
+
+vagrant-check:
+	$(VENV)/bin/python tests/boot/vagrant_lab.py check
+
+vagrant-down:
+	$(VENV)/bin/python tests/boot/vagrant_lab.py down
+
+vagrant-test: setup
+	$(VENV)/bin/python tests/boot/vagrant_lab.py test

@@ -14,7 +14,9 @@ just above it that says how it is checked:
 - `<!-- doc: make -->`: every `make TARGET` in it is a target of the Makefile, and every
   file it names exists.
 - `<!-- doc: covered by PATH -->`: what the block does (install on a host, boot it) is
-  done by that test; the file must exist and mention the block's commands.
+  done by that test; the file must exist and mention the block's commands. The Vagrant
+  walkthrough names tests/boot/vagrant_lab.py, which `make vagrant-test` runs: booting
+  three VMs under software emulation takes a quarter of an hour, so it is not in CI.
 
 In sample outputs, a line that is only `…` stands for any number of lines, `…` inside a
 line for any text, and blank lines are not compared. A block without a marker fails.
