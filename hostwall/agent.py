@@ -392,7 +392,7 @@ class Agent:
     def _apply(self, policy: Policy, message: str) -> None:
         self.counters.last_apply = self._wall()
         try:
-            result = self._engine.apply(policy, user="hostwall-agent", message=message, wait=30)
+            result = self._engine.apply(policy, user="hostwall-agent", message=message, wait=30, operator=False)
         except HostwallError as error:
             self.counters.last_apply_ok = False
             self._record(f"{message}: apply failed, the previous ruleset stays: {error}",

@@ -184,9 +184,12 @@ class Engine:
         wait: float = 0.0,
         confirm_within: float | None = None,
         guard: Callable[[Ruleset], None] | None = None,
+        operator: bool = True,
     ) -> ApplyResult:
         """guard sees the ruleset before anything is loaded and may refuse it by raising
-        (the lock-out check)."""
+        (the lock-out check). operator: an operator's apply, which confirms a pending
+        change even when it changes nothing; the agent's reloads are not, or its start
+        would confirm the very change it must revert."""
         desired = compile_policy(policy)
         if dry_run:
             return ApplyResult(self.plan(desired), None, False)
@@ -212,7 +215,7 @@ class Engine:
                     # The operator who runs a plain apply is evidently still there, whether
                     # or not it changes anything: it confirms what is pending.
                     confirmed = None
-                    if earlier is not None and confirm_within is None:
+                    if earlier is not None and confirm_within is None and operator:
                         self._state.clear_pending()
                         confirmed = earlier
                     return ApplyResult(plan, None, False, pending=earlier if confirmed is None else None,

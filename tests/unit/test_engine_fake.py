@@ -475,3 +475,16 @@ def test_the_fakes_delta_guard_refuses_a_batch_over_another_marker(tmp_path: Pat
     assert (result.applied, result.method, result.generation) == (True, "full", 2)
     kernel = setup.backend.read_table(elements=False)
     assert kernel is not None and kernel.marker == 2
+
+
+def test_the_agents_unchanged_reload_leaves_a_pending_change_to_its_deadline(setup: Setup) -> None:
+    """The agent loads the policy on disk at start: the unconfirmed change itself. Were
+    that a confirmation, the agent would never revert what nobody confirmed."""
+    setup.engine.apply(setup.policy(POLICY_V2), user="alice", message="base")
+    armed = setup.engine.apply(setup.policy(POLICY_V1), user="alice", message="try", confirm_within=60)
+
+    result = setup.engine.apply(setup.policy(POLICY_V1), user="hostwall-agent", message="start", operator=False)
+
+    assert result.confirmed is None and setup.state.pending() == armed.pending
+    setup.clock.now += 120
+    assert armed.pending is not None and setup.engine.revert_if_unconfirmed(armed.pending.generation)
