@@ -32,6 +32,7 @@ from hostwall.cli.common import (
 )
 from hostwall.cli.journal import DropsView, last_drops
 from hostwall.output import Output
+from hostwall.processes import pid_alive as _pid_alive
 
 if TYPE_CHECKING:
     from hostwall.engine import Status
@@ -355,16 +356,6 @@ def _ago(seconds: float, suffix: str = " ago") -> str:
         if seconds >= size:
             return f"{seconds // size}{unit}{suffix}"
     return f"{seconds}s{suffix}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 

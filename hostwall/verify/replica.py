@@ -35,6 +35,7 @@ from hostwall import netns
 from hostwall.errors import KernelError, KernelUnavailable
 from hostwall.nft import NftBackend
 from hostwall.nftnl import NetlinkTable
+from hostwall.processes import pid_alive as _pid_alive
 from hostwall.verify.packets import frame, packed_address
 from hostwall.verify.probes import Probe
 
@@ -94,16 +95,6 @@ def leftover_namespaces(names: Sequence[str], alive: Any = None) -> list[str]:
         if pid_text.isdigit() and not alive(int(pid_text)):
             found.append(name)
     return found
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _namespaces() -> list[str]:

@@ -10,7 +10,6 @@ and review the diff of tests/unit/golden/export/ before committing it.
 
 from __future__ import annotations
 
-import inspect
 import ipaddress
 import json
 import os
@@ -24,10 +23,10 @@ from typing import Any
 
 import pytest
 import yaml
-from click.testing import CliRunner, Result
+from click.testing import Result
+from test_cli import invoke as invoke_cli
 
 from hostwall import clock
-from hostwall.cli import main
 from hostwall.errors import ExportError
 from hostwall.export.formats import FORMATS
 from hostwall.export.model import ExportModel, TargetOptions, build_model
@@ -43,13 +42,7 @@ META = "        owner: {owner}\n        reason: {reason}\n        review_by: 209
 
 
 def invoke(policy: Path, *args: str) -> Result:
-    if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters:
-        runner = CliRunner(mix_stderr=False)  # type: ignore[call-arg]
-    else:
-        runner = CliRunner()
-    env = {"HOSTWALL_NETNS": None, "HOSTWALL_POLICY_DIR": None, "HOSTWALL_STATE_DIR": None}
-    return runner.invoke(main, ["--policy-dir", str(policy), "--state-dir", str(policy.parent / "state"),
-                                "export", *args], env=env)
+    return invoke_cli(policy, "export", *args)
 
 
 @pytest.fixture
