@@ -71,6 +71,11 @@ MUTANTS = (
     Mutant("full-load-keeps-old-rules", "transaction building", "hostwall/ruleset.py",
            'lines = [f"table {table} {{ {_base_chain_declaration()}; }}\\n", f"flush table {table}\\n"]',
            'lines = [f"table {table} {{ {_base_chain_declaration()}; }}\\n"]',
+           # The text is the fallback and the reference the netlink batch is compared with.
+           ("tests/netns/test_netns_fast_load.py::test_the_batch_is_the_one_nft_sends_for_the_rendered_text",)),
+    Mutant("netlink-full-load-keeps-old-rules", "transaction building", "hostwall/nftload.py",
+           "                _base_chain(), Message(NFT_MSG_DELRULE, 0, table)]",
+           "                _base_chain()]",
            (f"{GUARD}::test_a_full_load_replaces_the_contents_in_place",)),
     # --- the element delta's guard -------------------------------------------------------
     Mutant("delta-without-marker-guard", "delta guard", "hostwall/nftnl.py",
