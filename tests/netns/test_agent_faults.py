@@ -19,12 +19,14 @@ from typing import Any
 
 import pytest
 import yaml
+from agent_doubles import RecordingSink as _Records
+from agent_doubles import SilentNotifier as _Notes
 from netns_support import Cli, Journald, Nft, send_udp
 from test_agent import harness  # noqa: F401  (the fixture that starts the agent like systemd)
 
 from hostwall.agent import Agent, DropStreamer, InterfaceNames
 from hostwall.compile import compile_policy
-from hostwall.drops import DropReporter, FloodControl, Record
+from hostwall.drops import DropReporter, FloodControl
 from hostwall.engine import Engine
 from hostwall.lab import Lab, probe_tcp
 from hostwall.nflog import NflogReader, NflogSettings
@@ -223,24 +225,6 @@ def test_agent_memory_stays_flat_over_drops_and_reloads(
     assert agent.stop() == 0
 
 
-class _Notes:
-    """What systemd would be told; nothing here is asserted but that the agent ran."""
-
-    watchdog_interval: float | None = None
-
-    def ready(self, status: str) -> None: ...
-    def reloading(self) -> None: ...
-    def stopping(self) -> None: ...
-    def status(self, text: str) -> None: ...
-    def watchdog(self) -> None: ...
-
-
-class _Records:
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-
-    def send(self, record: Record) -> None:
-        self.records.append(record)
 
 
 def test_a_broken_nflog_socket_is_recorded_and_replaced(

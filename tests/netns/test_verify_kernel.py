@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from agent_doubles import RecordingSink as _Records
+from agent_doubles import SilentNotifier as _Notes
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from netns_support import COMMAND_TIMEOUT, Cli, CliJson, Nft, PolicyWriter
@@ -21,7 +23,7 @@ from netns_support import COMMAND_TIMEOUT, Cli, CliJson, Nft, PolicyWriter
 from hostwall.agent import Agent
 from hostwall.cli.common import Options
 from hostwall.cli.journal import reload_verifier
-from hostwall.drops import MESSAGE_ID_VERIFY, Record
+from hostwall.drops import MESSAGE_ID_VERIFY
 from hostwall.engine import Engine
 from hostwall.lab import Lab
 from hostwall.nft import NftBackend
@@ -185,22 +187,6 @@ def test_a_failed_verify_reverts_an_unconfirmed_change_at_once(write_policy: Pol
     assert "203.0.113.0" not in nft("list", "set", "inet", "hostwall", "https_v4").stdout
 
 
-class _Notes:
-    watchdog_interval = None
-
-    def ready(self, status: str) -> None: ...
-    def reloading(self) -> None: ...
-    def stopping(self) -> None: ...
-    def status(self, text: str) -> None: ...
-    def watchdog(self) -> None: ...
-
-
-class _Records:
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-
-    def send(self, record: Record) -> None:
-        self.records.append(record)
 
 
 def test_the_agent_verifies_after_reload_and_records_a_difference(lab: Lab, policy_dir: Path, state_dir: Path,

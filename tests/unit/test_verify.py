@@ -9,6 +9,8 @@ import random
 import struct
 from pathlib import Path
 
+from agent_doubles import RecordingSink as _Records
+from agent_doubles import SilentNotifier as _Notes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from unit_support import WriteFiles
@@ -179,22 +181,6 @@ def test_target_text() -> None:
     assert str(Target(443, "udp", "https")) == "443/udp"
 
 
-class _Notes:
-    watchdog_interval = None
-
-    def ready(self, status: str) -> None: ...
-    def reloading(self) -> None: ...
-    def stopping(self) -> None: ...
-    def status(self, text: str) -> None: ...
-    def watchdog(self) -> None: ...
-
-
-class _Records:
-    def __init__(self) -> None:
-        self.records: list[object] = []
-
-    def send(self, record: object) -> None:
-        self.records.append(record)
 
 
 def test_the_agent_records_a_failed_verify_after_reload_with_the_catalog_fields(write_files: WriteFiles,
