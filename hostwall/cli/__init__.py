@@ -71,7 +71,6 @@ def main(ctx: click.Context, netns: str | None, policy_dir: Path, state_dir: Pat
     ctx.obj = Options(netns, policy_dir, state_dir, keep_generations, quiet)
 
 
-
 for command in (
     policy.validate, kernel.plan, kernel.apply, kernel.confirm, kernel.rollback, kernel.generations, kernel.diff,
     kernel.status, policy.check, policy.audit, policy.owners, policy.revoke, journal.drops, journal.agent,

@@ -50,7 +50,6 @@ def last_drops(netns: str | None, count: int = 5, since_seconds: float = 86400) 
     return DropsView(tuple(entries))
 
 
-
 def _log_group(options: Options) -> int:
     """The group the loaded ruleset logs to: the recorded generation's, else the policy's."""
     state = options.state()
@@ -71,7 +70,6 @@ def _log_group(options: Options) -> int:
 def _boot_time() -> float:
     # From the clocks, not /proc/stat: the unit's ProcSubset=pid hides /proc/stat.
     return clock.now() - time.clock_gettime(time.CLOCK_BOOTTIME)
-
 
 
 @click.command(epilog="Example: sudo hostwall agent --metrics-file /var/lib/node_exporter/hostwall.prom")
@@ -186,7 +184,6 @@ def agent(options: Options, log_group: int | None, flood_window: float, flood_re
                          {"HOSTWALL_LOST_TOTAL": str(stats.lost), "HOSTWALL_DROPS_READ": str(stats.packets)}))
 
 
-
 def parse_since(text: str, now: float | None = None) -> float:
     """'10m', '2h', '1d', '30s' ago, or an ISO 8601 timestamp."""
     now = clock.now() if now is None else now
@@ -201,7 +198,6 @@ def parse_since(text: str, now: float | None = None) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
-
 
 
 @click.command(epilog="Example: hostwall drops --since 1h --service postgres --top 10")

@@ -89,7 +89,6 @@ def _print_changes(out: Output, changes: tuple[ServiceChange, ...], limit: int) 
                 out.line(f"  {sign} ... and {len(items) - limit} more", style)
 
 
-
 @click.command(epilog="Example: sudo hostwall plan")
 @json_option
 @pass_options
@@ -112,10 +111,8 @@ def plan(options: Options, as_json: bool) -> None:
     sys.exit(EXIT_NEEDS_ATTENTION if result.changed else EXIT_OK)
 
 
-
 def invoking_user() -> str:
     return os.environ.get("SUDO_USER") or getpass.getuser()
-
 
 
 def lockout_guard(options: Options, allow_lockout: bool, command: str) -> Callable[[Ruleset], None] | None:
@@ -272,7 +269,6 @@ def pending_text(pending: Pending) -> str:
             f"at {deadline} (in {left} s) unless `hostwall confirm` runs")
 
 
-
 def reverted_json(record: Reverted | None) -> dict[str, Any] | None:
     if record is None:
         return None
@@ -321,7 +317,6 @@ def _status_json(status: Status, agent: AgentView, drops: DropsView) -> dict[str
     }
 
 
-
 @dataclass(frozen=True)
 class AgentView:
     state: str  # running, stale, stopped, unknown
@@ -356,7 +351,6 @@ def _ago(seconds: float, suffix: str = " ago") -> str:
         if seconds >= size:
             return f"{seconds // size}{unit}{suffix}"
     return f"{seconds}s{suffix}"
-
 
 
 @click.command(epilog="Example: sudo hostwall status --json")
@@ -423,7 +417,6 @@ def _status_exit(result: Status) -> int:
     return EXIT_NEEDS_ATTENTION if result.drift or missing else EXIT_OK
 
 
-
 @click.command(epilog="Example: sudo hostwall generations")
 @json_option
 @pass_options
@@ -450,7 +443,6 @@ def generations(options: Options, as_json: bool) -> None:
             for g, is_loaded in zip(items, loaded, strict=True)]
     options.out.table(["", "generation", "created", "user", "entries", "sha256", "message"], rows,
                       styles=["ok" if is_loaded else None for is_loaded in loaded], right=(1, 4))
-
 
 
 @click.command(epilog="Example: sudo hostwall rollback --to 1 --confirm-within 120")
@@ -490,7 +482,6 @@ def rollback(options: Options, target: int | None, wait: float, confirm_within: 
         print_verified(options, checked)
 
 
-
 @click.command(epilog="Example: sudo hostwall confirm")
 @wait_option
 @json_option
@@ -510,7 +501,6 @@ def confirm(options: Options, wait: float, as_json: bool) -> None:
         options.out.line(f"generation {confirmed.generation} confirmed")
     else:
         options.out.line("nothing to confirm")
-
 
 
 @click.command(epilog="Example: sudo hostwall diff 1 2")
@@ -539,7 +529,6 @@ def diff(options: Options, old: int, new: int, as_json: bool) -> None:
     if not changes:
         options.out.line(f"generations {old} and {new} load the same ruleset")
     _print_changes(options.out, changes, limit=50)
-
 
 
 def _utc(moment: float) -> str:

@@ -62,7 +62,6 @@ def validate(options: Options, path: Path | None, as_json: bool) -> None:
     )
 
 
-
 @click.command(epilog="Example: hostwall check 203.0.113.45 443/tcp --why")
 @click.argument("address")
 @click.argument("port")
@@ -134,7 +133,6 @@ def check(options: Options, address: str, port: str, use_kernel: bool | None, wh
     sys.exit(EXIT_OK if allowed else EXIT_NEEDS_ATTENTION)
 
 
-
 def entry_json(entry: Entry) -> dict[str, Any]:
     return {"cidr": str(entry.network), "file": entry.origin.file, "line": entry.origin.line,
             "owner": entry.owner, "reason": entry.reason, "review_by": str(entry.review_by)}
@@ -155,7 +153,6 @@ def _read_owners(path: Path) -> frozenset[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise click.BadParameter(f"cannot read the owners list {path}: {exc}", param_hint="--owners") from exc
     return frozenset(line.split("#", 1)[0].strip() for line in text.splitlines()) - {""}
-
 
 
 @click.command(epilog="Example: hostwall audit --within 30d --fail-on warning")
@@ -222,7 +219,6 @@ def _usage(options: Options, use_usage: bool | None) -> tuple[Usage | None, str 
     return kernel_usage(options.engine(), options.state())
 
 
-
 @click.command(epilog="Example: hostwall owners partner-b")
 @click.argument("owner", required=False)
 @json_option
@@ -254,7 +250,6 @@ def owners(options: Options, owner: str | None, as_json: bool) -> None:
               [[h.service, f"{h.subject} (expired)" if h.expired else h.subject, str(h.entries), str(h.review_by),
                 h.where, h.reason] for h in items],
               right=(2,), styles=["muted" if h.expired else None for h in items])
-
 
 
 @click.command(epilog="Example: hostwall revoke --owner partner-b --write && "
@@ -325,7 +320,6 @@ def revoke(options: Options, owner: str, write: bool, as_json: bool) -> None:
         out.line(f"dry run: {count} entr{'y' if count == 1 else 'ies'} of {owner}; --write applies these edits")
     if owners_list:
         out.line(f"{owner} is still in settings.owners; remove it there if they are gone")
-
 
 
 def _list_paths(policy: Policy) -> set[str]:

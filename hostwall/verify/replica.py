@@ -344,7 +344,6 @@ def opened(source_netns: str | None, destination: dict[int, str], tcp_ports: Seq
         replica.close()
 
 
-
 def opened_for(source_netns: str | None) -> Callable[[dict[int, str], Sequence[int], Sequence[int]],
                                                       AbstractContextManager[Replica]]:
     """opened() bound to the namespace it copies, as verify.run.verify takes it."""
