@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import difflib
 import gc
 import hashlib
 import os
@@ -17,19 +16,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal, overload
+from typing import Literal, overload
 from typing import Protocol as Interface
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-
-from hostwall import yamlsource
 from hostwall.cidr import (
     PERMANENT,
     CidrError,
@@ -46,26 +35,14 @@ from hostwall.cidr import (
 )
 from hostwall.clock import now_utc
 from hostwall.errors import PolicyError, Problem
+from hostwall.policyspec import AllowSpec, FileSpec, PortRange, Protocol, ServiceSpec
 
 # Used with fullmatch: "$" alone would let a trailing newline into nft's input.
 SERVICE_NAME = re.compile(r"[a-z][a-z0-9_]{0,23}")
-Protocol = Literal["tcp", "udp"]
 MAX_POLICY_BYTES = 64 * 1024 * 1024
 MAX_LIST_BYTES = 256 * 1024 * 1024
 PROGRESS_LINES = 4096
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True, order=True)
-class PortRange:
-    first: int
-    last: int
-
-    def __str__(self) -> str:
-        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
-
-    def contains(self, port: int) -> bool:
-        return self.first <= port <= self.last
 
 
 @dataclass(frozen=True)
@@ -79,136 +56,6 @@ BUILTIN_SERVICES: dict[str, BuiltinService] = {
     "https": BuiltinService((PortRange(443, 443),), ("tcp", "udp")),
     "postgres": BuiltinService((PortRange(5432, 5432),), ("tcp",)),
 }
-
-
-def _parse_port(value: Any) -> PortRange:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"a port is a number (443) or a range string ('8000-8100'), not {shown(value)}")
-    if isinstance(value, int):
-        first = last = value
-    else:
-        match = re.fullmatch(r"(\d{1,5})-(\d{1,5})", value.strip())
-        if not match:
-            raise ValueError(
-                f"port {shown(value)} is neither a number nor a range; write 443 or '8000-8100'"
-            )
-        first, last = int(match[1]), int(match[2])
-        if first > last:
-            raise ValueError(f"port range {value!r} is reversed; write '{last}-{first}'")
-    for port in (first, last):
-        if not 1 <= port <= 65535:
-            raise ValueError(f"port {port} is outside 1-65535")
-    return PortRange(first, last)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
-
-
-class AllowEntryModel(_Strict):
-    cidr: str | None = None
-    file: str | None = None
-    owner: Annotated[str, Field(min_length=1)]
-    reason: Annotated[str, Field(min_length=1)]
-    review_by: date
-    expires: datetime | None = None
-    broad_ok: bool = False
-    broad_reason: Annotated[str, Field(min_length=1)] | None = None
-
-    @field_validator("cidr")
-    @classmethod
-    def _cidr_is_strict(cls, value: str | None) -> str | None:
-        if value is not None:
-            # parse_interval refuses what parse_cidr refuses, with its message, and reads
-            # the common well-formed CIDR without ipaddress (a tenth of the time).
-            parse_interval(value)
-        return value
-
-    @field_validator("expires")
-    @classmethod
-    def _expires_has_zone(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            raise ValueError(
-                "expires needs a time zone so that every host agrees on the moment; "
-                "add Z for UTC, e.g. 2027-01-01T00:00:00Z"
-            )
-        if value is not None:
-            try:
-                value.astimezone(UTC)
-            except OverflowError:
-                # Every later step (expiry, warnings, kernel timeouts) works in UTC.
-                raise ValueError("expires is outside the years 1-9999 once converted to UTC") from None
-        return value
-
-    @model_validator(mode="after")
-    def _one_source(self) -> AllowEntryModel:
-        if (self.cidr is None) == (self.file is None):
-            raise ValueError("an allow entry has exactly one of cidr: or file:")
-        # A wide range waved through without a written reason is how /16s creep in.
-        if self.broad_ok and self.broad_reason is None:
-            raise ValueError("broad_ok: true needs broad_reason: saying why so wide a range is meant")
-        if self.broad_reason is not None and not self.broad_ok:
-            raise ValueError("broad_reason: is only read with broad_ok: true; add it or remove broad_reason")
-        return self
-
-
-class WidestModel(_Strict):
-    ipv4: Annotated[int, Field(ge=0, le=32)] = 24
-    ipv6: Annotated[int, Field(ge=0, le=128)] = 48
-
-
-class ServiceModel(_Strict):
-    ports: list[Any] | None = None
-    protocols: list[Protocol] | None = None
-    action: Literal["drop", "reject"] | None = None
-    widest: WidestModel | None = None
-    entry_counters: bool | None = None
-    # Drop logging of this service: "off", or records per second (the burst stays
-    # settings.log_burst). YAML 1.1 reads a bare `off` as false, so false means off too.
-    log: Literal["off"] | int | None = None
-    allow: list[AllowEntryModel] = Field(default_factory=list)
-
-    @field_validator("log", mode="before")
-    @classmethod
-    def _log_off_or_rate(cls, value: Any) -> Any:
-        if value is False or value == "off":
-            return "off"
-        if value is None or (type(value) is int and 1 <= value <= 100000):
-            return value
-        raise ValueError(f"log is off or a rate in records per second (1-100000), not {value!r}")
-
-    @field_validator("ports")
-    @classmethod
-    def _ports_valid(cls, value: list[Any] | None) -> list[Any] | None:
-        if value is not None:
-            if not value:
-                raise ValueError("ports is empty; list at least one port")
-            for port in value:
-                _parse_port(port)
-        return value
-
-    @field_validator("protocols")
-    @classmethod
-    def _protocols_nonempty(cls, value: list[Protocol] | None) -> list[Protocol] | None:
-        if value is not None and not value:
-            raise ValueError("protocols is empty; write [tcp], [udp] or [tcp, udp]")
-        return value
-
-
-class SettingsModel(_Strict):
-    log_group: Annotated[int, Field(ge=0, le=65535)] = 100
-    log_rate: Annotated[int, Field(ge=1, le=100000)] = 10
-    log_burst: Annotated[int, Field(ge=1, le=100000)] = 20
-    # Drop packets to protected ports whose source the host would not route back out of
-    # the interface they came in on (reverse-path check): an allowed address spoofed from
-    # another link. Off by default: asymmetric routing (several uplinks) breaks it.
-    strict_source: bool = False
-    owners: list[Annotated[str, Field(min_length=1)]] | None = None
-
-
-class PolicyFileModel(_Strict):
-    services: dict[str, ServiceModel | None] = Field(default_factory=dict)
-    settings: SettingsModel | None = None
 
 
 @dataclass(frozen=True)
@@ -302,6 +149,11 @@ class ListCache(Interface):
 
     def latest(self, path: str) -> tuple[bytes, ParsedList] | None:
         """The bytes last put for path and their parse."""
+
+    def validated(self, sha256: str) -> FileSpec | None:
+        """The policy file whose bytes have this sha256, as validated before."""
+
+    def keep_validated(self, sha256: str, spec: FileSpec) -> None: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -551,84 +403,10 @@ def read_regular(path: Path, root: Path, limit: int) -> bytes:
     return data
 
 
-def shown(value: object, limit: int = 60) -> str:
-    """repr of an operator's value, cut short so that an error stays one readable line."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _format_loc(loc: Iterable[str | int]) -> str:
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            name = part if len(part) <= 40 else f"{part[:40]}..."
-            text += f".{name}" if text else name
-    return text
-
-
-def _pydantic_problems(
-    exc: ValidationError, filename: str, located: yamlsource.LocatedData
-) -> list[Problem]:
-    problems = []
-    for error in exc.errors():
-        loc = tuple(error["loc"])
-        # Unions put the chosen branch name into loc; it means nothing to an operator.
-        loc = tuple(part for part in loc if part not in ("ServiceModel", "none"))
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = _unknown_key_message(loc)
-        elif error["type"] == "missing":
-            message = f"required key {loc[-1]!r} is missing"
-        elif error["type"] == "literal_error":
-            message = f"{message} (got {shown(error.get('input'))})"
-        entry = _format_loc(loc)
-        cidr = _cidr_at(located.data, loc)
-        if cidr:
-            entry += f" (cidr {cidr if len(cidr) <= 60 else shown(cidr)})"
-        problems.append(Problem(filename, located.line_of(loc), entry, message))
-    return problems
-
-
-def _unknown_key_message(loc: tuple[str | int, ...]) -> str:
-    key = shown(str(loc[-1]))
-    parent = loc[:-1]
-    model: type[BaseModel] | None = None
-    if not parent:
-        model = PolicyFileModel
-    elif parent == ("settings",):
-        model = SettingsModel
-    elif len(parent) == 2 and parent[0] == "services":
-        model = ServiceModel
-    elif len(parent) == 4 and parent[0] == "services" and parent[2] == "allow":
-        model = AllowEntryModel
-    if model is None:
-        return f"unknown key {key}; check the spelling"
-    known = list(model.model_fields)
-    close = difflib.get_close_matches(str(loc[-1])[:100], known, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown key {key}; {hint}valid keys here: {', '.join(known)}"
-
-
-def _cidr_at(data: Any, loc: tuple[str | int, ...]) -> str | None:
-    """The cidr of the allow entry that loc points into, to name the entry in errors."""
-    node = data
-    for index, part in enumerate(loc):
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            return None
-        if index >= 3 and loc[2] == "allow" and isinstance(node, dict):
-            value = node.get("cidr")
-            return value if isinstance(value, str) else None
-    return None
-
-
 @dataclass
 class _ServiceDraft:
     name: str
-    definition: ServiceModel | None
+    definition: ServiceSpec | None
     defined_in: str | None
     entries: list[Entry | ListFile]
     first_seen: str = "?"
@@ -675,23 +453,22 @@ def _load_policy(path: Path, now: datetime | None, cache: ListCache | None, prog
 
     for file in files:
         name = str(file)
-        parsed = _parse_file(file, root, problems, sources)
-        if parsed is None:
+        spec = _parse_file(file, root, problems, sources, cache)
+        if spec is None:
             continue
-        model, located = parsed
-        if model.settings is not None:
+        if spec.settings is not None:
             if settings_file is not None:
                 problems.append(
-                    Problem(name, located.line_of(("settings",)), "settings",
+                    Problem(name, spec.settings_line, "settings",
                             f"settings are already given in {settings_file}; keep them in one file")
                 )
             else:
-                values = model.settings.model_dump()
+                values = dict(spec.settings)
                 owners = values.pop("owners")
                 settings = Settings(**values, owners=tuple(owners) if owners is not None else None)
                 settings_file = name
-        for service_name, declared in model.services.items():
-            service_line = located.line_of(("services", service_name))
+        for service in spec.services:
+            service_name, service_line = service.name, service.line
             if not SERVICE_NAME.fullmatch(service_name):
                 problems.append(
                     Problem(name, service_line, f"services.{service_name}",
@@ -699,13 +476,10 @@ def _load_policy(path: Path, now: datetime | None, cache: ListCache | None, prog
                             "starting with a letter")
                 )
                 continue
-            service = declared or ServiceModel()
             draft = drafts.setdefault(
                 service_name, _ServiceDraft(service_name, None, None, [], f"{name}:{service_line}")
             )
-            defines = any(value is not None for value in (service.ports, service.protocols, service.action,
-                                                          service.widest, service.entry_counters, service.log))
-            if defines:
+            if service.defines:
                 if draft.defined_in is not None:
                     problems.append(
                         Problem(name, service_line, f"services.{service_name}",
@@ -717,8 +491,7 @@ def _load_policy(path: Path, now: datetime | None, cache: ListCache | None, prog
                     draft.definition = service
                     draft.defined_in = f"{name}:{service_line}"
             for index, allow in enumerate(service.allow):
-                entry_path = ("services", service_name, "allow", index)
-                origin = Origin(name, located.line_of(entry_path), f"services.{service_name}.allow[{index}]")
+                origin = Origin(name, allow.line, f"services.{service_name}.allow[{index}]")
                 for part in _expand_entry(allow, origin, file, root, problems, sources, cache, progress):
                     if part.expires is not None and part.expires <= now:
                         expired.extend((part,) if isinstance(part, Entry) else part.entries)
@@ -738,8 +511,10 @@ def _load_policy(path: Path, now: datetime | None, cache: ListCache | None, prog
 
 
 def _parse_file(
-    file: Path, root: Path, problems: list[Problem], sources: dict[str, bytes]
-) -> tuple[PolicyFileModel, yamlsource.LocatedData] | None:
+    file: Path, root: Path, problems: list[Problem], sources: dict[str, bytes], cache: ListCache | None = None,
+) -> FileSpec | None:
+    """The file validated, from the cache when its bytes were validated before (which
+    skips YAML and the models: most of an apply's start-up)."""
     name = str(file)
     try:
         raw = read_regular(file, root, MAX_POLICY_BYTES)
@@ -747,29 +522,29 @@ def _parse_file(
         problems.append(Problem(name, None, "", f"cannot read: {exc}"))
         return None
     sources[name] = raw
+    digest = hashlib.sha256(raw).hexdigest() if cache is not None else ""
+    spec = cache.validated(digest) if cache is not None else None
+    if spec is not None:
+        return spec
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         problems.append(Problem(name, line, "", "not UTF-8 text; save the file as UTF-8"))
         return None
-    try:
-        located = yamlsource.load(text)
-    except yamlsource.YamlError as exc:
-        problems.append(Problem(name, exc.line, "", str(exc)))
+    from hostwall.policyfile import validate_file
+
+    result = validate_file(name, text)
+    if isinstance(result, list):
+        problems.extend(result)
         return None
-    if not isinstance(located.data, dict):
-        problems.append(Problem(name, 1, "", "a policy file is a mapping with a services: key"))
-        return None
-    try:
-        return PolicyFileModel.model_validate(located.data), located
-    except ValidationError as exc:
-        problems.extend(_pydantic_problems(exc, name, located))
-        return None
+    if cache is not None:
+        cache.keep_validated(digest, result)
+    return result
 
 
 def _expand_entry(
-    allow: AllowEntryModel, origin: Origin, policy_file: Path, root: Path, problems: list[Problem],
+    allow: AllowSpec, origin: Origin, policy_file: Path, root: Path, problems: list[Problem],
     sources: dict[str, bytes], cache: ListCache | None = None, progress: Progress | None = None,
 ) -> list[Entry] | list[ListFile]:
     if allow.cidr is not None:
@@ -961,9 +736,9 @@ def _finish_services(drafts: dict[str, _ServiceDraft], problems: list[Problem]) 
     for name in sorted(set(drafts) | set(BUILTIN_SERVICES)):
         draft = drafts.get(name) or _ServiceDraft(name, None, None, [])
         builtin = BUILTIN_SERVICES.get(name)
-        definition = draft.definition or ServiceModel()
+        definition = draft.definition or ServiceSpec(name, None)
         ports: tuple[PortRange, ...] | None = (
-            tuple(sorted({_parse_port(p) for p in definition.ports})) if definition.ports else None
+            tuple(sorted(set(definition.ports))) if definition.ports else None
         )
         protocols = tuple(sorted(set(definition.protocols))) if definition.protocols else None
         if builtin is not None:
@@ -987,7 +762,7 @@ def _finish_services(drafts: dict[str, _ServiceDraft], problems: list[Problem]) 
             action=definition.action or "drop",
             entries=entries,
             defined_in=where,
-            widest=Widest(definition.widest.ipv4, definition.widest.ipv6) if definition.widest else Widest(),
+            widest=Widest(*definition.widest) if definition.widest else Widest(),
             entry_counters=bool(definition.entry_counters),
             listed=name in drafts,
             log=definition.log,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hostwall.cidr import Interval, IntervalSet, format_address
-from hostwall.policy import PortRange
+from hostwall.policyspec import PortRange
 
 TABLE_FAMILY = "inet"
 TABLE_NAME = "hostwall"

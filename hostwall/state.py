@@ -13,6 +13,7 @@ the new file, never a torn one):
         policy/...            the policy files that produced it
     blobs/SHA256              the content of sets/ and policy/ files, stored once
     cache/lists/SHA256        parsed file: lists by the sha256 of their bytes (ListCacheDir)
+    cache/files/SHA256        validated policy files by the sha256 of their bytes (the same)
 
 The files under sets/ and policy/ are hard links to blobs/, so that a generation that
 changes one element of a 100k set, or one line of a policy, does not write the
@@ -44,6 +45,7 @@ from hostwall.cidr import IntervalSet
 from hostwall.clock import now as wall_now
 from hostwall.errors import HostwallError, LockBusy, PermissionDenied, StateError
 from hostwall.policy import ParsedList
+from hostwall.policyspec import FileSpec
 from hostwall.ruleset import Ruleset
 
 DEFAULT_STATE_DIR = Path("/var/lib/hostwall")
@@ -493,7 +495,8 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 class ListCacheDir:
     """policy.ListCache in a directory: for each list content, by its sha256, the parsed
     form (SHA256) and the bytes (SHA256.txt); for each list path the sha256 of the
-    content last put for it (paths/SHA256-OF-PATH).
+    content last put for it (paths/SHA256-OF-PATH); beside it (../files/SHA256), each
+    validated policy file.
 
     A cached entry skips the validation of every line, so it is trusted only in a
     directory that no one but this user can write; each parsed file carries its own
@@ -505,15 +508,21 @@ class ListCacheDir:
     """
 
     MAGIC = b"HWLISTS2\n"
+    SPEC_MAGIC = b"HWSPEC1\n"
 
     def __init__(self, path: Path, keep: int = 16, *, writable: bool = True) -> None:
         self.path = path
         self.keep = keep
         self.writable = writable
 
-    def _trusted(self) -> bool:
+    @property
+    def files_path(self) -> Path:
+        return self.path.parent / "files"
+
+    def _trusted(self, path: Path | None = None) -> bool:
+        path = path or self.path
         try:
-            for directory in (self.path, self.path.parent):
+            for directory in (path, path.parent):
                 info = os.stat(directory)
                 if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
                     return False
@@ -571,20 +580,62 @@ class ListCacheDir:
         except OSError:
             return  # a cache that cannot be written only costs time
 
+    def validated(self, sha256: str) -> FileSpec | None:
+        if not _SHA256_HEX.fullmatch(sha256) or not self._trusted(self.files_path):
+            return None
+        path = self.files_path / sha256
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        head = self.SPEC_MAGIC + bytes.fromhex(sha256)
+        if not data.startswith(head) or len(data) < len(head) + 32 or _sha256_bytes(data[:-32]) != data[-32:]:
+            return None
+        try:
+            spec = FileSpec.from_json(data[len(head):-32])
+        except ValueError:
+            return None
+        if self.writable:
+            with contextlib.suppress(OSError):
+                os.utime(path)
+        return spec
+
+    def keep_validated(self, sha256: str, spec: FileSpec) -> None:
+        if not self.writable or not _SHA256_HEX.fullmatch(sha256):
+            return
+        body = self.SPEC_MAGIC + bytes.fromhex(sha256) + spec.to_json()
+        try:
+            self.files_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self._trusted(self.files_path):
+                return
+            _replace(self.files_path / sha256, body + _sha256_bytes(body))
+            _evict_oldest(self.files_path, self.keep)
+        except OSError:
+            return
+
     def _evict(self) -> None:
-        used = []
-        for entry in os.scandir(self.path):
-            if _SHA256_HEX.fullmatch(entry.name):
-                with contextlib.suppress(FileNotFoundError):
-                    used.append((entry.stat().st_mtime, entry.name))
-        for _, name in sorted(used, reverse=True)[self.keep:]:
-            for stale in (name, f"{name}.txt"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path / stale)
+        _evict_oldest(self.path, self.keep)
         for pointer in os.scandir(self.path / "paths"):
             with contextlib.suppress(OSError):
                 if not (self.path / Path(pointer.path).read_text().strip()).exists():
                     os.unlink(pointer.path)
+
+
+def _evict_oldest(directory: Path, keep: int) -> None:
+    """Delete all but the keep most recently used SHA256 entries (and their .txt)."""
+    used = []
+    for entry in os.scandir(directory):
+        if _SHA256_HEX.fullmatch(entry.name):
+            with contextlib.suppress(FileNotFoundError):
+                used.append((entry.stat().st_mtime, entry.name))
+    for _, name in sorted(used, reverse=True)[keep:]:
+        for stale in (name, f"{name}.txt"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(directory / stale)
+
+
+def _sha256_bytes(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
 
 
 def _replace(path: Path, data: bytes) -> None:

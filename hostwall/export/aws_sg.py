@@ -15,7 +15,7 @@ from typing import Any
 from hostwall.errors import ExportError
 from hostwall.export.model import ExportedRule, ExportModel, TargetOptions
 from hostwall.export.text import as_json, printable, restricted
-from hostwall.policy import PortRange
+from hostwall.policyspec import PortRange
 
 # EC2's documented rule description: up to 255 characters of a-z, A-Z, 0-9, spaces and
 # ._-:/()#,@[]+=&;{}!$* (IpRange); '&' is left out because other kinds of rule refuse it.

@@ -13,7 +13,8 @@ from typing import Literal
 
 from hostwall.cidr import IPNetwork
 from hostwall.errors import ExportError
-from hostwall.policy import Entry, Origin, Policy, PortRange, Protocol, Service
+from hostwall.policy import Entry, Origin, Policy, Service
+from hostwall.policyspec import PortRange, Protocol
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ from hostwall.errors import KernelRejected
 from hostwall.nft import NftBackend
 from hostwall.nftload import encodable, full_load_messages
 from hostwall.nftnl import NetlinkTable
-from hostwall.policy import PortRange, load_policy
+from hostwall.policy import load_policy
+from hostwall.policyspec import PortRange
 from hostwall.ruleset import Ruleset, ServiceRules, TableObjects, render_clearing, render_full_load
 
 pytestmark = pytest.mark.root

@@ -62,7 +62,7 @@ def test_ansible_doc_documents_every_option_as_the_module_takes_it(
 
 
 def test_module_settings_are_the_policy_settings() -> None:
-    from hostwall.policy import SettingsModel
+    from hostwall.policyfile import SettingsModel
 
     assert set(argument_spec("hostwall")["settings"]["options"]) == set(SettingsModel.model_fields)
 

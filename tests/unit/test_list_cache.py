@@ -21,6 +21,7 @@ from hostwall.cidr import Interval, merge_intervals
 from hostwall.compile import compile_policy
 from hostwall.errors import PolicyError
 from hostwall.policy import Entries, ParsedList, load_policy, reparse_list
+from hostwall.policyspec import FileSpec
 from hostwall.state import ListCacheDir
 
 WriteFiles = Callable[[dict[str, str | bytes]], Path]
@@ -57,6 +58,7 @@ class MemoryCache:
     def __init__(self) -> None:
         self.entries: dict[str, ParsedList] = {}
         self.sources: dict[str, bytes] = {}
+        self.files: dict[str, FileSpec] = {}
         self.gets = self.puts = 0
 
     def get(self, sha256: str) -> ParsedList | None:
@@ -71,6 +73,12 @@ class MemoryCache:
     def latest(self, path: str) -> tuple[bytes, ParsedList] | None:
         source = self.sources.get(path)
         return None if source is None else (source, self.entries[hashlib.sha256(source).hexdigest()])
+
+    def validated(self, sha256: str) -> FileSpec | None:
+        return self.files.get(sha256)
+
+    def keep_validated(self, sha256: str, spec: FileSpec) -> None:
+        self.files[sha256] = spec
 
 
 def only_inline_parsing(monkeypatch: pytest.MonkeyPatch, inline: set[str]) -> None:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hostwall import nftload
 from hostwall.cidr import Interval, IntervalSet, family_max
 from hostwall.nftload import encodable, host_elements, interval_elements
-from hostwall.policy import PortRange
+from hostwall.policyspec import PortRange
 from hostwall.ruleset import Ruleset, ServiceRules
 
 NOW = 1_800_000_000.0

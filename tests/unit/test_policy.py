@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from hostwall.errors import PolicyError, Problem
-from hostwall.policy import PortRange, load_policy
+from hostwall.policy import load_policy
+from hostwall.policyspec import PortRange
 
 WriteFiles = Callable[[dict[str, str | bytes]], Path]
 

@@ -1,0 +1,144 @@
+"""One policy file as validated: plain data that loading merges, and that a cache keeps
+by the file's content so that an unchanged file needs neither YAML nor the models.
+
+The models (hostwall.policyfile, pydantic) validate a file and turn it into a FileSpec;
+hostwall.policy merges FileSpecs, whether just validated or read back from the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any, Literal
+
+Protocol = Literal["tcp", "udp"]
+# Bump whenever what a validated policy file means changes (a validator, a default, a
+# field), so that files validated by an earlier version are validated again.
+SPEC_SEMANTICS = 1
+
+
+@dataclass(frozen=True, order=True)
+class PortRange:
+    first: int
+    last: int
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+    def contains(self, port: int) -> bool:
+        return self.first <= port <= self.last
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """repr of an operator's value, cut short so that an error stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def parse_port(value: Any) -> PortRange:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"a port is a number (443) or a range string ('8000-8100'), not {shown(value)}")
+    if isinstance(value, int):
+        first = last = value
+    else:
+        match = re.fullmatch(r"(\d{1,5})-(\d{1,5})", value.strip())
+        if not match:
+            raise ValueError(
+                f"port {shown(value)} is neither a number nor a range; write 443 or '8000-8100'"
+            )
+        first, last = int(match[1]), int(match[2])
+        if first > last:
+            raise ValueError(f"port range {value!r} is reversed; write '{last}-{first}'")
+    for port in (first, last):
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is outside 1-65535")
+    return PortRange(first, last)
+
+
+@dataclass(frozen=True)
+class AllowSpec:
+    """A validated allow entry: exactly one of cidr and file."""
+
+    line: int | None
+    cidr: str | None
+    file: str | None
+    owner: str
+    reason: str
+    review_by: date
+    expires: datetime | None  # always with a time zone
+    broad_ok: bool = False
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A service as one file writes it; None: not given in this file."""
+
+    name: str
+    line: int | None
+    ports: tuple[PortRange, ...] | None = None
+    protocols: tuple[Protocol, ...] | None = None
+    action: Literal["drop", "reject"] | None = None
+    widest: tuple[int, int] | None = None  # (ipv4, ipv6)
+    entry_counters: bool | None = None
+    log: Literal["off"] | int | None = None
+    allow: tuple[AllowSpec, ...] = ()
+
+    @property
+    def defines(self) -> bool:
+        """Whether the file defines the service rather than only adding entries to it."""
+        return any(value is not None for value in (self.ports, self.protocols, self.action, self.widest,
+                                                   self.entry_counters, self.log))
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    settings: dict[str, Any] | None  # SettingsModel's fields, owners as a list or None
+    settings_line: int | None
+    services: tuple[ServiceSpec, ...]
+
+    def to_json(self) -> bytes:
+        return json.dumps({"semantics": SPEC_SEMANTICS, "settings": self.settings,
+                           "settings_line": self.settings_line,
+                           "services": [_service_json(s) for s in self.services]},
+                          separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> FileSpec:
+        """ValueError (also for a KeyError or TypeError inside) unless data is what
+        to_json wrote with this version's semantics."""
+        try:
+            document = json.loads(data)
+            if document["semantics"] != SPEC_SEMANTICS:
+                raise ValueError("validated by another version of the policy rules")
+            return cls(document["settings"], document["settings_line"],
+                       tuple(_service_from_json(item) for item in document["services"]))
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ValueError(f"not a validated policy file: {exc!r}") from None
+
+
+def _service_json(service: ServiceSpec) -> dict[str, Any]:
+    return {
+        "name": service.name, "line": service.line,
+        "ports": None if service.ports is None else [[p.first, p.last] for p in service.ports],
+        "protocols": service.protocols, "action": service.action, "widest": service.widest,
+        "entry_counters": service.entry_counters, "log": service.log,
+        "allow": [[a.line, a.cidr, a.file, a.owner, a.reason, a.review_by.isoformat(),
+                   None if a.expires is None else a.expires.isoformat(), a.broad_ok] for a in service.allow],
+    }
+
+
+def _service_from_json(item: dict[str, Any]) -> ServiceSpec:
+    ports = item["ports"]
+    widest = item["widest"]
+    return ServiceSpec(
+        item["name"], item["line"],
+        None if ports is None else tuple(PortRange(first, last) for first, last in ports),
+        None if item["protocols"] is None else tuple(item["protocols"]),
+        item["action"], None if widest is None else (widest[0], widest[1]),
+        item["entry_counters"], item["log"],
+        tuple(AllowSpec(line, cidr, file, owner, reason, date.fromisoformat(review_by),
+                        None if expires is None else datetime.fromisoformat(expires), broad_ok)
+              for line, cidr, file, owner, reason, review_by, expires, broad_ok in item["allow"]),
+    )
