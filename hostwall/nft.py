@@ -52,23 +52,23 @@ def _classify(message: str) -> HostwallError:
 class NftBackend:
     def __init__(self, netns_name: str | None = None) -> None:
         self._netns = netns_name
-        try:
-            import nftables
-        except ImportError as exc:
-            raise KernelUnavailable(
-                "the nftables Python binding is missing (pip install pip-nftables)"
-            ) from exc
-        self._binding = nftables
         self._context: Any = None
         self._netlink = NetlinkTable(netns_name)
 
     def _nft(self) -> Any:
         """The libnftables context, created on first use: an element delta never needs it."""
         if self._context is None:
+            # Imported here: an element delta or a netlink full load never needs it.
+            try:
+                import nftables
+            except ImportError as exc:
+                raise KernelUnavailable(
+                    "the nftables Python binding is missing (pip install pip-nftables)"
+                ) from exc
             # Its netlink socket belongs to the namespace it is created in.
             with netns.entered(self._netns):
                 try:
-                    context = self._binding.Nftables()
+                    context = nftables.Nftables()
                 except OSError as exc:
                     raise KernelUnavailable(
                         f"libnftables cannot be loaded ({exc}); install libnftables1"

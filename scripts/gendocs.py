@@ -22,7 +22,7 @@ import click
 from click.shell_completion import get_completion_class
 
 from hostwall import __version__
-from hostwall.cli import main
+from hostwall.cli import every_command, main
 
 PROG = "hostwall"
 COMPLETION_FILES = {"bash": "hostwall", "zsh": "_hostwall", "fish": "hostwall.fish"}
@@ -97,7 +97,7 @@ def header(name: str, date: str) -> list[str]:
 
 
 def visible_commands() -> dict[str, click.Command]:
-    return {name: command for name, command in sorted(main.commands.items()) if not command.hidden}
+    return {name: command for name, command in sorted(every_command().items()) if not command.hidden}
 
 
 def command_page(name: str, command: click.Command, date: str) -> str:

@@ -6,20 +6,46 @@ module holds the group and its global options.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
 import click
 
 from hostwall import __version__
-from hostwall.cli import export, journal, kernel, lab, policy, verify
 from hostwall.cli.common import DEFAULT_KEEP, DEFAULT_POLICY_DIR, DEFAULT_STATE_DIR, Options
+
+# Each command's module is imported when the command runs (or help lists it), so that
+# `hostwall apply` does not pay for export's or verify's imports at every start.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("policy", "validate"), "check": ("policy", "check"), "audit": ("policy", "audit"),
+    "owners": ("policy", "owners"), "revoke": ("policy", "revoke"),
+    "plan": ("kernel", "plan"), "apply": ("kernel", "apply"), "confirm": ("kernel", "confirm"),
+    "rollback": ("kernel", "rollback"), "generations": ("kernel", "generations"), "diff": ("kernel", "diff"),
+    "status": ("kernel", "status"), "revert-unconfirmed": ("kernel", "revert_unconfirmed"),
+    "disable": ("kernel", "disable"),
+    "drops": ("journal", "drops"), "agent": ("journal", "agent"),
+    "demo": ("lab", "demo"), "export": ("export", "export"), "verify": ("verify", "verify_command"),
+}
 
 
 class HostwallGroup(click.Group):
     """The command group; a global option written after the command gets an error that
     says where it goes. It is still refused there: the sudoers drop-in admits the
     commands with any arguments and relies on global options not being one of them."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        if cmd_name not in self.commands:
+            module, attribute = COMMANDS[cmd_name]
+            command = getattr(importlib.import_module(f"hostwall.cli.{module}"), attribute)
+            assert isinstance(command, click.Command) and command.name == cmd_name, cmd_name
+            self.add_command(command)
+        return self.commands[cmd_name]
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -71,11 +97,8 @@ def main(ctx: click.Context, netns: str | None, policy_dir: Path, state_dir: Pat
     ctx.obj = Options(netns, policy_dir, state_dir, keep_generations, quiet)
 
 
-for command in (
-    policy.validate, kernel.plan, kernel.apply, kernel.confirm, kernel.rollback, kernel.generations, kernel.diff,
-    kernel.status, policy.check, policy.audit, policy.owners, policy.revoke, journal.drops, journal.agent,
-    lab.demo, kernel.revert_unconfirmed, kernel.disable,
-):
-    main.add_command(command)
-main.add_command(export.export)
-main.add_command(verify.verify_command)
+def every_command() -> dict[str, click.Command]:
+    """Every command by name, each module imported (for documentation and tests)."""
+    context = click.Context(main)
+    commands = {name: main.get_command(context, name) for name in main.list_commands(context)}
+    return {name: command for name, command in commands.items() if command is not None}

@@ -30,11 +30,11 @@ from hostwall.cli.common import (
     require_privileges,
     wait_option,
 )
-from hostwall.cli.journal import DropsView, last_drops
 from hostwall.output import Output
 from hostwall.processes import pid_alive as _pid_alive
 
 if TYPE_CHECKING:
+    from hostwall.cli.journal import DropsView
     from hostwall.engine import Status
     from hostwall.plan import Plan, ServiceChange
     from hostwall.policy import Policy
@@ -120,12 +120,13 @@ def lockout_guard(options: Options, allow_lockout: bool, command: str) -> Callab
     there is one and it reaches the namespace being changed."""
     if allow_lockout:
         return None
-    from hostwall.lockout import refuse_lockout
     from hostwall.session import find_ssh_session, target_netns
 
     session = find_ssh_session()
     if session is None:
         return None
+    from hostwall.lockout import refuse_lockout
+
     target = target_netns(options.netns)
     if session.netns is not None and target is not None and session.netns != target:
         return None  # the session arrives in another network namespace than the one changed
@@ -368,6 +369,8 @@ def status(options: Options, drop_count: int, as_json: bool) -> None:
     require_privileges("status")
     result = options.engine().status()
     agent = agent_view(options.state().agent(), clock.now(), _pid_alive)
+    from hostwall.cli.journal import DropsView, last_drops
+
     drops = last_drops(options.netns, drop_count) if drop_count else DropsView(())
     rolled_back = reverted(options.state())
     if as_json:

@@ -172,6 +172,11 @@ def test_a_kernel_that_refuses_the_table_gives_one_clear_error(
     assert sorted(os.listdir(state_dir / "generations")) == generations
     assert _leftovers(state_dir) == []
 
+    # Only what the netlink batch does not encode goes through libnftables (per-element
+    # counters): that load fails with the binding missing, and leaves the kernel as it was.
     missing = _patched_cli(tmp_path, "sys.modules['nftables'] = None")
+    counted = policy_dir / "policy.yaml"
+    counted.write_text(counted.read_text().replace("  https:\n", "  https:\n    entry_counters: true\n", 1))
+    assert "entry_counters: true" in counted.read_text()
     _one_line(_run(missing, lab, policy_dir, state_dir, "apply"), 4, "nftables Python binding is missing")
     assert nft("list", "table", "inet", "hostwall").stdout == kernel

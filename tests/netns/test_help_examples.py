@@ -23,7 +23,7 @@ import click
 import pytest
 from netns_support import COMMAND_TIMEOUT, Journald
 
-from hostwall.cli import main
+from hostwall.cli import every_command, main
 from hostwall.lab import Lab
 
 pytestmark = pytest.mark.root
@@ -38,7 +38,7 @@ LONG_RUNNING = {"agent"}
 def help_examples() -> list[tuple[str, str]]:
     assert isinstance(main, click.Group)
     examples = [("hostwall", _example(main))]
-    for name, command in sorted(main.commands.items()):
+    for name, command in sorted(every_command().items()):
         if not command.hidden:
             examples.append((name, _example(command)))
     return examples

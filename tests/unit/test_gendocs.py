@@ -13,7 +13,7 @@ from types import ModuleType
 import click
 import pytest
 
-from hostwall.cli import main
+from hostwall.cli import every_command, main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,12 +31,12 @@ gendocs = _gendocs()
 
 def test_every_visible_command_has_a_page_naming_each_of_its_options() -> None:
     pages = gendocs.man_pages()
-    visible = {name for name, command in main.commands.items() if not command.hidden}
+    visible = {name for name, command in every_command().items() if not command.hidden}
     assert set(pages) == {"hostwall.8"} | {f"hostwall-{name}.8" for name in visible}
     assert "disable" in visible and "revert-unconfirmed" not in visible
     for name in visible:
         page = pages[f"hostwall-{name}.8"].replace("\\-", "-")
-        for param in main.commands[name].params:
+        for param in every_command()[name].params:
             if isinstance(param, click.Option) and not param.hidden:
                 for option in param.opts:
                     assert option in page, (name, option)
@@ -44,7 +44,7 @@ def test_every_visible_command_has_a_page_naming_each_of_its_options() -> None:
 
 
 def test_pages_say_what_help_says() -> None:
-    help_text = main.commands["apply"].help or ""
+    help_text = every_command()["apply"].help or ""
     first = " ".join(help_text.split("\n\n")[0].split())
     assert first.replace("-", "\\-") in gendocs.man_pages()["hostwall-apply.8"]
 
@@ -82,10 +82,10 @@ def test_completions_for_three_shells() -> None:
 def test_default_file_names_only_settings_that_exist() -> None:
     text = (REPO / "units" / "hostwall.default").read_text()
     named = set(re.findall(r"^#?(HOSTWALL_[A-Z_]+)=", text, re.MULTILINE))
-    known = {p.envvar for command in (main, main.commands["agent"]) for p in command.params
+    known = {p.envvar for command in (main, every_command()["agent"]) for p in command.params
              if isinstance(p, click.Option) and isinstance(p.envvar, str)}
     assert named and named <= known, named - known
     # Every agent setting is there to be found.
-    agent = {p.envvar for p in main.commands["agent"].params
+    agent = {p.envvar for p in every_command()["agent"].params
              if isinstance(p, click.Option) and isinstance(p.envvar, str)}
     assert agent <= named, agent - named

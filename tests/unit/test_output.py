@@ -15,7 +15,7 @@ import pytest
 from test_cli import invoke
 from unit_support import WriteFiles
 
-from hostwall.cli import main
+from hostwall.cli import every_command, main
 from hostwall.cli.kernel import agent_view
 from hostwall.engine import Engine
 from hostwall.fake import FakeBackend
@@ -145,7 +145,7 @@ def test_quiet_keeps_json(root: Path) -> None:
 
 def test_every_command_help_ends_with_an_example(root: Path) -> None:
     assert isinstance(main, click.Group)
-    for name, command in main.commands.items():
+    for name, command in every_command().items():
         if command.hidden:
             continue
         result = invoke(root, name, "--help")
