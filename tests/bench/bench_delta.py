@@ -292,6 +292,9 @@ CHILD = r"""
 import gc, json, os, sys, time
 import nftables
 import hostwall.agent, hostwall.cli, hostwall.nft, hostwall.policy, hostwall.state
+# The command's own module and what it imports when it runs (commands load lazily).
+import hostwall.cli.kernel, hostwall.compile, hostwall.engine, hostwall.lockout, hostwall.nftload, hostwall.nftnl
+import hostwall.plan, hostwall.policyfile, hostwall.session
 options = json.loads(os.environ["HWBENCH_CHILD"])
 if options["pass_cache"]:
     original = hostwall.policy.load_policy
@@ -486,7 +489,9 @@ def _measure(scenario: Scenario, netns_name: str, hostwall: Hostwall, policy_dir
         time.sleep(gap)
         row("whole_list", f"(f) 1 list line replaced (IPv{family}), whole `hostwall apply` process",
             "from start to exit").runs.append(whole_apply(f"whole list {index}"))
-        fresh = fresh_cidr(family, next(counter))
+        # IPv6: a /64 from fresh_prefix's range, which no list line or inline entry touches
+        # (auto-merge would join it to a neighbouring /64 and the delete would miss).
+        fresh = fresh_cidr(family, next(counter)) if family == 4 else fresh_prefix(family, next(counter))
         verb = "add" if index % 2 == 0 else "delete"
         time.sleep(gap)
         row("whole_nft", f"(f) nft add/delete element (IPv{family}), whole process",

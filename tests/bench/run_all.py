@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, Figure, environment, read_figures
+from bench.common import REPO, Figure, environment, ratio_figure, read_figures
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("apply", "delta", "packet", "droplog", "cli")
@@ -67,6 +67,12 @@ def delta_figures(path: Path) -> list[Figure]:
                reference_name="1-entry change", note="new content: parsed where it changed"),
         Figure(group, "kernel's own commit of one element", rows["kernel"], "ms", reference=inline,
                reference_name="1-entry change", note="NetlinkTable.apply_delta alone"),
+        ratio_figure(group, "1 list line replaced, whole hostwall apply process", rows["whole_list"],
+                     rows["whole_nft"], "nft add/delete element, whole process", "ms", at_most=1.0,
+                     note="alternating, start to exit"),
+        ratio_figure(group, "1 inline entry, whole hostwall apply process", rows["whole_inline"],
+                     rows["whole_nft"], "nft add/delete element, whole process", "ms",
+                     note="the policy file is validated again"),
     ]
 
 
