@@ -533,23 +533,27 @@ class ListCacheDir:
     def get(self, sha256: str) -> ParsedList | None:
         if not _SHA256_HEX.fullmatch(sha256) or not self._trusted():
             return None
-        path = self.path / sha256
+        body = self._unsealed(self.path / sha256, self.MAGIC, sha256)
+        try:
+            return None if body is None else ParsedList.decode(body)
+        except ValueError:
+            return None
+
+    def _unsealed(self, path: Path, magic: bytes, sha256: str) -> memoryview | None:
+        """What _sealed wrapped for sha256 in the file at path, or None when the file is
+        missing, damaged or someone else's; a hit marks it recently used (kept by eviction)."""
         try:
             data = path.read_bytes()
         except OSError:
             return None
-        head = self.MAGIC + bytes.fromhex(sha256)
+        head = magic + bytes.fromhex(sha256)
         view = memoryview(data)  # no copies of the megabytes: each costs page faults
         if not data.startswith(head) or len(data) < len(head) + 32 or hashlib.sha256(view[:-32]).digest() != data[-32:]:
             return None
-        try:
-            parsed = ParsedList.decode(view[len(head):-32])
-        except ValueError:
-            return None
         if self.writable:
             with contextlib.suppress(OSError):
-                os.utime(path)  # recently used: kept by _evict
-        return parsed
+                os.utime(path)
+        return view[len(head):-32]
 
     def latest(self, path: str) -> tuple[bytes, ParsedList] | None:
         if not self._trusted():
@@ -567,13 +571,12 @@ class ListCacheDir:
     def put(self, sha256: str, parsed: ParsedList, source: bytes, path: str) -> None:
         if not self.writable or not _SHA256_HEX.fullmatch(sha256):
             return
-        body = self.MAGIC + bytes.fromhex(sha256) + parsed.encode()
         try:
             for directory in (self.path.parent, self.path, self.path / "paths"):
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not self._trusted():
                 return
-            _replace(self.path / sha256, body + hashlib.sha256(body).digest())
+            _replace(self.path / sha256, _sealed(self.MAGIC, sha256, parsed.encode()))
             _replace(self.path / f"{sha256}.txt", source)
             _replace(self.path / "paths" / _sha256(path.encode()), sha256.encode())
             self._evict()
@@ -583,32 +586,20 @@ class ListCacheDir:
     def validated(self, sha256: str) -> FileSpec | None:
         if not _SHA256_HEX.fullmatch(sha256) or not self._trusted(self.files_path):
             return None
-        path = self.files_path / sha256
+        body = self._unsealed(self.files_path / sha256, self.SPEC_MAGIC, sha256)
         try:
-            data = path.read_bytes()
-        except OSError:
-            return None
-        head = self.SPEC_MAGIC + bytes.fromhex(sha256)
-        if not data.startswith(head) or len(data) < len(head) + 32 or _sha256_bytes(data[:-32]) != data[-32:]:
-            return None
-        try:
-            spec = FileSpec.from_json(data[len(head):-32])
+            return None if body is None else FileSpec.from_json(bytes(body))
         except ValueError:
             return None
-        if self.writable:
-            with contextlib.suppress(OSError):
-                os.utime(path)
-        return spec
 
     def keep_validated(self, sha256: str, spec: FileSpec) -> None:
         if not self.writable or not _SHA256_HEX.fullmatch(sha256):
             return
-        body = self.SPEC_MAGIC + bytes.fromhex(sha256) + spec.to_json()
         try:
             self.files_path.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not self._trusted(self.files_path):
                 return
-            _replace(self.files_path / sha256, body + _sha256_bytes(body))
+            _replace(self.files_path / sha256, _sealed(self.SPEC_MAGIC, sha256, spec.to_json()))
             _evict_oldest(self.files_path, self.keep)
         except OSError:
             return
@@ -634,8 +625,11 @@ def _evict_oldest(directory: Path, keep: int) -> None:
                 os.unlink(directory / stale)
 
 
-def _sha256_bytes(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
+def _sealed(magic: bytes, sha256: str, payload: bytes) -> bytes:
+    """magic, the key's digest, payload and the sha256 of all three: a torn, damaged or
+    misplaced cache file is a miss, never a wrong entry."""
+    body = magic + bytes.fromhex(sha256) + payload
+    return body + hashlib.sha256(body).digest()
 
 
 def _replace(path: Path, data: bytes) -> None:

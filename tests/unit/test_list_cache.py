@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from unit_support import damage as damage_file
 
 import hostwall.policy
 from hostwall.check import check_policy
@@ -225,12 +226,8 @@ def test_a_damaged_or_misplaced_cache_file_is_a_miss(tmp_path: Path, damage: str
     cache = ListCacheDir(tmp_path / "lists")
     cache.put(KEY, parsed(), b"", "/p/l.txt")
     path = tmp_path / "lists" / KEY
-    data = bytearray(path.read_bytes())
-    if damage == "flip":
-        data[len(data) // 2] ^= 1
-        path.write_bytes(bytes(data))
-    elif damage == "truncate":
-        path.write_bytes(bytes(data[:-5]))
+    if damage in ("flip", "truncate"):
+        damage_file(path, damage)
     else:
         path.rename(tmp_path / "lists" / ("cd" * 32))
         assert cache.get("cd" * 32) is None

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from unit_support import damage as damage_file
 
 import hostwall.policyfile
 from hostwall.errors import PolicyError, Problem
@@ -146,17 +147,13 @@ def test_a_damaged_or_misplaced_validated_file_is_a_miss(
     load_policy(root, now=NOW, cache=cache)
     key = hashlib.sha256((root / "p.yaml").read_bytes()).hexdigest()
     path = cache.files_path / key
-    data = bytearray(path.read_bytes())
-    if damage == "flip":
-        data[len(data) // 2] ^= 1
-        path.write_bytes(bytes(data))
-    elif damage == "truncate":
-        path.write_bytes(bytes(data[:-5]))
+    if damage in ("flip", "truncate"):
+        damage_file(path, damage)
     elif damage == "other file":
         path.rename(cache.files_path / ("cd" * 32))
         assert cache.validated("cd" * 32) is None
     else:
-        body = bytes(data[:-32]).replace(b'"semantics":1', b'"semantics":0')
+        body = path.read_bytes()[:-32].replace(b'"semantics":1', b'"semantics":0')
         path.write_bytes(body + hashlib.sha256(body).digest())
     assert cache.validated(key) is None
     validated: list[str] = []

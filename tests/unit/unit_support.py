@@ -12,3 +12,16 @@ WriteFiles = Callable[[dict[str, str | bytes]], Path]  # the write_files fixture
 # The moment the `pinned_clock` fixture holds hostwall's clock at. Dates a test writes
 # are relative to it, so no test result depends on the day the suite runs.
 PINNED_NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+
+def damage(path: Path, how: str) -> None:
+    """A cache file damaged as a crash or a disk would: one bit flipped in the middle
+    ("flip") or its end cut off ("truncate")."""
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 1
+    elif how == "truncate":
+        del data[-5:]
+    else:
+        raise ValueError(how)
+    path.write_bytes(bytes(data))
