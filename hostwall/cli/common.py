@@ -6,8 +6,6 @@ import contextlib
 import json
 import math
 import os
-import select
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,6 +99,9 @@ def spawn_reverter(pending: Pending, state_dir: Path, netns: str | None) -> None
     """Start the reverter and wait until it says it runs: a reverter that cannot start
     (hostwall not installed for this interpreter) must not leave a change that nobody
     will revert without a word."""
+    import select
+    import subprocess
+
     command = reverter_command(state_dir, netns, pending.generation)
     try:
         process = subprocess.Popen(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import getpass
 import os
 import sys
 import time
@@ -112,7 +111,11 @@ def plan(options: Options, as_json: bool) -> None:
 
 
 def invoking_user() -> str:
-    return os.environ.get("SUDO_USER") or getpass.getuser()
+    if os.environ.get("SUDO_USER"):
+        return os.environ["SUDO_USER"]
+    import getpass
+
+    return getpass.getuser()
 
 
 def lockout_guard(options: Options, allow_lockout: bool, command: str) -> Callable[[Ruleset], None] | None:
