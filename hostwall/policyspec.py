@@ -13,9 +13,13 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Literal
 
+from hostwall import __version__
+
 Protocol = Literal["tcp", "udp"]
 # Bump whenever what a validated policy file means changes (a validator, a default, a
-# field), so that files validated by an earlier version are validated again.
+# field), so that files validated by an earlier version are validated again. The
+# release is part of the check as well: an upgrade validates every file once more even
+# where a bump was forgotten.
 SPEC_SEMANTICS = 1
 
 
@@ -99,7 +103,7 @@ class FileSpec:
     services: tuple[ServiceSpec, ...]
 
     def to_json(self) -> bytes:
-        return json.dumps({"semantics": SPEC_SEMANTICS, "settings": self.settings,
+        return json.dumps({"semantics": SPEC_SEMANTICS, "version": __version__, "settings": self.settings,
                            "settings_line": self.settings_line,
                            "services": [_service_json(s) for s in self.services]},
                           separators=(",", ":")).encode()
@@ -110,7 +114,7 @@ class FileSpec:
         to_json wrote with this version's semantics."""
         try:
             document = json.loads(data)
-            if document["semantics"] != SPEC_SEMANTICS:
+            if (document["semantics"], document["version"]) != (SPEC_SEMANTICS, __version__):
                 raise ValueError("validated by another version of the policy rules")
             return cls(document["settings"], document["settings_line"],
                        tuple(_service_from_json(item) for item in document["services"]))

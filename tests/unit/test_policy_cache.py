@@ -16,6 +16,7 @@ import pytest
 from unit_support import damage as damage_file
 
 import hostwall.policyfile
+from hostwall import __version__
 from hostwall.errors import PolicyError, Problem
 from hostwall.policy import Policy, load_policy
 from hostwall.policyspec import FileSpec
@@ -138,7 +139,7 @@ def test_an_invalid_file_is_never_cached(write_files: WriteFiles, tmp_path: Path
     assert not cache.files_path.exists() or not any(cache.files_path.iterdir())
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "other file", "other semantics"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "other file", "other semantics", "other release"])
 def test_a_damaged_or_misplaced_validated_file_is_a_miss(
     write_files: WriteFiles, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, damage: str
 ) -> None:
@@ -153,7 +154,10 @@ def test_a_damaged_or_misplaced_validated_file_is_a_miss(
         path.rename(cache.files_path / ("cd" * 32))
         assert cache.validated("cd" * 32) is None
     else:
-        body = path.read_bytes()[:-32].replace(b'"semantics":1', b'"semantics":0')
+        body = path.read_bytes()[:-32]
+        body = body.replace(b'"semantics":1', b'"semantics":0') if damage == "other semantics" else \
+            body.replace(f'"version":"{__version__}"'.encode(), b'"version":"0.0.1"')
+        assert body != path.read_bytes()[:-32]
         path.write_bytes(body + hashlib.sha256(body).digest())
     assert cache.validated(key) is None
     validated: list[str] = []
