@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (
     Figure,
     clearing_for,
+    compile_hostwall,
     format_profile,
     generate_entries,
     hostwall,
@@ -144,6 +145,7 @@ def main() -> int:
     sizes = sorted({int(s) for s in args.sizes.split(",")} | {args.target_size} | ({300_000} if args.large else set()))
     if not 1 <= args.repeat <= 20 or max(sizes) > 1_000_000:
         parser.error("--repeat 1-20, sizes up to 1M")
+    compile_hostwall()
     before = root_tables()
     figures: list[Figure] = []
     details: dict[str, Any] = {}

@@ -17,7 +17,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import HOSTWALL, REPO, Figure, format_profile, measure_process, median, profile, write_figures
+from bench.common import (
+    HOSTWALL,
+    REPO,
+    Figure,
+    compile_hostwall,
+    format_profile,
+    measure_process,
+    median,
+    profile,
+    write_figures,
+)
 
 TARGET = 0.3
 COMMANDS = {
@@ -34,6 +44,7 @@ def main() -> int:
     args = parser.parse_args()
     if not 1 <= args.repeat <= 100:
         parser.error("--repeat 1-100")
+    compile_hostwall()
     figures: list[Figure] = []
     for label, command in COMMANDS.items():
         measure_process([*HOSTWALL, *command])  # warm the page cache and the bytecode

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import clearing_for, recorded_transaction
+from bench.common import clearing_for, compile_hostwall, recorded_transaction
 
 SEED = 20261128
 COMMAND_TIMEOUT = 120
@@ -621,6 +621,7 @@ def main() -> int:
     import hostwall.nft
     import hostwall.policy  # noqa: F401
 
+    compile_hostwall()
     before = root_tables()
     pid = os.getpid()
     results = []
