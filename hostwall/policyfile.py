@@ -8,9 +8,16 @@ so an apply whose files are unchanged never imports pydantic or YAML.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
+
+# pydantic imports every plugin that an installed distribution's metadata names, at the
+# first model: code that runs as root would be chosen by what lies on sys.path, and the
+# scan of all distributions costs about 15 ms. hostwall uses no plugin; this is set
+# whatever the caller's environment says, before any model exists.
+os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
 
 from pydantic import (
     BaseModel,
