@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
+
+from msgspec import Struct, field
+from msgspec.structs import replace
 
 from hostwall import netns
 from hostwall.clock import now as wall_now
@@ -80,8 +81,7 @@ class InterfaceNames:
         return name
 
 
-@dataclass
-class StreamStats:
+class StreamStats(Struct):
     packets: int = 0
     records: int = 0
     lost: int = 0
@@ -194,12 +194,14 @@ def closed_policy() -> Policy:
     return Policy(services=services, settings=Settings(), files=(), expired=())
 
 
-@dataclass(frozen=True)
-class AgentSettings:
+class AgentSettings(Struct, frozen=True):
     full_check_seconds: float = 60.0  # every element compared with the record
     metrics_file: Path | None = None
     metrics_seconds: float = 15.0
     stall_watchdog_after: float | None = None  # test hook: stop pinging the watchdog
+
+
+DEFAULT_AGENT_SETTINGS = AgentSettings()
 
 
 class Notifications(Protocol):
@@ -216,8 +218,7 @@ class ChangeEvents(Protocol):
     def changed(self, timeout: float = 0.0) -> bool: ...
 
 
-@dataclass
-class AgentCounters:
+class AgentCounters(Struct):
     drift_repairs: int = 0
     last_apply: float | None = None
     last_apply_ok: bool = True
@@ -239,7 +240,7 @@ class Agent:
         streamer: DropStreamer | None = None,
         events: ChangeEvents | None = None,
         counters: Callable[[], dict[str, Counter]] | None = None,
-        settings: AgentSettings = AgentSettings(),
+        settings: AgentSettings = DEFAULT_AGENT_SETTINGS,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = wall_now,
         boot_time: float = 0.0,
@@ -342,7 +343,7 @@ class Agent:
             return False
         if self._state.pending_since() >= self._boot_time:
             return False  # this boot's change: the deadline still applies
-        self._state.set_pending(dataclasses.replace(pending, deadline=0.0))
+        self._state.set_pending(replace(pending, deadline=0.0))
         return self._enforce_deadline()
 
     def _enforce_deadline(self) -> bool:

@@ -5,9 +5,11 @@ evidence come in, findings go out."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from typing import Literal, Protocol
+
+from msgspec import Struct
+from msgspec.structs import replace
 
 from hostwall.cidr import Interval
 from hostwall.policy import Entries, Entry, ListFile, Origin, Policy, Service
@@ -20,8 +22,7 @@ def at_least(severity: Severity, threshold: str) -> bool:
     return SEVERITIES.index(severity) >= SEVERITIES.index(threshold)
 
 
-@dataclass(frozen=True)
-class Finding:
+class Finding(Struct, frozen=True):
     rule: str
     severity: Severity
     service: str | None
@@ -44,8 +45,7 @@ class Usage(Protocol):
         when there is no evidence for it."""
 
 
-@dataclass(frozen=True)
-class AuditOptions:
+class AuditOptions(Struct, frozen=True):
     now: datetime
     within: timedelta = timedelta(days=30)
     owners: frozenset[str] | None = None  # None: settings.owners of the policy, if any
@@ -74,8 +74,7 @@ def _finding(rule: str, service: str | None, subject: str, owner: str, where: Or
     return Finding(rule, RULES[rule][0], service, subject, owner, str(where), message, action)
 
 
-@dataclass(frozen=True)
-class _Unit:
+class _Unit(Struct, frozen=True):
     """What one allow entry of a file says: an inline entry, or a file: list with its lines."""
 
     service: str
@@ -210,8 +209,7 @@ def _expired_findings(policy: Policy) -> Iterator[Finding]:
                        "remove it from the file, or move expires forward if it is still needed")
 
 
-@dataclass(frozen=True)
-class Holding:
+class Holding(Struct, frozen=True):
     """One allow entry as its owner holds it: an inline entry or a whole file: list."""
 
     service: str

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from hostwall.cidr import Interval
 from hostwall.kernel import KernelTable
@@ -13,8 +14,7 @@ from hostwall.policy import Entry, Policy, Service
 from hostwall.ruleset import Ruleset
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(Struct, frozen=True):
     allowed: bool
     reason: str
     service: str | None
@@ -127,8 +127,7 @@ NEIGHBOUR_PREFIX = {4: 16, 6: 48}
 NEIGHBOURS_SHOWN = 5
 
 
-@dataclass(frozen=True)
-class Neighbour:
+class Neighbour(Struct, frozen=True):
     """An entry near a denied address, and why it is shown."""
 
     service: str
@@ -136,8 +135,7 @@ class Neighbour:
     why: str  # "same /16", "same owner as a nearby entry", "allows it for another service"
 
 
-@dataclass(frozen=True)
-class Explanation:
+class Explanation(Struct, frozen=True):
     decision: Decision
     address: str
     port: int

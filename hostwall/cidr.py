@@ -18,8 +18,9 @@ import socket
 import struct
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import overload
+
+from msgspec import Struct
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -180,8 +181,7 @@ def _host_bits_hint(raw: str) -> str | None:
     )
 
 
-@dataclass(frozen=True, order=True)
-class Interval:
+class Interval(Struct, frozen=True, order=True):
     """An inclusive address range of one family, with its expiry (unix time or PERMANENT)."""
 
     family: int

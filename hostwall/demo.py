@@ -13,8 +13,9 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
 
 from hostwall import clock, lab
 from hostwall.agent import DropStreamer, InterfaceNames, run_streamer
@@ -50,8 +51,7 @@ services:
 """
 
 
-@dataclass(frozen=True)
-class Attempt:
+class Attempt(Struct, frozen=True):
     client: str
     source: str
     target: str

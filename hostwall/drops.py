@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+
+from msgspec import Struct, field
 
 from hostwall.packet import PacketSummary
 from hostwall.ruleset import LOG_PREFIX, SPOOFED_SUFFIX
@@ -27,16 +28,14 @@ PRIORITY_NOTICE = 5
 PRIORITY_INFO = 6
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(Struct, frozen=True):
     message: str
     message_id: str
     priority: int
     fields: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Drop:
+class Drop(Struct, frozen=True):
     service: str
     packet: PacketSummary
     interface: str
@@ -44,8 +43,7 @@ class Drop:
     reason: str = "not-allowed"  # or "spoofed-source": strict_source's reverse-path check
 
 
-@dataclass(frozen=True)
-class FloodControl:
+class FloodControl(Struct, frozen=True):
     window_seconds: float = 10.0
     records_per_source_per_window: int = 5  # then one summary per window
     recon_drops_per_minute: int = 60
@@ -117,8 +115,7 @@ def typed_fields(fields: dict[str, str]) -> dict[str, str | int]:
             for name, value in fields.items()}
 
 
-@dataclass
-class _Source:
+class _Source(Struct):
     window_start: float
     in_window: int = 0
     # Suppressed drops by service, each with the latest drop as the summary's example:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
+from msgspec.structs import replace
 
 from hostwall.cidr import Interval
 from hostwall.clock import now as wall_now
@@ -19,8 +20,7 @@ from hostwall.ruleset import Delta, Ruleset, ServiceRules, element_delta, render
 from hostwall.state import Current, Pending, StateDir
 
 
-@dataclass(frozen=True)
-class ApplyResult:
+class ApplyResult(Struct, frozen=True):
     plan: Plan
     generation: int | None  # None when nothing was applied
     applied: bool
@@ -43,8 +43,7 @@ def delta_is_cheaper(changed_elements: int, total_elements: int) -> bool:
     return delta < full
 
 
-@dataclass(frozen=True)
-class RollbackResult:
+class RollbackResult(Struct, frozen=True):
     generation: int
     previous: int | None
     replayed: bool  # True: the stored text byte for byte; False: rendered from the recorded ruleset
@@ -54,15 +53,13 @@ class RollbackResult:
     rendered_because: str | None = None
 
 
-@dataclass(frozen=True)
-class DisableResult:
+class DisableResult(Struct, frozen=True):
     generation: int  # the disable generation: new, or the one already in force
     previous: int | None  # the generation that was loaded before, None when none was
     changed: bool  # False when hostwall was already disabled
 
 
-@dataclass(frozen=True)
-class ServiceStatus:
+class ServiceStatus(Struct, frozen=True):
     name: str
     ports: str
     action: str
@@ -71,8 +68,7 @@ class ServiceStatus:
     dropped: Counter
 
 
-@dataclass(frozen=True)
-class Status:
+class Status(Struct, frozen=True):
     loaded: bool
     generation: int | None
     recorded_generation: int | None
@@ -83,8 +79,7 @@ class Status:
     disabled: bool = False  # `hostwall disable` removed the table on purpose
 
 
-@dataclass(frozen=True)
-class ExpiredEntry:
+class ExpiredEntry(Struct, frozen=True):
     """An element the loaded generation gave a timeout that has since run out."""
 
     service: str
@@ -287,7 +282,7 @@ class Engine:
                 # again below, with its text.
                 self._state.discard(number)
             else:
-                self._state.set_current(dataclasses.replace(
+                self._state.set_current(replace(
                     before, generation=number, digest=desired.digest, applied=now, loaded_by="delta",
                 ))
                 return "delta"

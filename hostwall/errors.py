@@ -3,7 +3,7 @@ the CLI catches only HostwallError and maps each class to a documented exit code
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from msgspec import Struct
 
 
 class HostwallError(Exception):
@@ -12,8 +12,7 @@ class HostwallError(Exception):
     exit_code = 1
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(Struct, frozen=True):
     """One thing wrong in the policy, located precisely enough to fix it."""
 
     file: str

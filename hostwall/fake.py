@@ -11,7 +11,8 @@ import hashlib
 import ipaddress
 import math
 import re
-from dataclasses import dataclass, field
+
+from msgspec import Struct, field
 
 from hostwall.cidr import Interval
 from hostwall.errors import KernelRejected
@@ -32,8 +33,7 @@ _COMMENT = re.compile(r'^\t\tcomment "(.*)"$')
 _COUNTER = re.compile(r"^\tcounter (\w+) \{\}$")
 
 
-@dataclass
-class _Table:
+class _Table(Struct):
     comment: str | None
     structure_lines: list[str]
     counters: dict[str, Counter]
@@ -43,8 +43,7 @@ class _Table:
     packets: dict[str, dict[tuple[int, int], int]] = field(default_factory=dict)
 
 
-@dataclass
-class FakeBackend:
+class FakeBackend(Struct):
     table: _Table | None = None
     reject_next: str | None = None
     submitted: int = field(default=0)

@@ -6,9 +6,10 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+from msgspec import Struct
 
 from hostwall.drops import Record
 from hostwall.errors import HostwallError
@@ -69,8 +70,7 @@ class JournalSink:
         print(f"hostwall: {printable(record.message)}", file=self._fallback, flush=True)
 
 
-@dataclass(frozen=True)
-class JournalEntry:
+class JournalEntry(Struct, frozen=True):
     timestamp: float
     message_id: str
     message: str

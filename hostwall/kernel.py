@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Protocol
+
+from msgspec import Struct, field
 
 from hostwall.cidr import Interval
 from hostwall.ruleset import Delta, Ruleset
@@ -12,14 +13,12 @@ from hostwall.ruleset import Delta, Ruleset
 COMMENT_PATTERN = re.compile(r"hostwall generation=(\d+) sha256=([0-9a-f]{64})")
 
 
-@dataclass(frozen=True)
-class Counter:
+class Counter(Struct, frozen=True):
     packets: int
     bytes: int
 
 
-@dataclass(frozen=True)
-class KernelTable:
+class KernelTable(Struct, frozen=True):
     """The hostwall table as listed from the kernel.
 
     ``structure`` is a fingerprint of everything but set elements and counter values;

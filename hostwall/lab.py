@@ -14,8 +14,9 @@ import socketserver
 import subprocess
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from itertools import count
+
+from msgspec import Struct, field
 
 from hostwall import netns
 
@@ -28,8 +29,7 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
-@dataclass(frozen=True)
-class Host:
+class Host(Struct, frozen=True):
     namespace: str
     ipv4: str
     ipv6: str
@@ -37,8 +37,7 @@ class Host:
     server_ipv6: str
 
 
-@dataclass
-class Lab:
+class Lab(Struct):
     """server <-veth-> allowed client, server <-veth-> denied client."""
 
     prefix: str

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from hostwall.errors import HostwallError
 from hostwall.ruleset import Ruleset
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-@dataclass(frozen=True)
-class SshSession:
+class SshSession(Struct, frozen=True):
     client: IPAddress
     client_port: int
     server: IPAddress

@@ -24,8 +24,8 @@ import select
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
+from msgspec import Struct, field
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nla
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_ULOG, nfgen_msg
 
@@ -73,8 +73,7 @@ class nflog_config_msg(nfgen_msg):  # type: ignore[misc]
         fields = (("copy_range", ">I"), ("copy_mode", "B"), ("_pad", "B"))
 
 
-@dataclass(frozen=True, slots=True)
-class LoggedPacket:
+class LoggedPacket(Struct, frozen=True):
     prefix: str
     ifindex: int | None
     payload: bytes
@@ -82,14 +81,12 @@ class LoggedPacket:
     timestamp: float | None
 
 
-@dataclass
-class ReadResult:
+class ReadResult(Struct):
     packets: list[LoggedPacket] = field(default_factory=list)
     lost: int = 0  # packets the kernel could not deliver (ENOBUFS, sequence gaps)
 
 
-@dataclass(frozen=True)
-class NflogSettings:
+class NflogSettings(Struct, frozen=True):
     group: int
     copy_range: int = 128  # enough for the IP and transport headers
     receive_buffer: int = 16 << 20

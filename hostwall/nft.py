@@ -3,11 +3,12 @@ the nftables binding), cheap snapshots and element deltas through nftnl's netlin
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import json
 import math
 from typing import Any
+
+from msgspec.structs import replace
 
 from hostwall import netns
 from hostwall.cidr import Interval
@@ -157,7 +158,7 @@ class NftBackend:
             return None
         document = json.loads(listing)
         counters, sets = parse_listing(document)
-        return dataclasses.replace(table, counters=counters, sets=sets,
+        return replace(table, counters=counters, sets=sets,
                                    element_packets=parse_element_packets(document))
 
     def list_ruleset(self) -> str:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import struct
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from hostwall.cidr import IntervalSet, family_max
 from hostwall.ruleset import (
@@ -85,8 +86,7 @@ ELEMENTS_PER_MESSAGE = 1024
 _NLA = struct.Struct("=HH")
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(Struct, frozen=True):
     """One nf_tables message of a batch: its type (without the subsystem), netlink
     flags beyond NLM_F_REQUEST, and its payload after the nfgenmsg header."""
 

@@ -19,7 +19,8 @@ import os
 import socket
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+
+from msgspec import Struct, field
 
 from hostwall import netns
 from hostwall.cidr import Interval, family_max
@@ -80,8 +81,7 @@ SNAPSHOT_ATTEMPTS = 5
 MAX_DUMP_READS = 100_000
 
 
-@dataclass(frozen=True)
-class Snapshot:
+class Snapshot(Struct, frozen=True):
     comment: str | None
     structure: str
     generation: int | None

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import socket
 import struct
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 PROTOCOL_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "ipv6-icmp"}
 # Extension headers that may precede the transport header (RFC 8200 section 4).
@@ -14,8 +15,7 @@ _MOBILITY, _HIP, _SHIM6 = 135, 139, 140
 _GENERIC_EXTENSIONS = {_HOP_BY_HOP, _ROUTING, _DEST_OPTS, _MOBILITY, _HIP, _SHIM6}
 
 
-@dataclass(frozen=True)
-class PacketSummary:
+class PacketSummary(Struct, frozen=True):
     family: int
     src: str
     dst: str

@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import overload
+
+from msgspec import Struct, field
 
 from hostwall.cidr import Interval, IntervalSet
 from hostwall.kernel import KernelTable
@@ -65,8 +66,7 @@ def _unexpired(intervals: IntervalSet, now: float) -> Sequence[Interval]:
     return [interval for interval in intervals if interval.expires > now]
 
 
-@dataclass(frozen=True)
-class ServiceChange:
+class ServiceChange(Struct, frozen=True):
     name: str
     status: str  # "added", "removed", "changed" (ports/protocols/action) or "entries"
     added: Sequence[Interval] = ()
@@ -74,8 +74,7 @@ class ServiceChange:
     details: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Drift:
+class Drift(Struct, frozen=True):
     """Ways the kernel differs from what hostwall last wrote."""
 
     reasons: tuple[str, ...] = ()
@@ -84,8 +83,7 @@ class Drift:
         return bool(self.reasons)
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(Struct, frozen=True):
     changed: bool
     table_present: bool
     drift: Drift

@@ -12,12 +12,13 @@ import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Literal, overload
 from typing import Protocol as Interface
+
+from msgspec import Struct, field
 
 from hostwall.cidr import (
     PERMANENT,
@@ -45,8 +46,7 @@ PROGRESS_LINES = 4096
 Progress = Callable[[str, int, int], None]
 
 
-@dataclass(frozen=True)
-class BuiltinService:
+class BuiltinService(Struct, frozen=True):
     ports: tuple[PortRange, ...]
     protocols: tuple[Protocol, ...]
 
@@ -58,8 +58,7 @@ BUILTIN_SERVICES: dict[str, BuiltinService] = {
 }
 
 
-@dataclass(frozen=True)
-class Origin:
+class Origin(Struct, frozen=True):
     """Where an entry came from: the policy file and line, and a list file's line if any."""
 
     file: str
@@ -70,8 +69,7 @@ class Origin:
         return f"{self.file}:{self.line}" if self.line is not None else self.file
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(Struct, frozen=True, dict=True):  # dict: room for the cached network
     interval: Interval
     owner: str
     reason: str
@@ -87,8 +85,7 @@ class Entry:
         return network
 
 
-@dataclass(frozen=True)
-class ParsedList:
+class ParsedList(Struct, frozen=True):
     """A ``file:`` list's lines, parsed and merged: what a ListCache keeps per content.
 
     v4 and v6 are IntervalSet records (see cidr.IntervalSet) of the merged lines,
@@ -156,8 +153,7 @@ class ListCache(Interface):
     def keep_validated(self, sha256: str, spec: FileSpec) -> None: ...
 
 
-@dataclass(frozen=True, eq=False)
-class ListFile:
+class ListFile(Struct, frozen=True, eq=False, dict=True):  # dict: room for the cached entries
     """The entries one ``file:`` list contributes to a service.
 
     Compiling needs only the merged intervals, so the lines become Entry objects (for
@@ -244,8 +240,7 @@ class Entries(Sequence[Entry]):
         return f"Entries({len(self)} entries, {len(self.lists)} from lists)"
 
 
-@dataclass(frozen=True)
-class Widest:
+class Widest(Struct, frozen=True):
     """The widest prefix per family that audit accepts without broad_ok."""
 
     ipv4: int = 24
@@ -255,8 +250,7 @@ class Widest:
         return self.ipv4 if family == 4 else self.ipv6
 
 
-@dataclass(frozen=True)
-class Service:
+class Service(Struct, frozen=True):
     name: str
     ports: tuple[PortRange, ...]
     protocols: tuple[Protocol, ...]
@@ -279,8 +273,7 @@ class Service:
                 "add an allow entry (or remove the service if closing it is meant)")
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(Struct, frozen=True):
     log_group: int = 100
     log_rate: int = 10
     log_burst: int = 20
@@ -288,8 +281,7 @@ class Settings:
     owners: tuple[str, ...] | None = None  # who may own entries; None: anyone
 
 
-@dataclass(frozen=True)
-class Policy:
+class Policy(Struct, frozen=True):
     services: tuple[Service, ...]
     settings: Settings
     files: tuple[Path, ...]
@@ -326,8 +318,7 @@ class Policy:
         return gaps
 
 
-@dataclass(frozen=True)
-class UnprotectedPort:
+class UnprotectedPort(Struct, frozen=True):
     service: str
     port: int
     protocol: Protocol
@@ -403,8 +394,7 @@ def read_regular(path: Path, root: Path, limit: int) -> bytes:
     return data
 
 
-@dataclass
-class _ServiceDraft:
+class _ServiceDraft(Struct):
     name: str
     definition: ServiceSpec | None
     defined_in: str | None

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Literal
+
+from msgspec import Struct
 
 from hostwall import __version__
 
@@ -23,8 +24,7 @@ Protocol = Literal["tcp", "udp"]
 SPEC_SEMANTICS = 1
 
 
-@dataclass(frozen=True, order=True)
-class PortRange:
+class PortRange(Struct, frozen=True, order=True):
     first: int
     last: int
 
@@ -61,8 +61,7 @@ def parse_port(value: Any) -> PortRange:
     return PortRange(first, last)
 
 
-@dataclass(frozen=True)
-class AllowSpec:
+class AllowSpec(Struct, frozen=True):
     """A validated allow entry: exactly one of cidr and file."""
 
     line: int | None
@@ -75,8 +74,7 @@ class AllowSpec:
     broad_ok: bool = False
 
 
-@dataclass(frozen=True)
-class ServiceSpec:
+class ServiceSpec(Struct, frozen=True):
     """A service as one file writes it; None: not given in this file."""
 
     name: str
@@ -96,8 +94,7 @@ class ServiceSpec:
                                                    self.entry_counters, self.log))
 
 
-@dataclass(frozen=True)
-class FileSpec:
+class FileSpec(Struct, frozen=True):
     settings: dict[str, Any] | None  # SettingsModel's fields, owners as a list or None
     settings_line: int | None
     services: tuple[ServiceSpec, ...]

@@ -9,10 +9,10 @@ operator wrote it: comments, order, quoting and blank lines.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from msgspec import Struct
 
 from hostwall.errors import PolicyError, Problem
 from hostwall.yamlsource import YamlError
@@ -24,8 +24,7 @@ except AttributeError:  # pragma: no cover - libyaml is a declared system depend
     _Loader = yaml.SafeLoader
 
 
-@dataclass(frozen=True)
-class Removal:
+class Removal(Struct, frozen=True):
     """One allow entry cut out of a file; lines are 1-based and inclusive."""
 
     service: str
@@ -36,8 +35,7 @@ class Removal:
     last_line: int
 
 
-@dataclass(frozen=True)
-class FileEdit:
+class FileEdit(Struct, frozen=True):
     path: str
     old: str
     new: str

@@ -15,8 +15,11 @@ import json
 import math
 import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
+
+from msgspec import Struct
+from msgspec.structs import force_setattr
 
 from hostwall.cidr import Interval, IntervalSet, format_address
 from hostwall.policyspec import PortRange
@@ -56,8 +59,7 @@ def logical_set_name(kernel_set: str) -> str:
     return kernel_set.removesuffix(HOSTS_SUFFIX)
 
 
-@dataclass(frozen=True)
-class ServiceRules:
+class ServiceRules(Struct, frozen=True):
     """One service's chain and sets. v4 and v6 may be given as any sequence of
     intervals; they are held as IntervalSets (which compare equal to tuples)."""
 
@@ -73,7 +75,7 @@ class ServiceRules:
     def __post_init__(self) -> None:
         for family, given in ((4, self.v4), (6, self.v6)):
             if not isinstance(given, IntervalSet) or given.family != family:
-                object.__setattr__(self, f"v{family}", IntervalSet.of(family, given))
+                force_setattr(self, f"v{family}", IntervalSet.of(family, given))
 
     @property
     def chain(self) -> str:
@@ -111,14 +113,13 @@ class ServiceRules:
         return self.intervals(family).has_timeouts
 
 
-@dataclass(frozen=True)
-class Ruleset:
+# dict=True: room for the cached digest, which is no field (it takes no part in equality).
+class Ruleset(Struct, frozen=True, dict=True):
     services: tuple[ServiceRules, ...]
     log_group: int = 100
     log_rate: int = 10
     log_burst: int = 20
     strict_source: bool = False
-    _digest: list[str] = field(default_factory=list, compare=False, repr=False)
 
     def service(self, name: str) -> ServiceRules | None:
         return next((s for s in self.services if s.name == name), None)
@@ -208,15 +209,13 @@ class Ruleset:
         ]
         return cls(tuple(services), int(log[0]), int(log[1]), int(log[2]), bool(data.get("strict_source", False)))
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """sha256 over the structure and each set's digest (see IntervalSet.digest): equal
         rulesets have equal digests, and a 100k-element set is hashed as bytes."""
-        if not self._digest:
-            content = {"structure": self.structure(), "sets": {n: s.digest for n, s in self.sets().items()}}
-            canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
-            self._digest.append(hashlib.sha256(canonical.encode()).hexdigest())
-        return self._digest[0]
+        content = {"structure": self.structure(), "sets": {n: s.digest for n, s in self.sets().items()}}
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
     def entry_count(self) -> int:
         return sum(len(s.v4) + len(s.v6) for s in self.services)
@@ -228,15 +227,13 @@ def _expiry_data(expires: float) -> int | float | None:
     return int(expires) if expires.is_integer() else expires
 
 
-@dataclass(frozen=True)
-class SetDelta:
+class SetDelta(Struct, frozen=True):
     set_name: str
     add: tuple[Interval, ...]
     remove: tuple[Interval, ...]
 
 
-@dataclass(frozen=True)
-class Delta:
+class Delta(Struct, frozen=True):
     """One atomic element change, valid only while the kernel holds from_generation."""
 
     from_generation: int
@@ -278,8 +275,7 @@ def render_full_load(ruleset: Ruleset, generation: int, now: float) -> str:
     return "".join(_full_load_lines(ruleset, generation, now))
 
 
-@dataclass(frozen=True)
-class TableObjects:
+class TableObjects(Struct, frozen=True):
     """The names in the kernel's hostwall table that a full load replaces."""
 
     chains: tuple[str, ...] = ()

@@ -37,9 +37,11 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from msgspec import Struct
+from msgspec.structs import asdict
 
 from hostwall.cidr import IntervalSet
 from hostwall.clock import now as wall_now
@@ -52,8 +54,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/hostwall")
 DEFAULT_KEEP = 50
 
 
-@dataclass(frozen=True)
-class GenerationMeta:
+class GenerationMeta(Struct, frozen=True):
     number: int
     created: float
     user: str
@@ -69,8 +70,7 @@ class GenerationMeta:
 HEARTBEAT_SECONDS = 5.0
 
 
-@dataclass(frozen=True)
-class AgentState:
+class AgentState(Struct, frozen=True):
     """What the agent last said about itself; status compares heartbeat with the clock."""
 
     pid: int
@@ -82,8 +82,7 @@ class AgentState:
     lost: int = 0
 
 
-@dataclass(frozen=True)
-class Pending:
+class Pending(Struct, frozen=True):
     """A generation applied with --confirm-within that reverts unless confirmed in time."""
 
     generation: int
@@ -91,8 +90,7 @@ class Pending:
     deadline: float
 
 
-@dataclass(frozen=True)
-class Current:
+class Current(Struct, frozen=True):
     generation: int
     digest: str
     structure: str
@@ -140,8 +138,7 @@ def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
         _fsync_dir(path.parent)
 
 
-@dataclass(frozen=True)
-class Generation:
+class Generation(Struct, frozen=True):
     meta: GenerationMeta
     path: Path
 
@@ -647,8 +644,7 @@ def _replace(path: Path, data: bytes) -> None:
 REVERTED_MARKER = "reverted.json"
 
 
-@dataclass(frozen=True)
-class Reverted:
+class Reverted(Struct, frozen=True):
     """An unconfirmed change that was rolled back, for `status` and the agent."""
 
     generation: int

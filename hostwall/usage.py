@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from hostwall.cidr import Interval
 from hostwall.clock import now as wall_now
@@ -24,8 +25,7 @@ from hostwall.state import Current, StateDir
 Key = tuple[int, int]
 
 
-@dataclass(frozen=True)
-class _CountedSet:
+class _CountedSet(Struct, frozen=True):
     firsts: list[int]
     elements: list[tuple[int, int, int, float]]  # first, last, packets, counting since
 

@@ -8,10 +8,10 @@ eating memory).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from msgspec import Struct, field
 
 try:
     _SafeLoader: type[Any] = yaml.CSafeLoader
@@ -54,8 +54,7 @@ class YamlError(ValueError):
         self.line = line
 
 
-@dataclass
-class LocatedData:
+class LocatedData(Struct):
     data: Any
     line: int | None = None  # of the document's root node
     # The lines of the children of every mapping and sequence built from the document, by

@@ -8,12 +8,12 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
+from msgspec import Struct
 
 from hostwall.errors import HostwallError, PermissionDenied, PolicyError, StateError
 from hostwall.output import Output
@@ -39,8 +39,7 @@ CAP_NET_ADMIN = 12
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-@dataclass
-class Options:
+class Options(Struct):
     netns: str | None
     policy_dir: Path
     state_dir: Path

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+from msgspec import Struct
 
 from hostwall import clock
 from hostwall.cli.common import (
@@ -31,8 +31,7 @@ if TYPE_CHECKING:
     from hostwall.verify.report import Report
 
 
-@dataclass(frozen=True)
-class DropsView:
+class DropsView(Struct, frozen=True):
     entries: tuple[JournalEntry, ...]
     error: str | None = None
 

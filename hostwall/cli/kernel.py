@@ -4,16 +4,16 @@ confirm, status, generations, diff, and the detached reverter."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import click
+from msgspec import Struct
+from msgspec.structs import replace
 
 from hostwall import clock
 from hostwall.cli.common import (
@@ -221,8 +221,7 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
     sys.exit(exit_code)
 
 
-@dataclass(frozen=True)
-class Verified:
+class Verified(Struct, frozen=True):
     report: Report
     reverted: bool  # the change was pending confirmation and verify failed: reverted at once
 
@@ -238,7 +237,7 @@ def verified(options: Options, policy: Policy, pending: Pending | None) -> Verif
     from hostwall.state import note_reverted
 
     state = options.state()
-    state.set_pending(dataclasses.replace(pending, deadline=clock.now()))
+    state.set_pending(replace(pending, deadline=clock.now()))
     reverted = options.engine().revert_if_unconfirmed(pending.generation)
     if reverted:
         reason = "hostwall verify found the loaded ruleset differing from the policy"
@@ -321,8 +320,7 @@ def _status_json(status: Status, agent: AgentView, drops: DropsView) -> dict[str
     }
 
 
-@dataclass(frozen=True)
-class AgentView:
+class AgentView(Struct, frozen=True):
     state: str  # running, stale, stopped, unknown
     detail: str
     record: AgentState | None

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from hostwall.export import aws_sg, azure_nsg, gcp_firewall, kong, nginx, pg_hba
 from hostwall.export.model import ExportModel, TargetOptions
 
 
-@dataclass(frozen=True)
-class Format:
+class Format(Struct, frozen=True):
     render: Callable[[ExportModel, TargetOptions], str]
     default_service: str | None  # None: every service of the policy
 

@@ -7,9 +7,10 @@ file does not change an exported byte: a deployed copy is compared byte for byte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Literal
+
+from msgspec import Struct
 
 from hostwall.cidr import IPNetwork
 from hostwall.errors import ExportError
@@ -17,8 +18,7 @@ from hostwall.policy import Entry, Origin, Policy, Service
 from hostwall.policyspec import PortRange, Protocol
 
 
-@dataclass(frozen=True)
-class ExportedRule:
+class ExportedRule(Struct, frozen=True):
     """One allow entry of one service, as every target sees it."""
 
     network: IPNetwork
@@ -38,8 +38,7 @@ class ExportedRule:
                 self.review_by, expires)
 
 
-@dataclass(frozen=True)
-class ExportedService:
+class ExportedService(Struct, frozen=True):
     name: str
     ports: tuple[PortRange, ...]
     protocols: tuple[Protocol, ...]
@@ -55,8 +54,7 @@ class ExportedService:
         return [(network, tuple(rules)) for network, rules in grouped.items()]
 
 
-@dataclass(frozen=True)
-class ExportModel:
+class ExportModel(Struct, frozen=True):
     services: tuple[ExportedService, ...]
     # Entries left out because their expiry has passed: those of the whole policy found at
     # loading (it does not keep their service), and those of the exported services since.
@@ -75,8 +73,7 @@ class ExportModel:
         return self.services[0]
 
 
-@dataclass(frozen=True)
-class TargetOptions:
+class TargetOptions(Struct, frozen=True):
     """What the operator chose for the targets; each renderer reads only its own fields.
     The defaults are the providers' documented default limits."""
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from hostwall.ruleset import Ruleset
 from hostwall.verify.probes import Probe
@@ -13,8 +14,7 @@ from hostwall.verify.probes import Probe
 _MAPPED = (0xFFFF << 32, (0xFFFF << 32) | 0xFFFFFFFF)
 
 
-@dataclass
-class FakeProber:
+class FakeProber(Struct):
     ruleset: Ruleset
     sent: int = 0
 

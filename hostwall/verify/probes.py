@@ -12,7 +12,8 @@ import bisect
 import ipaddress
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+
+from msgspec import Struct, field
 
 from hostwall.cidr import Interval, IntervalSet
 from hostwall.policy import Entries, Policy, Service
@@ -40,8 +41,7 @@ def observable(family: int, address: int) -> bool:
     return not any(f == family and first <= address <= last for f, first, last in _UNOBSERVABLE_RANGES)
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(Struct, frozen=True):
     """A protected or unprotected destination port and its transport."""
 
     port: int
@@ -52,8 +52,7 @@ class Target:
         return f"{self.port}/{self.protocol}"
 
 
-@dataclass(frozen=True)
-class Probe:
+class Probe(Struct, frozen=True):
     family: int
     address: int
     target: Target
@@ -140,16 +139,14 @@ def unprotected_target(policy: Policy) -> Target:
     return Target(port, "tcp", None)
 
 
-@dataclass(frozen=True)
-class Element:
+class Element(Struct, frozen=True):
     service: str
     family: int
     first: int
     last: int
 
 
-@dataclass
-class ProbePlan:
+class ProbePlan(Struct):
     probes: list[Probe]
     elements_total: int
     elements_probed: int

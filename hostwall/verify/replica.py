@@ -27,9 +27,10 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
+
+from msgspec import Struct, field
 
 from hostwall import netns
 from hostwall.errors import KernelError, KernelUnavailable
@@ -132,8 +133,7 @@ def observer_ruleset(probe_interface: str) -> str:
     )
 
 
-@dataclass
-class Replica:
+class Replica(Struct):
     """Build with open(); everything it created goes with close(), whatever happened."""
 
     source_netns: str | None

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
+
+from msgspec import Struct
 
 from hostwall.policy import Entry, Policy
 from hostwall.verify.probes import Probe, ProbePlan
 
 
-@dataclass(frozen=True)
-class Mismatch:
+class Mismatch(Struct, frozen=True):
     probe: Probe
     observed: bool
     entry: str  # "file:line (owner)" of the entry involved, or "-"
@@ -23,8 +23,7 @@ class Mismatch:
                 self.entry, self.probe.why]
 
 
-@dataclass(frozen=True)
-class Report:
+class Report(Struct, frozen=True):
     probes: int
     elements_total: int
     elements_probed: int

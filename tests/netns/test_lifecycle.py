@@ -4,7 +4,6 @@ concurrency, element deltas and expiry. Every kernel call goes to the lab's name
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import random
@@ -16,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from bench.bench_packet import one_interval_set
 from netns_support import COMMAND_TIMEOUT, Cli, Nft, output, reach
@@ -376,7 +376,7 @@ def test_a_table_in_the_earlier_layout_is_converted_by_the_first_refused_delta(
     backend.submit(one_interval_set(render_full_load(recorded.ruleset(), current.generation, recorded.meta.created)))
     earlier = backend.read_table(elements=False)
     assert earlier is not None and earlier.generation == current.generation
-    state.set_current(dataclasses.replace(current, structure=earlier.structure))
+    state.set_current(msgspec.structs.replace(current, structure=earlier.structure))
     assert "_hosts" not in nft("list", "table", "inet", "hostwall").stdout
     assert reach(lab, ALLOWED_ONLY) == ALLOWED_ONLY
 

@@ -9,7 +9,6 @@ and review the diff of tests/unit/golden/full_load.nft before committing it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -17,6 +16,7 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 import yaml
 from hypothesis import given, settings
@@ -115,7 +115,7 @@ def test_ingress_chain_accepts_loopback_then_dispatches_by_port_with_rules() -> 
 
 
 def test_strict_source_drops_reverse_path_failures_before_the_allowlist() -> None:
-    strict = dataclasses.replace(golden_ruleset(), strict_source=True)
+    strict = msgspec.structs.replace(golden_ruleset(), strict_source=True)
     text = render_full_load(strict, 7, FIXED.timestamp())
     # Forwarded traffic skips the spoof check too, so the route lookup stays first here.
     assert chain(text, "svc_https")[:4] == [

@@ -4,13 +4,13 @@ parser of `hostwall drops`."""
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from collections import Counter
 from datetime import UTC, datetime
 
 import click
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -426,7 +426,7 @@ def test_origin_of_tells_spoofed_drops_apart(prefix: str, origin: tuple[str, str
 
 
 def test_a_spoofed_drop_says_so_in_its_record() -> None:
-    (record,) = reporter(FakeClock()).observe(dataclasses.replace(drop(), reason="spoofed-source"))
+    (record,) = reporter(FakeClock()).observe(msgspec.structs.replace(drop(), reason="spoofed-source"))
     assert record.fields["HOSTWALL_REASON"] == "spoofed-source"
     assert record.message.endswith("(spoofed source: fails the reverse-path check)")
 

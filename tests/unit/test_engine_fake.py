@@ -452,7 +452,7 @@ class EditedBeforeTheBatch(FakeBackend):
     """Another tool moves the generation marker after hostwall's label check, just before
     the delta batch arrives: the fake's guard (like the kernel's) must refuse the batch."""
 
-    deltas_refused = 0
+    deltas_refused: int = 0
 
     def apply_delta(self, delta: Delta, now: float) -> None:
         assert self.table is not None

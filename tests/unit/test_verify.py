@@ -3,12 +3,12 @@ the whole run against a fake prober."""
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import random
 import struct
 from pathlib import Path
 
+import msgspec
 from agent_doubles import RecordingSink as _Records
 from agent_doubles import SilentNotifier as _Notes
 from hypothesis import HealthCheck, given, settings
@@ -119,8 +119,8 @@ def test_a_missing_element_is_named_with_its_entry(write_files: WriteFiles) -> N
     ruleset = compile_policy(policy)  # type: ignore[arg-type]
     postgres = ruleset.service("postgres")
     assert postgres is not None
-    broken = dataclasses.replace(ruleset, services=tuple(
-        dataclasses.replace(s, v4=IntervalSet.of(4, ())) if s.name == "postgres" else s for s in ruleset.services))
+    broken = msgspec.structs.replace(ruleset, services=tuple(
+        msgspec.structs.replace(s, v4=IntervalSet.of(4, ())) if s.name == "postgres" else s for s in ruleset.services))
     report = verify(policy, ruleset.sets(), broken.sets(), FakeProber(broken).opened)  # type: ignore[arg-type]
 
     assert not report.agrees
@@ -134,7 +134,7 @@ def test_a_missing_element_is_named_with_its_entry(write_files: WriteFiles) -> N
 def test_the_replica_address_is_never_a_probe_source(write_files: WriteFiles) -> None:
     _, policy = _policy(write_files)
     plan = plan_probes(policy, _elements(policy))  # type: ignore[arg-type]
-    taken = dataclasses.replace(plan.probes[0], family=4, address=int(ipaddress.ip_address("198.18.0.1")))
+    taken = msgspec.structs.replace(plan.probes[0], family=4, address=int(ipaddress.ip_address("198.18.0.1")))
     chosen = destinations([*plan.probes, taken])
 
     assert chosen[4] == "198.18.0.2"
@@ -195,8 +195,8 @@ def test_the_agent_records_a_failed_verify_after_reload_with_the_catalog_fields(
 
     _, policy = _policy(write_files)
     ruleset = compile_policy(policy)  # type: ignore[arg-type]
-    broken = dataclasses.replace(ruleset, services=tuple(
-        dataclasses.replace(s, v4=IntervalSet.of(4, ())) if s.name == "postgres" else s for s in ruleset.services))
+    broken = msgspec.structs.replace(ruleset, services=tuple(
+        msgspec.structs.replace(s, v4=IntervalSet.of(4, ())) if s.name == "postgres" else s for s in ruleset.services))
     verified: list[object] = []
 
     def verify_loaded(loaded: object) -> object:
@@ -236,7 +236,7 @@ def test_the_entry_involved_is_the_containing_one_else_the_bordering_one(write_f
     https = Target(443, "tcp", "https")
 
     def named(address: str) -> str:
-        probe = dataclasses.replace(plan_probes(policy, []).probes[0], family=4,
+        probe = msgspec.structs.replace(plan_probes(policy, []).probes[0], family=4,
                                     address=int(ipaddress.ip_address(address)), target=https)
         return index.involved(probe)
 
