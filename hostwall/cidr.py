@@ -127,11 +127,11 @@ _HOSTMASKS = {
 
 
 def parse_list_lines(
-    lines: Sequence[str], first_number: int, v4: list[tuple[int, int]], v6: list[tuple[int, int]]
+    lines: Sequence[str], first_number: int, v4: list[int], v6: list[int]
 ) -> list[tuple[int, str]]:
     """parse_interval's fast case for the lines of a list file, in one tight loop.
 
-    Appends (first, last) of each line that holds a CIDR to v4 or v6 and returns
+    Appends the range_key of each line that holds a CIDR to v4 or v6 and returns
     (line number, CIDR) of the lines the fast case cannot decide: the caller gives those
     to parse_interval, which accepts a rare odd form or says exactly what is wrong. A
     comment starts at "#"; white space around the CIDR and empty lines are ignored.
@@ -151,12 +151,12 @@ def parse_list_lines(
                 # ::/96 and ::ffff:0:0/96 hold IPv4 in disguise: parse_cidr says what to write.
                 if value & hostmask or value >> 32 in (0, 0xFFFF):
                     raise ValueError(content)
-                append6((value, value | hostmask))
+                append6(value << 128 | value | hostmask)
             else:
                 value, hostmask = from_bytes(pton(af_inet, address), "big"), masks4[slash + length]
                 if value & hostmask:
                     raise ValueError(content)
-                append4((value, value | hostmask))
+                append4(value << 32 | value | hostmask)
         except (OSError, ValueError, KeyError):  # ValueError also: an embedded NUL
             undecided.append((number, content))
     return undecided
@@ -240,22 +240,61 @@ def merge_same_expiry(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]
     return _merge_sorted(intervals)
 
 
-def merge_pairs(family: int, pairs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """merge_same_expiry without sorting pairs: each pair is sorted as one integer, first
-    address then last, which is a third faster than sorting tuples (100k pairs)."""
+def range_key(family: int, first: int, last: int) -> int:
+    """A range as one integer, first address then last: keys sort as the ranges do, and a
+    key's bytes are the range's record (see IntervalSet)."""
+    return first << (32 if family == 4 else 128) | last
+
+
+def merged_records(family: int, keys: list[int]) -> tuple[bytes, bytes | None]:
+    """The records of the ranges (range_key) sorted with overlapping and adjacent ones
+    joined, as merge_same_expiry joins them, and the records of every range sorted when
+    joining changed any (else None). Sorts keys in place.
+
+    Most lists join few ranges or none, so the places where a range reaches its
+    predecessor are found at C speed (map over the sorted columns) and only those are
+    joined in Python: 2.5 times faster than joining range by range (150k IPv4)."""
+    keys.sort()
+    every_range = _records_of_keys(family, keys)
+    firsts: Sequence[int]
+    lasts: Sequence[int]
+    if family == 4:
+        flat = struct.unpack(f">{2 * len(keys)}I", every_range)
+        firsts, lasts = flat[0::2], flat[1::2]
+    else:
+        firsts = list(map(operator.rshift, keys, itertools.repeat(128)))
+        lasts = list(map(operator.and_, keys, itertools.repeat((1 << 128) - 1)))
+    # apart[i]: range i + 1 starts more than one address after range i ends. Where each
+    # range is apart from the one before, no range can reach any later one either.
+    apart = list(map(operator.gt, firsts[1:], map(operator.add, lasts, itertools.repeat(1))))
+    if all(apart):
+        return every_range, None
     width = 32 if family == 4 else 128
-    mask = (1 << width) - 1
-    merged: list[tuple[int, int]] = []
-    end = -2
-    for key in sorted([first << width | last for first, last in pairs]):
-        first, last = key >> width, key & mask
-        if first > end + 1:
-            merged.append((first, last))
-            end = last
-        elif last > end:
-            merged[-1] = (merged[-1][0], last)
-            end = last
-    return merged
+    joined: list[int] = []
+    start, count = 0, len(keys)
+    while True:
+        try:
+            reaching = apart.index(False, start)  # range reaching + 1 joins range reaching
+        except ValueError:
+            joined.extend(keys[start:])
+            break
+        joined.extend(keys[start:reaching])
+        first, end = firsts[reaching], lasts[reaching]
+        index = reaching + 1
+        while index < count and firsts[index] <= end + 1:
+            end = max(end, lasts[index])
+            index += 1
+        joined.append(first << width | end)
+        # Range index starts a group of its own, so apart[index] (against its own end)
+        # is again the truth for the ranges after it.
+        start = index
+    return _records_of_keys(family, joined), every_range
+
+
+def _records_of_keys(family: int, keys: list[int]) -> bytes:
+    if family == 4:
+        return struct.pack(f">{len(keys)}Q", *keys)
+    return b"".join([key.to_bytes(32, "big") for key in keys])
 
 
 def _merge_sorted(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -751,11 +790,6 @@ def _decode_ranges(family: int, ranges: bytes) -> tuple[list[int], list[int]]:
     firsts = [high << 64 | low for high, low in zip(halves[0::4], halves[1::4], strict=True)]
     lasts = [high << 64 | low for high, low in zip(halves[2::4], halves[3::4], strict=True)]
     return firsts, lasts
-
-
-def encode_merged(family: int, pairs: list[tuple[int, int]]) -> bytes:
-    """Records of (first, last) pairs that are already merged and sorted."""
-    return _encode_ranges(family, [first for first, _ in pairs], [last for _, last in pairs])
 
 
 def common_bytes(a: bytes, b: bytes, *, from_end: bool) -> int:

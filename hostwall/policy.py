@@ -28,11 +28,11 @@ from hostwall.cidr import (
     IPNetwork,
     Records,
     common_bytes,
-    encode_merged,
-    merge_pairs,
     merge_same_expiry,
+    merged_records,
     parse_interval,
     parse_list_lines,
+    range_key,
 )
 from hostwall.clock import now_utc
 from hostwall.errors import PolicyError, Problem
@@ -585,28 +585,26 @@ def _parse_list(
         problems.append(Problem(origin.file, origin.line,
                                 origin.entry, f"cannot read list file {list_path}: not UTF-8 text"))
         return None
-    pairs: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+    keys: dict[int, list[int]] = {4: [], 6: []}
     failed = False
     lines = text.splitlines()
     for start in range(0, len(lines), PROGRESS_LINES):
         if progress is not None and start:
             progress(f"parsing {name}", start, len(lines))
-        for number, content in parse_list_lines(lines[start:start + PROGRESS_LINES], start + 1, pairs[4], pairs[6]):
+        for number, content in parse_list_lines(lines[start:start + PROGRESS_LINES], start + 1, keys[4], keys[6]):
             try:
                 interval = parse_interval(content)
             except CidrError as exc:
                 problems.append(Problem(str(list_path), number, f"{origin.entry} file: {name}", str(exc)))
                 failed = True
                 continue
-            pairs[interval.family].append((interval.first, interval.last))
-    count = len(pairs[4]) + len(pairs[6])
+            keys[interval.family].append(range_key(interval.family, interval.first, interval.last))
+    count = len(keys[4]) + len(keys[6])
     if failed:
         return None
     records: dict[int, tuple[bytes, bytes | None]] = {}
     for family in (4, 6):
-        merged = merge_pairs(family, pairs[family])
-        every_line = None if len(merged) == len(pairs[family]) else encode_merged(family, sorted(pairs[family]))
-        records[family] = (encode_merged(family, merged), every_line)
+        records[family] = merged_records(family, keys[family])
     return ParsedList(count, records[4][0], records[6][0], records[4][1], records[6][1])
 
 

@@ -7,7 +7,7 @@ import itertools
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hostwall.cidr import (
@@ -15,11 +15,12 @@ from hostwall.cidr import (
     CidrError,
     Interval,
     merge_intervals,
-    merge_pairs,
     merge_same_expiry,
+    merged_records,
     parse_cidr,
     parse_interval,
     parse_list_lines,
+    range_key,
 )
 
 
@@ -264,8 +265,8 @@ _LIST_LINE = st.one_of(
 def test_parse_list_lines_decides_as_parse_interval_does(lines: list[str]) -> None:
     """The fast loop either decides a line exactly as parse_interval would, or leaves it
     to parse_interval: each line ends up with parse_interval's interval or error."""
-    v4: list[tuple[int, int]] = []
-    v6: list[tuple[int, int]] = []
+    v4: list[int] = []
+    v6: list[int] = []
     undecided = dict(parse_list_lines(lines, 1, v4, v6))
     decided = {4: iter(v4), 6: iter(v6)}
     for number, line in enumerate(lines, 1):
@@ -275,12 +276,28 @@ def test_parse_list_lines_decides_as_parse_interval_does(lines: list[str]) -> No
             assert undecided[number] == line.split("#", 1)[0].strip()
         elif expected is not None:
             assert isinstance(expected, Interval), (line, expected)
-            assert next(decided[expected.family]) == (expected.first, expected.last)
+            assert next(decided[expected.family]) == range_key(expected.family, expected.first, expected.last)
     assert next(decided[4], None) is None and next(decided[6], None) is None
 
 
-@given(st.sampled_from([4, 6]), st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 300)), max_size=60))
-def test_merge_pairs_is_merge_same_expiry(family: int, starts: list[tuple[int, int]]) -> None:
+def _reference_records(family: int, pairs: list[tuple[int, int]]) -> bytes:
+    width = 4 if family == 4 else 16
+    return b"".join(first.to_bytes(width, "big") + last.to_bytes(width, "big") for first, last in pairs)
+
+
+# Ranges drawn near each other (a small space, or a few hundred addresses from one of a
+# few bases at the top of the family's space) so that overlaps, containment chains,
+# adjacency and duplicates are common, and far apart so that long separate stretches are.
+@given(st.sampled_from([4, 6]), st.sampled_from([300, 2**32 - 1]),
+       st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 300)), max_size=80))
+@example(4, 300, [(0, 5), (6, 4), (20, 0)])  # adjacent: joined; then one apart
+@example(6, 300, [(0, 100), (5, 0), (50, 10), (102, 3), (200, 0), (200, 0)])  # contained, adjacent, twice
+@example(4, 2**32 - 1, [(2**32 - 2, 300), (2**32 - 1, 0)])  # at the top of the space
+def test_merged_records_are_merge_same_expiry(family: int, space: int, starts: list[tuple[int, int]]) -> None:
     top = 2**32 - 1 if family == 4 else 2**128 - 1
-    pairs = [(first, min(first + size, top)) for first, size in starts]
-    assert merge_pairs(family, pairs) == merge_same_expiry(list(pairs))
+    base = top - space
+    pairs = [(base + first % (space + 1), min(base + first % (space + 1) + size, top)) for first, size in starts]
+    merged, every_pair = merged_records(family, [range_key(family, first, last) for first, last in pairs])
+    expected = merge_same_expiry(list(pairs))
+    assert merged == _reference_records(family, expected)
+    assert every_pair == (None if len(expected) == len(pairs) else _reference_records(family, sorted(pairs)))
