@@ -31,6 +31,11 @@ class Joined(Sequence[Interval]):
     def __iter__(self) -> Iterator[Interval]:
         return itertools.chain.from_iterable(self._parts)
 
+    def texts(self) -> list[str]:
+        """str() of each interval; a first load's whole sets are formatted from their records."""
+        return [text for part in self._parts
+                for text in (part.texts() if isinstance(part, IntervalSet) else map(str, part))]
+
     @overload
     def __getitem__(self, index: int) -> Interval: ...
     @overload

@@ -21,7 +21,7 @@ from typing import Literal
 from msgspec import Struct
 from msgspec.structs import force_setattr
 
-from hostwall.cidr import Interval, IntervalSet, format_address
+from hostwall.cidr import LOW_IPV6, Interval, IntervalSet, format_address
 from hostwall.policyspec import PortRange
 
 TABLE_FAMILY = "inet"
@@ -402,7 +402,7 @@ def host_texts(singles: IntervalSet, now: float) -> list[str]:
     ranges, ntop = singles.ranges, socket.inet_ntop
     if singles.family == 4:
         return [ntop(socket.AF_INET, ranges[offset:offset + 4]) for offset in range(0, len(ranges), 8)]
-    return [ntop(socket.AF_INET6, ranges[offset:offset + 16]) if first >= _LOW_IPV6 else format_address(6, first)
+    return [ntop(socket.AF_INET6, ranges[offset:offset + 16]) if first >= LOW_IPV6 else format_address(6, first)
             for offset, first in zip(range(0, len(ranges), 32), singles.bounds()[0], strict=True)]
 
 
@@ -420,36 +420,13 @@ def render_element(interval: Interval, now: float) -> str:
     return text
 
 
-# The size of a prefix's block -> its length, per address width.
-_PREFIX_LENGTHS = {bits: {1 << (bits - length): length for length in range(bits + 1)} for bits in (32, 128)}
-_LOW_IPV6 = 1 << 48  # IPv6 addresses below this start with 80 zero bits
-
 
 def element_texts(intervals: IntervalSet, now: float) -> Iterable[str]:
     """render_element of each interval; permanent sets, the bulk of large allowlists,
-    are formatted straight from their records in one loop. inet_ntop writes IPv6 in the
-    same RFC 5952 form as ipaddress, except below ::1:0:0:0 (it writes ::a.b.c.d forms
-    there), where str(Interval) formats."""
+    are formatted straight from their records."""
     if intervals.has_timeouts:
         return [render_element(interval, now) for interval in intervals]
-    family, ranges = intervals.family, intervals.ranges
-    width = 4 if family == 4 else 16
-    ntop, address_family = socket.inet_ntop, socket.AF_INET if family == 4 else socket.AF_INET6
-    lengths = _PREFIX_LENGTHS[8 * width]
-    low = _LOW_IPV6 if family == 6 else 0
-    texts: list[str] = []
-    append = texts.append
-    firsts, lasts = intervals.bounds()
-    for offset, first, last in zip(range(0, len(ranges), 2 * width), firsts, lasts, strict=True):
-        length = lengths.get(last - first + 1)
-        if first < low:
-            append(str(Interval(family, first, last)))
-        elif length is not None and not first & (last - first):  # as str(Interval) decides
-            append(f"{ntop(address_family, ranges[offset:offset + width])}/{length}")
-        else:
-            append(f"{ntop(address_family, ranges[offset:offset + width])}-"
-                   f"{ntop(address_family, ranges[offset + width:offset + 2 * width])}")
-    return texts
+    return intervals.texts()
 
 
 def _service_chain_lines(ruleset: Ruleset, service: ServiceRules) -> Iterator[str]:

@@ -7,7 +7,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ from hostwall.output import Output
 from hostwall.processes import pid_alive as _pid_alive
 
 if TYPE_CHECKING:
+    from hostwall.cidr import Interval
     from hostwall.cli.journal import DropsView
     from hostwall.engine import Status
     from hostwall.plan import Plan, ServiceChange
@@ -47,8 +48,15 @@ verify_option = click.option("--verify", "verify_after", is_flag=True,
                                   "(with --confirm-within, a difference reverts at once).")
 
 
-def _interval_json(interval: Any) -> str:
-    return str(interval)
+def _interval_texts(intervals: Sequence[Interval]) -> list[str]:
+    # Loaded by the time a plan exists; a first load's whole sets format from their
+    # records (IntervalSet.texts), which `apply --json` of a 125k first load felt.
+    from hostwall.cidr import IntervalSet
+    from hostwall.plan import Joined
+
+    if isinstance(intervals, Joined | IntervalSet):
+        return intervals.texts()
+    return [str(interval) for interval in intervals]
 
 
 def _plan_json(plan: Plan) -> dict[str, Any]:
@@ -59,8 +67,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
         "summary": plan.summary,
         "services": [
             {"name": s.name, "status": s.status, "details": list(s.details),
-             "added": [_interval_json(i) for i in s.added],
-             "removed": [_interval_json(i) for i in s.removed]}
+             "added": _interval_texts(s.added), "removed": _interval_texts(s.removed)}
             for s in plan.services
         ],
     }

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hostwall.cidr import Interval, IntervalSet, common_bytes, family_max, merge_intervals
+from hostwall.plan import Joined
 from hostwall.ruleset import element_texts, host_texts, render_element, render_host
 
 EXPIRIES = st.sampled_from([math.inf, math.inf, 1000.0, 2000.0, 1500.5])
@@ -172,6 +173,18 @@ def test_element_texts_are_render_element(items: list[Interval], permanent: bool
         items = [Interval(4, i.first, i.last) for i in items]
     items = merge_intervals(items)
     assert list(element_texts(IntervalSet.of(4, items), 500.0)) == [render_element(i, 500.0) for i in items]
+
+
+# Both families, at the bottom of the space too (IPv6 below ::1:0:0:0, which inet_ntop
+# would write as ::a.b.c.d), prefixes and plain ranges, with and without expiries.
+@given(FAMILIES.flatmap(lambda f: st.tuples(merged(f), merged(f))))
+@BOUNDED
+def test_texts_are_str_of_each_interval(case: tuple[list[Interval], list[Interval]]) -> None:
+    first, second = case
+    sets = [IntervalSet.of(first[0].family if first else 4, first), IntervalSet.of(6, merge_intervals(
+        [Interval(6, i.first, i.last, i.expires) for i in second]))]
+    assert sets[0].texts() == [str(i) for i in first]
+    assert Joined([*sets, second[:3]]).texts() == [str(i) for part in (*sets, second[:3]) for i in part]
 
 
 @given(st.binary(max_size=300), st.binary(max_size=300), st.binary(max_size=300), st.booleans())
