@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, Figure, environment, ratio_figure, read_figures
+from bench.common import REPO, Figure, compile_hostwall, environment, ratio_figure, read_figures
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("apply", "delta", "packet", "droplog", "cli")
@@ -153,9 +153,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("the benchmarks need root (network namespaces, nf_tables): sudo make bench", file=sys.stderr)
         return 2
-    # An installed hostwall has its bytecode compiled by pip; a source tree run where
-    # PYTHONDONTWRITEBYTECODE is set would compile every module at every start (~40 ms).
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "hostwall")], check=True, timeout=120)
+    compile_hostwall()
     figures: list[Figure] = []
     runs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="hwbench-results-") as scratch:
