@@ -152,6 +152,10 @@ class Engine:
         self._clock = clock
         self._spawn_reverter = spawn_reverter
 
+    def close(self) -> None:
+        """Release the backend's hold on the kernel; the engine is not used after."""
+        self._backend.close()
+
     def _recorded(self, current: Current | None) -> Ruleset | None:
         if current is None:
             return None

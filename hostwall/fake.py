@@ -48,6 +48,9 @@ class FakeBackend(Struct):
     reject_next: str | None = None
     submitted: int = field(default=0)
 
+    def close(self) -> None:
+        pass  # holds nothing of the kernel
+
     def submit(self, transaction: str) -> None:
         if self.reject_next is not None:
             reason, self.reject_next = self.reject_next, None

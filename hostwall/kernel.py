@@ -67,3 +67,6 @@ class Backend(Protocol):
 
     def apply_delta(self, delta: Delta, now: float) -> None:
         """Change set elements in one batch, only if the kernel holds delta.from_generation."""
+
+    def close(self) -> None:
+        """Release what it holds of the kernel (netlink sockets); it is not used after."""

@@ -70,6 +70,16 @@ class Options(Struct):
 
         return Engine(NftBackend(self.netns), self.state(), spawn_reverter=self.spawn_reverter)
 
+    def release_kernel(self, engine: Engine) -> None:
+        """The command needs the kernel no more: its netlink sockets are released on a
+        thread of their own. Closing a socket after a commit that removed anything waits
+        for the kernel to free it (an RCU grace period, 10-30 ms); the command's output
+        and the interpreter's exit need not. The process ends only once that thread has
+        (the kernel reaps a process after its last thread), so nothing outlives it."""
+        import threading
+
+        threading.Thread(target=engine.close, name="netlink-release", daemon=True).start()
+
     def spawn_reverter(self, pending: Pending) -> None:
         """A detached process that enforces the confirm deadline even if this one, its
         terminal or the SSH session dies right after apply returns."""

@@ -181,9 +181,11 @@ def apply(options: Options, dry_run: bool, message: str, wait: float, confirm_wi
     exit 10 when there are changes (like plan)."""
     require_privileges("apply")
     policy = options.policy(write_cache=not dry_run)
-    result = options.engine().apply(policy, user=invoking_user(), message=message,
-                                    dry_run=dry_run, wait=wait, confirm_within=confirm_within,
-                                    guard=lockout_guard(options, allow_lockout, "apply"))
+    engine = options.engine()
+    result = engine.apply(policy, user=invoking_user(), message=message,
+                          dry_run=dry_run, wait=wait, confirm_within=confirm_within,
+                          guard=lockout_guard(options, allow_lockout, "apply"))
+    options.release_kernel(engine)
     if result.applied:
         from hostwall.state import clear_reverted
 
@@ -470,8 +472,10 @@ def rollback(options: Options, target: int | None, wait: float, confirm_within: 
              allow_lockout: bool, verify_after: bool, as_json: bool) -> None:
     """Load an earlier generation atomically, exactly as it was submitted."""
     require_privileges("rollback")
-    result = options.engine().rollback(target, wait=wait, confirm_within=confirm_within,
-                                       guard=lockout_guard(options, allow_lockout, "rollback"))
+    engine = options.engine()
+    result = engine.rollback(target, wait=wait, confirm_within=confirm_within,
+                             guard=lockout_guard(options, allow_lockout, "rollback"))
+    options.release_kernel(engine)
     checked = None
     if verify_after:
         # The expected answers come from the policy that generation was made of.

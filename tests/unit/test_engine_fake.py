@@ -7,11 +7,13 @@ import hashlib
 import json
 import os
 import re
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from hostwall.cli.common import Options
 from hostwall.compile import compile_policy
 from hostwall.engine import Engine
 from hostwall.errors import KernelRejected, LockBusy, StateError
@@ -488,3 +490,37 @@ def test_the_agents_unchanged_reload_leaves_a_pending_change_to_its_deadline(set
     assert result.confirmed is None and setup.state.pending() == armed.pending
     setup.clock.now += 120
     assert armed.pending is not None and setup.engine.revert_if_unconfirmed(armed.pending.generation)
+
+
+# --- releasing the kernel -----------------------------------------------------------------
+
+
+class ClosingRecorded(FakeBackend):
+    """Records the thread that released it, and lets the test say when close returns."""
+
+    closed_on: str = ""
+
+    def close(self) -> None:
+        self.closed_on = threading.current_thread().name
+        RELEASE_MAY_END.wait(timeout=30)
+
+
+RELEASE_MAY_END = threading.Event()
+
+
+def test_a_command_done_with_the_kernel_releases_it_on_a_daemon_thread(tmp_path: Path) -> None:
+    """The wait in close() (an RCU grace period after a commit) must hold up neither the
+    command's output nor its exit, and the engine's backend must be released."""
+    backend = ClosingRecorded()
+    engine = Engine(backend, StateDir(tmp_path / "state"))
+    options = Options(None, tmp_path / "policy", tmp_path / "state")
+    RELEASE_MAY_END.clear()
+
+    try:
+        options.release_kernel(engine)  # returns while close() is still waiting
+        releasing = [t for t in threading.enumerate() if t.name == "netlink-release"]
+        assert len(releasing) == 1 and releasing[0].daemon and releasing[0].is_alive()
+    finally:
+        RELEASE_MAY_END.set()
+    releasing[0].join(timeout=30)
+    assert backend.closed_on == "netlink-release"
