@@ -253,7 +253,8 @@ def merged_records(family: int, keys: list[int]) -> tuple[bytes, bytes | None]:
 
     Most lists join few ranges or none, so the places where a range reaches its
     predecessor are found at C speed (map over the sorted columns) and only those are
-    joined in Python: 2.5 times faster than joining range by range (150k IPv4)."""
+    joined in Python: with the records made from the keys' bytes, twice as fast as
+    joining range by range and encoding the result (150k IPv4: 57 ms against 120 ms)."""
     keys.sort()
     every_range = _records_of_keys(family, keys)
     firsts: Sequence[int]
@@ -486,10 +487,10 @@ class IntervalSet(Sequence[Interval]):
         return _decode_ranges(self.family, self.ranges)
 
     def texts(self) -> list[str]:
-        """str() of each interval, formatted from the records in one loop, in half the
-        time of str() of each (62.5k entries: 50 ms against 107 ms). inet_ntop writes IPv6 in the same RFC 5952 form as
-        ipaddress, except below ::1:0:0:0 (it writes ::a.b.c.d forms there), where
-        str(Interval) formats."""
+        """str() of each interval, formatted from the records in one loop: half the time
+        of str() of each (62.5k entries: 50 ms against 107 ms). inet_ntop writes IPv6 in
+        the same RFC 5952 form as ipaddress, except below ::1:0:0:0 (it writes ::a.b.c.d
+        forms there), where str(Interval) formats."""
         family, ranges = self.family, self.ranges
         width = _ADDRESS_BYTES[family]
         ntop, address_family = socket.inet_ntop, socket.AF_INET if family == 4 else socket.AF_INET6
