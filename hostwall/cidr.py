@@ -270,7 +270,6 @@ def merged_records(family: int, keys: list[int]) -> tuple[bytes, bytes | None]:
     apart = list(map(operator.gt, firsts[1:], map(operator.add, lasts, itertools.repeat(1))))
     if all(apart):
         return every_range, None
-    width = 32 if family == 4 else 128
     joined: list[int] = []
     start, count = 0, len(keys)
     while True:
@@ -285,7 +284,7 @@ def merged_records(family: int, keys: list[int]) -> tuple[bytes, bytes | None]:
         while index < count and firsts[index] <= end + 1:
             end = max(end, lasts[index])
             index += 1
-        joined.append(first << width | end)
+        joined.append(range_key(family, first, end))
         # Range index starts a group of its own, so apart[index] (against its own end)
         # is again the truth for the ranges after it.
         start = index
@@ -293,6 +292,7 @@ def merged_records(family: int, keys: list[int]) -> tuple[bytes, bytes | None]:
 
 
 def _records_of_keys(family: int, keys: list[int]) -> bytes:
+    """The records (see IntervalSet) of ranges given as range_key: each key's own bytes."""
     if family == 4:
         return struct.pack(f">{len(keys)}Q", *keys)
     return b"".join([key.to_bytes(32, "big") for key in keys])
@@ -434,7 +434,7 @@ class IntervalSet(Sequence[Interval]):
             if not 0 <= interval.first <= interval.last <= family_max(family):
                 raise ValueError(f"interval {interval.first}-{interval.last} is not an IPv{family} range")
         ordered = all(a.last < b.first for a, b in itertools.pairwise(items))
-        ranges = _encode_ranges(family, [i.first for i in items], [i.last for i in items])
+        ranges = _records_of_keys(family, [range_key(family, i.first, i.last) for i in items])
         expiries = None
         if any(i.expires != PERMANENT for i in items):
             expiries = struct.pack(f">{len(items)}d", *(i.expires for i in items))
@@ -716,7 +716,7 @@ class IntervalSet(Sequence[Interval]):
             while piece is not None and bisect.bisect_left(firsts, piece.first) <= high:
                 inside.append(piece)
                 piece = next(remaining, None)
-            ranges.append(_encode_ranges(self.family, [p.first for p in inside], [p.last for p in inside]))
+            ranges.append(_records_of_keys(self.family, [range_key(self.family, p.first, p.last) for p in inside]))
             if timed:
                 expiries.append(struct.pack(f">{len(inside)}d", *(p.expires for p in inside)))
             cursor = high
@@ -801,15 +801,6 @@ class _Column(Sequence[int]):
             raise IndexError(index)
         start = index * 2 * self._width + self._offset
         return int.from_bytes(self._ranges[start:start + self._width], "big")
-
-
-def _encode_ranges(family: int, firsts: list[int], lasts: list[int]) -> bytes:
-    if family == 4:
-        flat = [value for pair in zip(firsts, lasts, strict=True) for value in pair]
-        return struct.pack(f">{len(flat)}I", *flat)
-    return b"".join(
-        first.to_bytes(16, "big") + last.to_bytes(16, "big") for first, last in zip(firsts, lasts, strict=True)
-    )
 
 
 def _decode_ranges(family: int, ranges: bytes) -> tuple[list[int], list[int]]:
