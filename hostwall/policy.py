@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import gc
 import hashlib
 import os
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Literal, overload
+from typing import TYPE_CHECKING, Literal, overload
 from typing import Protocol as Interface
 
 from msgspec import Struct, field
@@ -37,6 +38,9 @@ from hostwall.cidr import (
 from hostwall.clock import now_utc
 from hostwall.errors import PolicyError, Problem
 from hostwall.policyspec import AllowSpec, FileSpec, PortRange, Protocol, ServiceSpec
+
+if TYPE_CHECKING:
+    from hostwall.forked import Child
 
 # Used with fullmatch: "$" alone would let a trailing newline into nft's input.
 SERVICE_NAME = re.compile(r"[a-z][a-z0-9_]{0,23}")
@@ -146,6 +150,10 @@ class ListCache(Interface):
 
     def latest(self, path: str) -> tuple[bytes, ParsedList] | None:
         """The bytes last put for path and their parse."""
+
+    def knows(self, sha256: str, path: str) -> bool:
+        """Whether get(sha256) or latest(path) has something, told without reading it: a
+        list it knows is not parsed ahead (a wrong answer costs time, never a result)."""
 
     def validated(self, sha256: str) -> FileSpec | None:
         """The policy file whose bytes have this sha256, as validated before."""
@@ -409,8 +417,8 @@ def load_policy(path: Path, now: datetime | None = None, cache: ListCache | None
     With a cache, a ``file:`` list whose bytes were parsed before is not parsed again.
     progress(label, lines done, lines) is told how parsing a long list goes.
     """
-    with _collector_paused():
-        return _load_policy(path, now, cache, progress)
+    with _collector_paused(), _Ahead() as ahead:
+        return _load_policy(path, now, cache, progress, ahead)
 
 
 @contextmanager
@@ -430,7 +438,9 @@ def _collector_paused() -> Iterator[None]:
         gc.enable()
 
 
-def _load_policy(path: Path, now: datetime | None, cache: ListCache | None, progress: Progress | None) -> Policy:
+def _load_policy(
+    path: Path, now: datetime | None, cache: ListCache | None, progress: Progress | None, ahead: _Ahead,
+) -> Policy:
     now = now or now_utc()
     files = policy_files(path)
     root = policy_root(path)
@@ -441,9 +451,16 @@ def _load_policy(path: Path, now: datetime | None, cache: ListCache | None, prog
     settings_file: str | None = None
     expired: list[Entry] = []
 
+    # Every file is validated before any list is parsed, so that the lists the policy
+    # names can be parsed side by side (_Ahead); the problems keep the files' order.
+    checked = []
     for file in files:
+        file_problems: list[Problem] = []
+        checked.append((file, _parse_file(file, root, file_problems, sources, cache), file_problems))
+    ahead.start(checked, root, cache)
+    for file, spec, file_problems in checked:
+        problems.extend(file_problems)
         name = str(file)
-        spec = _parse_file(file, root, problems, sources, cache)
         if spec is None:
             continue
         if spec.settings is not None:
@@ -482,7 +499,7 @@ def _load_policy(path: Path, now: datetime | None, cache: ListCache | None, prog
                     draft.defined_in = f"{name}:{service_line}"
             for index, allow in enumerate(service.allow):
                 origin = Origin(name, allow.line, f"services.{service_name}.allow[{index}]")
-                for part in _expand_entry(allow, origin, file, root, problems, sources, cache, progress):
+                for part in _expand_entry(allow, origin, file, root, problems, sources, cache, progress, ahead):
                     if part.expires is not None and part.expires <= now:
                         expired.extend((part,) if isinstance(part, Entry) else part.entries)
                     else:
@@ -536,6 +553,7 @@ def _parse_file(
 def _expand_entry(
     allow: AllowSpec, origin: Origin, policy_file: Path, root: Path, problems: list[Problem],
     sources: dict[str, bytes], cache: ListCache | None = None, progress: Progress | None = None,
+    ahead: _Ahead | None = None,
 ) -> list[Entry] | list[ListFile]:
     if allow.cidr is not None:
         expires = allow.expires.timestamp() if allow.expires is not None else PERMANENT
@@ -543,16 +561,22 @@ def _expand_entry(
                       allow.expires, origin, allow.broad_ok)]
     assert allow.file is not None
     list_path = (policy_file.parent / allow.file)
-    try:
-        data = read_regular(list_path, root, MAX_LIST_BYTES)
-    except _Unreadable as exc:
-        problems.append(Problem(origin.file, origin.line, origin.entry, f"cannot read list file {list_path}: {exc}"))
-        return []
+    read = ahead.reads.get(str(list_path)) if ahead is not None else None
+    if read is None:
+        try:
+            data = read_regular(list_path, root, MAX_LIST_BYTES)
+        except _Unreadable as exc:
+            problems.append(Problem(origin.file, origin.line, origin.entry,
+                                    f"cannot read list file {list_path}: {exc}"))
+            return []
+        digest = hashlib.sha256(data).hexdigest()
+    else:
+        data, digest = read
     sources[str(list_path)] = data
-    digest = hashlib.sha256(data).hexdigest()
     parsed = cache.get(digest) if cache is not None else None
     if parsed is None:
-        previous = cache.latest(str(list_path)) if cache is not None else None
+        parsed = ahead.parsed(digest) if ahead is not None else None
+        previous = cache.latest(str(list_path)) if cache is not None and parsed is None else None
         if previous is not None:
             parsed = reparse_list(*previous, data)
         if parsed is None:
@@ -564,6 +588,85 @@ def _expand_entry(
     label = f"{origin.entry} (file: {allow.file}, from {origin})"  # one string shared by every line
     return [ListFile(str(list_path), data, digest, parsed, allow.owner, allow.reason, allow.review_by,
                      allow.expires, label, allow.broad_ok, origin)]
+
+
+class _Ahead:
+    """The ``file:`` lists of a policy read once, and those the cache does not know
+    parsed in forked children on the spare cores while this process parses the rest in
+    the usual order (hostwall.forked). A list whose child failed, or that has a bad line,
+    is parsed here as if no child had run, so results and errors never depend on one.
+    """
+
+    def __init__(self) -> None:
+        self.reads: dict[str, tuple[bytes, str]] = {}  # list path -> (bytes, sha256), read once
+        self._jobs: dict[str, tuple[Child, int]] = {}  # sha256 -> the child parsing it, its result's index
+        self._children: list[Child] = []
+
+    def __enter__(self) -> _Ahead:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for child in self._children:
+            child.stop()
+
+    def start(self, checked: list[tuple[Path, FileSpec | None, list[Problem]]], root: Path,
+              cache: ListCache | None) -> None:
+        lists: dict[str, tuple[bytes, Path]] = {}  # sha256 -> (bytes, path), in the order they are reached
+        for file, spec, _ in checked:
+            names = [a.file for service in (spec.services if spec else ()) for a in service.allow if a.file]
+            for list_path in (file.parent / name for name in names):
+                try:
+                    data = read_regular(list_path, root, MAX_LIST_BYTES)
+                except _Unreadable:
+                    continue  # reported where the entry is expanded
+                digest = hashlib.sha256(data).hexdigest()
+                self.reads[str(list_path)] = (data, digest)
+                if cache is None or not cache.knows(digest, str(list_path)):
+                    lists.setdefault(digest, (data, list_path))
+        if len(lists) < 2:
+            return
+        from hostwall import forked
+
+        workers = min(forked.spare_cores(), len(lists) - 1)
+        if workers < 1 or not forked.can_fork():
+            return
+        # This process parses the first list as it comes to it; the rest are dealt to the
+        # children, largest first, each to the one with the fewest bytes so far.
+        shares: list[list[str]] = [[] for _ in range(workers)]
+        loads = [0] * workers
+        for digest in sorted(list(lists)[1:], key=lambda d: -len(lists[d][0])):
+            least = loads.index(min(loads))
+            shares[least].append(digest)
+            loads[least] += len(lists[digest][0])
+        for share in shares:
+            child = forked.start(functools.partial(_encoded_parses, [lists[digest] for digest in share]), len(share))
+            if child is None:
+                return
+            self._children.append(child)
+            self._jobs.update((digest, (child, index)) for index, digest in enumerate(share))
+
+    def parsed(self, sha256: str) -> ParsedList | None:
+        """The list whose bytes have this sha256, parsed by a child; None when no child
+        parsed it or the child failed or found a bad line."""
+        job = self._jobs.pop(sha256, None)
+        if job is None:
+            return None
+        child, index = job
+        results = child.results()
+        if results is None or not results[index]:
+            return None
+        try:
+            return ParsedList.decode(results[index])
+        except ValueError:
+            return None
+
+
+def _encoded_parses(lists: list[tuple[bytes, Path]]) -> Iterator[bytes]:
+    """_parse_list's result of each, encoded; empty for a list with a bad line (the parent
+    parses that one again and reports it)."""
+    for data, list_path in lists:
+        parsed = _parse_list(data, [], Origin("", None, ""), list_path, "")
+        yield b"" if parsed is None else parsed.encode()
 
 
 def _list_lines(text: str) -> Iterator[tuple[int, str]]:

@@ -7,7 +7,8 @@ import hashlib
 import math
 import os
 import random
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from unit_support import damage as damage_file
 
+import hostwall.forked
 import hostwall.policy
 from hostwall.check import check_policy
 from hostwall.cidr import Interval, merge_intervals
@@ -75,6 +77,9 @@ class MemoryCache:
         source = self.sources.get(path)
         return None if source is None else (source, self.entries[hashlib.sha256(source).hexdigest()])
 
+    def knows(self, sha256: str, path: str) -> bool:
+        return sha256 in self.entries or path in self.sources
+
     def validated(self, sha256: str) -> FileSpec | None:
         return self.files.get(sha256)
 
@@ -94,6 +99,117 @@ def only_inline_parsing(monkeypatch: pytest.MonkeyPatch, inline: set[str]) -> No
 
     monkeypatch.setattr(hostwall.policy, "parse_interval", refuse_list_lines)
     monkeypatch.setattr(hostwall.policy, "parse_list_lines", refuse_whole_lists)
+
+
+
+# --- lists parsed side by side (hostwall.forked) ----------------------------------------------
+
+
+@pytest.fixture
+def forks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The children forked while loading (counted at the real fork), with a spare core
+    whatever this machine has, so that lists are parsed ahead in every run."""
+    started: list[int] = []
+    real_fork = os.fork
+
+    def counted_fork() -> int:
+        pid = real_fork()
+        if pid:
+            started.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", counted_fork)
+    monkeypatch.setattr(hostwall.forked, "spare_cores", lambda: 2)
+    return started
+
+
+def serial_load(root: Path, monkeypatch: pytest.MonkeyPatch, **options: object) -> object:
+    with monkeypatch.context() as patch:
+        patch.setattr(hostwall.forked, "spare_cores", lambda: 0)
+        try:
+            return compile_policy(load_policy(root, now=NOW, **options))  # type: ignore[arg-type]
+        except PolicyError as error:
+            return [(p.file, p.line, p.entry, p.message) for p in error.problems]
+
+
+def load_ahead(root: Path, **options: object) -> object:
+    try:
+        return compile_policy(load_policy(root, now=NOW, **options))  # type: ignore[arg-type]
+    except PolicyError as error:
+        return [(p.file, p.line, p.entry, p.message) for p in error.problems]
+
+
+def two_files_of_lists(write_files: WriteFiles, lists: dict[str, str]) -> Path:
+    names = sorted(lists)
+    return write_files({"a.yaml": policy_text("203.0.113.45/32", lists=tuple(names[:2])),
+                        "b.yaml": policy_text(lists=tuple(names[2:])).replace("https", "postgres"), **lists})
+
+
+def test_lists_parsed_side_by_side_compile_as_parsed_one_by_one(
+    write_files: WriteFiles, monkeypatch: pytest.MonkeyPatch, forks: list[int]
+) -> None:
+    lists = {f"{name}.txt": random_list(seed, 300 * seed) for seed, name in enumerate("pqrs", start=1)}
+    root = two_files_of_lists(write_files, lists)
+    serial = serial_load(root, monkeypatch)
+    assert forks == []
+    ahead = load_ahead(root)
+    assert len(forks) == 2  # three lists to share: this process keeps the first
+    assert ahead == serial
+    assert ahead.digest == serial.digest  # type: ignore[attr-defined]
+    assert all(reaped(pid) for pid in forks)
+
+
+def test_bad_lines_in_lists_parsed_ahead_are_reported_as_one_by_one(
+    write_files: WriteFiles, monkeypatch: pytest.MonkeyPatch, forks: list[int]
+) -> None:
+    root = two_files_of_lists(write_files, {
+        "p.txt": "10.0.0.0/8\n300.1.2.3\n", "q.txt": random_list(2, 500),
+        "r.txt": "192.0.2.5/24\n# c\n2001:db8::/32\n", "s.txt": "1.2.3.4/33\n"})
+    serial = serial_load(root, monkeypatch)
+    assert isinstance(serial, list) and len(serial) == 3
+    assert load_ahead(root) == serial
+    assert forks
+
+
+def test_a_child_that_dies_only_costs_time(
+    write_files: WriteFiles, monkeypatch: pytest.MonkeyPatch, forks: list[int]
+) -> None:
+    lists = {f"{name}.txt": random_list(seed, 400) for seed, name in enumerate("pqr", start=7)}
+    root = two_files_of_lists(write_files, lists)
+    serial = serial_load(root, monkeypatch)
+
+    def dies(parses: object) -> Iterator[bytes]:
+        os.kill(os.getpid(), signal.SIGKILL)
+        yield b""
+
+    monkeypatch.setattr(hostwall.policy, "_encoded_parses", dies)
+    assert load_ahead(root) == serial
+    assert forks and all(reaped(pid) for pid in forks)
+
+
+def test_lists_the_cache_knows_are_not_parsed_ahead(
+    write_files: WriteFiles, monkeypatch: pytest.MonkeyPatch, forks: list[int]
+) -> None:
+    lists = {f"{name}.txt": random_list(seed, 400) for seed, name in enumerate("pqr", start=3)}
+    root = two_files_of_lists(write_files, lists)
+    cache = MemoryCache()
+    first = load_ahead(root, cache=cache)
+    assert len(forks) == 2
+    # One list changed: the cache knows its path (parsed where it changed), the others
+    # by their content; nothing is left to parse ahead.
+    (root / "q.txt").write_text(lists["q.txt"] + "198.51.100.0/24\n")
+    second = load_ahead(root, cache=cache)
+    assert len(forks) == 2
+    assert second != first
+    assert second == serial_load(root, monkeypatch)
+
+
+def reaped(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
 
 
 # --- the cache ------------------------------------------------------------------------------
