@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
+import types
 from collections.abc import Iterable
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
@@ -18,6 +20,14 @@ from typing import Annotated, Any, Literal
 # scan of all distributions costs about 15 ms. hostwall uses no plugin; this is set
 # whatever the caller's environment says, before any model exists.
 os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
+# Even so, pydantic's plugin loader imports importlib.metadata (and with it the email and
+# zipfile packages, 10-30 ms) when the first model is built; a loader that knows no
+# plugin stands in for it (tests/unit/test_pydantic_plugins.py holds pydantic to using
+# nothing else of that module).
+if "pydantic.plugin._loader" not in sys.modules:
+    _no_plugins = types.ModuleType("pydantic.plugin._loader")
+    _no_plugins.get_plugins = lambda: ()  # type: ignore[attr-defined]
+    sys.modules["pydantic.plugin._loader"] = _no_plugins
 
 from pydantic import (
     BaseModel,

@@ -61,3 +61,27 @@ def test_the_planted_plugin_is_one_pydantic_would_load(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert marker.read_text() == "imported"
 
+
+
+def test_validating_does_not_import_the_metadata_scanner(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yml"
+    policy.write_text(POLICY)
+    script = ("import sys; from pathlib import Path; from hostwall import policyfile; "
+              "spec = policyfile.validate_file(sys.argv[1], Path(sys.argv[1]).read_text()); "
+              "assert not isinstance(spec, list), spec; "
+              "print(sorted(m for m in ('importlib.metadata', 'email', 'zipfile') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script, str(policy)], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_pydantic_takes_nothing_but_get_plugins_from_its_plugin_loader() -> None:
+    """hostwall stands in for pydantic.plugin._loader with a module that has get_plugins
+    alone: a pydantic that uses anything else of it must not pass unnoticed."""
+    import pydantic
+
+    package = Path(pydantic.__file__).parent
+    uses = sorted({line.strip() for source in package.rglob("*.py")
+                   for line in source.read_text(encoding="utf-8").splitlines() if "_loader" in line})
+    assert uses == ["from ._loader import get_plugins"], uses
