@@ -1,9 +1,13 @@
 """YAML to plain data, keeping the line of every node so that errors can point at it.
 
-PyYAML's constructors lose positions and silently let a repeated key win; composing
-the node graph with the C loader and building the data here keeps both honest, and
-bounds what aliases can expand to (a "billion laughs" file fails fast instead of
-eating memory).
+PyYAML's constructors lose positions and silently let a repeated key win; building
+the data here from the C parser keeps both honest, and bounds what aliases can expand
+to (a "billion laughs" file fails fast instead of eating memory).
+
+A plain document (no anchors, aliases or explicit tags, and nothing wrong in it) is
+built straight from the parser's events, which costs two thirds of composing its node
+graph first; any other document is composed and built from its nodes, which is also
+where every error is found and worded.
 """
 
 from __future__ import annotations
@@ -87,6 +91,10 @@ _SCALAR_TAGS = {
 
 
 def load(text: str) -> LocatedData:
+    try:
+        return _load_plain(text)
+    except Exception:  # noqa: BLE001 - not plain, or not valid: the node path decides and says why
+        pass
     root = _compose(text)
     if root is None:
         return LocatedData({})
@@ -116,6 +124,91 @@ def _compose(text: str) -> yaml.Node | None:
         raise YamlError(f"not valid YAML: control character U+{code:04X} is not allowed; remove it", line) from exc
     except yaml.YAMLError as exc:
         raise YamlError(f"not valid YAML: {' '.join(str(exc).split())}", None) from exc
+
+
+class _NotPlain(Exception):
+    """The document has something the event path leaves to the node path."""
+
+
+_NO_KEY = object()
+_ScalarEvent, _MappingStartEvent, _SequenceStartEvent = (
+    yaml.ScalarEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent)
+_CLOSING_EVENTS = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
+
+
+def _load_plain(text: str) -> LocatedData:
+    """The document built from the parser's events, with the data, lines and key checks
+    of _build; _NotPlain (or the parser's error) for anything else.
+
+    Each open mapping or sequence is a stack entry [container, lines of its children,
+    the key waiting for its value]; a node's depth is the number of entries above it.
+    """
+    loader = _Loader(text)
+    try:
+        next_event = loader.get_event
+        next_event()  # the stream's start
+        if not isinstance(next_event(), yaml.DocumentStartEvent):
+            return LocatedData({})  # no document: what composing gives
+        tags = loader._plain_tags
+        if tags is None:
+            raise _NotPlain
+        resolve, scalar_node, scalar = loader.resolve, yaml.ScalarNode, _scalar
+        max_nodes, max_depth = MAX_NODES, MAX_DEPTH
+        children: dict[int, dict[Any, int]] = {}
+        stack: list[list[Any]] = []
+        nodes = 0
+        while True:
+            event = next_event()
+            kind = type(event)
+            if kind in _CLOSING_EVENTS:
+                container, lines, _ = stack.pop()
+                children[id(container)] = lines
+                if stack:
+                    continue
+                root: Any = container
+                break
+            nodes += 1
+            if event.anchor is not None or event.tag is not None or nodes > max_nodes or len(stack) > max_depth:
+                raise _NotPlain
+            line = event.start_mark.line + 1
+            if kind is _ScalarEvent:
+                item = value = event.value
+                if event.implicit[0]:
+                    tag = tags.get(value) or resolve(scalar_node, value, event.implicit)
+                    if tag != _STR:
+                        item = scalar(tag, value)
+            elif kind is _MappingStartEvent:
+                item = {}
+            elif kind is _SequenceStartEvent:
+                item = []
+            else:
+                raise _NotPlain
+            if not stack:
+                root_line = line
+                if kind is _ScalarEvent:
+                    root = item
+                    break
+            else:
+                top = stack[-1]
+                parent, lines, key = top
+                if type(parent) is list:
+                    lines[len(parent)] = line
+                    parent.append(item)
+                elif key is _NO_KEY:
+                    if kind is not _ScalarEvent or not isinstance(item, (str, int)) or item in parent or item == "<<":
+                        raise _NotPlain  # the node path says what is wrong with the key
+                    lines[item] = line
+                    top[2] = item
+                else:
+                    parent[key] = item
+                    top[2] = _NO_KEY
+            if kind is not _ScalarEvent:
+                stack.append([item, {}, _NO_KEY])
+        if not isinstance(next_event(), yaml.DocumentEndEvent) or not isinstance(next_event(), yaml.StreamEndEvent):
+            raise _NotPlain  # a second document: the node path refuses it
+        return LocatedData(root, root_line, children)
+    finally:
+        loader.dispose()
 
 
 def _located(root: yaml.Node, seen: set[int] | None) -> LocatedData:
@@ -169,7 +262,7 @@ def _build(
     if depth > MAX_DEPTH:
         raise YamlError(f"nesting deeper than {MAX_DEPTH} levels", node.start_mark.line + 1)
     if isinstance(node, yaml.ScalarNode):
-        return node.value if node.tag == _STR else _scalar(node)
+        return node.value if node.tag == _STR else _scalar(node.tag, node.value)
     if seen is not None:
         if id(node) in seen:
             raise _Repeated
@@ -202,9 +295,7 @@ def _build(
     raise YamlError(f"unsupported YAML node {node.tag}", node.start_mark.line + 1)  # pragma: no cover
 
 
-def _scalar(node: yaml.ScalarNode) -> Any:
-    tag = node.tag
-    value: str = node.value
+def _scalar(tag: str, value: str) -> Any:
     if tag == "tag:yaml.org,2002:null":
         return None
     if tag == "tag:yaml.org,2002:bool":

@@ -145,6 +145,9 @@ CASES = {
     "tagged values": "a: !!str 1\nb: !!int '2'\nc: !!float 1e3\nd: !!null ''\n",
     "merge key": "x: &m {a: 1}\ny:\n  <<: *m\n",
     "duplicate key then deep nesting": "a: 1\na: 2\nb: " + "[" * 100 + "]" * 100 + "\n",
+    "deep nesting": "a: " + "[" * 70 + "]" * 70 + "\n",
+    "merge key without an alias": "y:\n  <<: {a: 1}\n",
+    "quoted merge key": "y:\n  '<<': {a: 1}\n",
 }
 
 
@@ -233,3 +236,53 @@ def test_a_document_without_aliases_is_walked_once(monkeypatch: pytest.MonkeyPat
                               "      reason: *o\n")
     assert located.data == {"services": {"https": {"allow": [{"cidr": "192.0.2.1/32", "owner": "t", "reason": "t"}]}}}
     assert located.line_of(("services", "https", "allow", 0, "reason")) == 6
+
+
+@examples(300)
+@given(documents())
+def test_the_event_build_agrees_with_the_node_build_or_leaves_the_document_to_it(text: str) -> None:
+    try:
+        plain = yamlsource._load_plain(text)
+    except Exception:  # noqa: BLE001 - not plain: load composes it (the tests above)
+        return
+    assert outcome(lambda _: plain, text) == outcome(thorough, text), text
+
+
+POLICY = """services:
+  https:
+    allow:
+      - cidr: 192.0.2.0/24
+        owner: "ops"
+        reason: 'partner'
+        review_by: 2099-01-01
+      - {cidr: 198.51.100.7/32, owner: ops, reason: x, review_by: 2099-01-01, broad_ok: true}
+    ports: [443, 8443]
+    log: ~
+"""
+
+
+@pytest.mark.parametrize("text", [POLICY, CASES["empty"], CASES["scalar"], CASES["sequence"], "---\n", "a: 1\n"])
+def test_a_plain_document_is_built_from_its_events_alone(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = outcome(thorough, text)
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("the node graph was composed")
+
+    monkeypatch.setattr(yamlsource, "_compose", refuse)
+    assert outcome(yamlsource.load, text) == expected
+
+
+@pytest.mark.parametrize("name", ["scalar aliases", "collection alias", "key that is a sequence", "true and 1 as keys",
+                                  "tagged values", "merge key", "duplicate key then deep nesting", "deep nesting",
+                                  "merge key without an alias"])
+def test_documents_with_more_than_plain_data_are_composed(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    composed = []
+    compose = yamlsource._compose
+
+    def counted(text: str) -> yaml.Node | None:
+        composed.append(text)
+        return compose(text)
+
+    monkeypatch.setattr(yamlsource, "_compose", counted)
+    assert_agrees(CASES[name])
+    assert composed
