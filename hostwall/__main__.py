@@ -1,3 +1,3 @@
-from hostwall.cli import main
+from hostwall.cli import run
 
-main(prog_name="hostwall")
+run()

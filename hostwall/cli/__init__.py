@@ -7,8 +7,10 @@ module holds the group and its global options.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -95,6 +97,41 @@ def main(ctx: click.Context, netns: str | None, policy_dir: Path, state_dir: Pat
     or eval "$(_HOSTWALL_COMPLETE=zsh_source hostwall)" in ~/.zshrc.
     """
     ctx.obj = Options(netns, policy_dir, state_dir, keep_generations, quiet)
+
+
+def run() -> NoReturn:
+    """The `hostwall` command (the installed script, and python -m hostwall).
+
+    The process ends once the command is done and its output is flushed, without the
+    interpreter's teardown: clearing every module and collecting every object the
+    command made frees nothing that the kernel does not free at exit, and it took 15 ms
+    after a one-entry change and 60 ms after a 100k-entry load. Nothing hostwall does
+    is left to that teardown: files are closed where they are written, children are
+    reaped, and its only threads are daemons. An exception other than an exit still
+    ends the usual way, with its traceback.
+    """
+    try:
+        main(prog_name="hostwall")
+        status = 0
+    except SystemExit as ending:
+        status = _exit_status(ending.code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            status = 120  # output lost (a closed pipe): what the interpreter's own exit returns
+    os._exit(status)
+
+
+def _exit_status(code: object) -> int:
+    """The status sys.exit(code) gives, as the interpreter computes it."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
 
 
 def every_command() -> dict[str, click.Command]:
