@@ -41,6 +41,7 @@ from hostwall.policyspec import AllowSpec, FileSpec, PortRange, Protocol, Servic
 
 if TYPE_CHECKING:
     from hostwall.forked import Child
+    from hostwall.yamlsource import LocatedData
 
 # Used with fullmatch: "$" alone would let a trailing newline into nft's input.
 SERVICE_NAME = re.compile(r"[a-z][a-z0-9_]{0,23}")
@@ -451,15 +452,17 @@ def _load_policy(
     settings_file: str | None = None
     expired: list[Entry] = []
 
-    # Every file is validated before any list is parsed, so that the lists the policy
-    # names can be parsed side by side (_Ahead); the problems keep the files' order.
-    checked = []
+    # Every file is read and its YAML loaded first, so that the lists the policy names
+    # are parsed side by side (_Ahead), also while the models validate the files; the
+    # problems keep each file's order.
+    read = []
     for file in files:
         file_problems: list[Problem] = []
-        checked.append((file, _parse_file(file, root, file_problems, sources, cache), file_problems))
-    ahead.start(checked, root, cache)
-    for file, spec, file_problems in checked:
+        read.append((file, _read_file(file, root, file_problems, sources, cache), file_problems))
+    ahead.start(read, root, cache)
+    for file, content, file_problems in read:
         problems.extend(file_problems)
+        spec = _validated(content, problems, cache) if isinstance(content, _Unvalidated) else content
         name = str(file)
         if spec is None:
             continue
@@ -517,11 +520,19 @@ def _load_policy(
     )
 
 
-def _parse_file(
+class _Unvalidated(Struct, frozen=True):
+    """A policy file's YAML, loaded, that the models have yet to validate."""
+
+    name: str
+    sha256: str
+    document: LocatedData
+
+
+def _read_file(
     file: Path, root: Path, problems: list[Problem], sources: dict[str, bytes], cache: ListCache | None = None,
-) -> FileSpec | None:
-    """The file validated, from the cache when its bytes were validated before (which
-    skips YAML and the models: most of an apply's start-up)."""
+) -> FileSpec | _Unvalidated | None:
+    """The file as validated before, from the cache (which skips YAML and the models:
+    most of an apply's start-up), else its YAML loaded, for _validated."""
     name = str(file)
     try:
         raw = read_regular(file, root, MAX_POLICY_BYTES)
@@ -539,14 +550,24 @@ def _parse_file(
         line = raw[: exc.start].count(b"\n") + 1
         problems.append(Problem(name, line, "", "not UTF-8 text; save the file as UTF-8"))
         return None
-    from hostwall.policyfile import validate_file
+    from hostwall.yamlsource import document
 
-    result = validate_file(name, text)
+    loaded = document(name, text)
+    if isinstance(loaded, Problem):
+        problems.append(loaded)
+        return None
+    return _Unvalidated(name, digest, loaded)
+
+
+def _validated(content: _Unvalidated, problems: list[Problem], cache: ListCache | None) -> FileSpec | None:
+    from hostwall.policyfile import validate_document
+
+    result = validate_document(content.name, content.document)
     if isinstance(result, list):
         problems.extend(result)
         return None
     if cache is not None:
-        cache.keep_validated(digest, result)
+        cache.keep_validated(content.sha256, result)
     return result
 
 
@@ -575,7 +596,7 @@ def _expand_entry(
     sources[str(list_path)] = data
     parsed = cache.get(digest) if cache is not None else None
     if parsed is None:
-        parsed = ahead.parsed(digest) if ahead is not None else None
+        parsed = ahead.parsed(digest, _shown(progress, allow.file, data)) if ahead is not None else None
         previous = cache.latest(str(list_path)) if cache is not None and parsed is None else None
         if previous is not None:
             parsed = reparse_list(*previous, data)
@@ -592,9 +613,10 @@ def _expand_entry(
 
 class _Ahead:
     """The ``file:`` lists of a policy read once, and those the cache does not know
-    parsed in forked children on the spare cores while this process parses the rest in
-    the usual order (hostwall.forked). A list whose child failed, or that has a bad line,
-    is parsed here as if no child had run, so results and errors never depend on one.
+    parsed in forked children on the spare cores (hostwall.forked) while this process
+    validates the policy files and parses the rest in the usual order. A list whose
+    child failed, or that has a bad line, is parsed here as if no child had run, so
+    results and errors never depend on one.
     """
 
     def __init__(self) -> None:
@@ -609,11 +631,15 @@ class _Ahead:
         for child in self._children:
             child.stop()
 
-    def start(self, checked: list[tuple[Path, FileSpec | None, list[Problem]]], root: Path,
+    def start(self, read: list[tuple[Path, FileSpec | _Unvalidated | None, list[Problem]]], root: Path,
               cache: ListCache | None) -> None:
         lists: dict[str, tuple[bytes, Path]] = {}  # sha256 -> (bytes, path), in the order they are reached
-        for file, spec, _ in checked:
-            names = [a.file for service in (spec.services if spec else ()) for a in service.allow if a.file]
+        validating = any(isinstance(content, _Unvalidated) for _, content, _ in read)
+        for file, content, _ in read:
+            if isinstance(content, _Unvalidated):
+                names = _named_lists(content.document.data)
+            else:
+                names = [a.file for service in (content.services if content else ()) for a in service.allow if a.file]
             for list_path in (file.parent / name for name in names):
                 try:
                     data = read_regular(list_path, root, MAX_LIST_BYTES)
@@ -623,18 +649,22 @@ class _Ahead:
                 self.reads[str(list_path)] = (data, digest)
                 if cache is None or not cache.knows(digest, str(list_path)):
                     lists.setdefault(digest, (data, list_path))
-        if len(lists) < 2:
+        # While this process validates files, every list goes to a child, one child more
+        # than there are spare cores (validating is as long as parsing a list or two);
+        # otherwise this process parses the first list itself as it comes to it.
+        kept = 0 if validating else 1
+        if len(lists) <= kept:
             return
         from hostwall import forked
 
-        workers = min(forked.spare_cores(), len(lists) - 1)
-        if workers < 1 or not forked.can_fork():
+        spare = forked.spare_cores()
+        workers = min(spare + 1 - kept, len(lists) - kept)
+        if spare < 1 or not forked.can_fork():
             return
-        # This process parses the first list as it comes to it; the rest are dealt to the
-        # children, largest first, each to the one with the fewest bytes so far.
+        # Dealt largest first, each to the child with the fewest bytes so far.
         shares: list[list[str]] = [[] for _ in range(workers)]
         loads = [0] * workers
-        for digest in sorted(list(lists)[1:], key=lambda d: -len(lists[d][0])):
+        for digest in sorted(list(lists)[kept:], key=lambda d: -len(lists[d][0])):
             least = loads.index(min(loads))
             shares[least].append(digest)
             loads[least] += len(lists[digest][0])
@@ -645,20 +675,45 @@ class _Ahead:
             self._children.append(child)
             self._jobs.update((digest, (child, index)) for index, digest in enumerate(share))
 
-    def parsed(self, sha256: str) -> ParsedList | None:
+    def parsed(self, sha256: str, shown: Callable[[bool], None] = lambda done: None) -> ParsedList | None:
         """The list whose bytes have this sha256, parsed by a child; None when no child
-        parsed it or the child failed or found a bad line."""
+        parsed it or the child failed or found a bad line. shown(done) is told before
+        and after the wait for the child."""
         job = self._jobs.pop(sha256, None)
         if job is None:
             return None
         child, index = job
+        shown(False)
         results = child.results()
+        shown(True)
         if results is None or not results[index]:
             return None
         try:
             return ParsedList.decode(results[index])
         except ValueError:
             return None
+
+
+def _shown(progress: Progress | None, name: str, data: bytes) -> Callable[[bool], None]:
+    """A progress report of a list parsed by a child: nothing, then all of it."""
+    if progress is None:
+        return lambda done: None
+    total = data.count(b"\n")
+    return lambda done: progress(f"parsing {name}", total if done else 0, total)
+
+
+def _named_lists(data: object) -> list[str]:
+    """The file: names an unvalidated document seems to hold: services.*.allow[*].file.
+    A guess that validation confirms or drops; only time depends on it."""
+    services = data.get("services") if isinstance(data, dict) else None
+    names = []
+    for service in services.values() if isinstance(services, dict) else ():
+        allow = service.get("allow") if isinstance(service, dict) else None
+        for entry in allow if isinstance(allow, list) else ():
+            name = entry.get("file") if isinstance(entry, dict) else None
+            if isinstance(name, str):
+                names.append(name)
+    return names
 
 
 def _encoded_parses(lists: list[tuple[bytes, Path]]) -> Iterator[bytes]:

@@ -224,10 +224,12 @@ def _cidr_at(data: Any, loc: tuple[str | int, ...]) -> str | None:
 
 def validate_file(name: str, text: str) -> FileSpec | list[Problem]:
     """The FileSpec of one policy file's text, or what is wrong with it (name: its path)."""
-    try:
-        located = yamlsource.load(text)
-    except yamlsource.YamlError as exc:
-        return [Problem(name, exc.line, "", str(exc))]
+    located = yamlsource.document(name, text)
+    return [located] if isinstance(located, Problem) else validate_document(name, located)
+
+
+def validate_document(name: str, located: yamlsource.LocatedData) -> FileSpec | list[Problem]:
+    """validate_file of a document already loaded."""
     if not isinstance(located.data, dict):
         return [Problem(name, 1, "", "a policy file is a mapping with a services: key")]
     try:

@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 from msgspec import Struct, field
 
+from hostwall.errors import Problem
+
 try:
     _SafeLoader: type[Any] = yaml.CSafeLoader
 except AttributeError:  # pragma: no cover - libyaml is a declared system dependency
@@ -88,6 +90,14 @@ _SCALAR_TAGS = {
     "tag:yaml.org,2002:int": int,
     "tag:yaml.org,2002:float": float,
 }
+
+
+def document(name: str, text: str) -> LocatedData | Problem:
+    """The policy file name's text loaded, or what is wrong with it as YAML."""
+    try:
+        return load(text)
+    except YamlError as exc:
+        return Problem(name, exc.line, "", str(exc))
 
 
 def load(text: str) -> LocatedData:

@@ -19,6 +19,7 @@ from unit_support import damage as damage_file
 
 import hostwall.forked
 import hostwall.policy
+import hostwall.policyfile
 from hostwall.check import check_policy
 from hostwall.cidr import Interval, merge_intervals
 from hostwall.compile import compile_policy
@@ -153,7 +154,9 @@ def test_lists_parsed_side_by_side_compile_as_parsed_one_by_one(
     serial = serial_load(root, monkeypatch)
     assert forks == []
     ahead = load_ahead(root)
-    assert len(forks) == 2  # three lists to share: this process keeps the first
+    # While this process validates the files, every list goes to a child: one child
+    # more than the two spare cores.
+    assert len(forks) == 3
     assert ahead == serial
     assert ahead.digest == serial.digest  # type: ignore[attr-defined]
     assert all(reaped(pid) for pid in forks)
@@ -194,14 +197,47 @@ def test_lists_the_cache_knows_are_not_parsed_ahead(
     root = two_files_of_lists(write_files, lists)
     cache = MemoryCache()
     first = load_ahead(root, cache=cache)
-    assert len(forks) == 2
+    assert len(forks) == 3
     # One list changed: the cache knows its path (parsed where it changed), the others
     # by their content; nothing is left to parse ahead.
     (root / "q.txt").write_text(lists["q.txt"] + "198.51.100.0/24\n")
     second = load_ahead(root, cache=cache)
-    assert len(forks) == 2
+    assert len(forks) == 3
     assert second != first
     assert second == serial_load(root, monkeypatch)
+
+
+def test_with_nothing_to_validate_this_process_parses_the_first_list(
+    write_files: WriteFiles, monkeypatch: pytest.MonkeyPatch, forks: list[int]
+) -> None:
+    lists = {f"{name}.txt": random_list(seed, 400) for seed, name in enumerate("pqr", start=5)}
+    root = two_files_of_lists(write_files, lists)
+    warm = MemoryCache()
+    load_ahead(root, cache=warm)
+    validated_only = MemoryCache()
+    validated_only.files = warm.files  # the policy files are validated, no list is known
+    serial = serial_load(root, monkeypatch)
+    del forks[:]
+
+    def refuse(name: str, document: object) -> object:
+        raise AssertionError(f"validated {name} although it was cached")
+
+    monkeypatch.setattr(hostwall.policyfile, "validate_document", refuse)
+    assert load_ahead(root, cache=validated_only) == serial
+    assert len(forks) == 2  # the other two lists, one child each
+    assert validated_only.puts == 3
+
+
+def test_lists_named_by_a_file_that_fails_validation_are_parsed_for_nothing(
+    write_files: WriteFiles, monkeypatch: pytest.MonkeyPatch, forks: list[int]
+) -> None:
+    lists = {f"{name}.txt": random_list(seed, 400) for seed, name in enumerate("pqr", start=9)}
+    root = two_files_of_lists(write_files, lists)
+    (root / "b.yaml").write_text((root / "b.yaml").read_text().replace("owner: partner-c", "owner: ''"))
+    serial = serial_load(root, monkeypatch)
+    assert isinstance(serial, list) and serial  # the empty owner
+    assert load_ahead(root) == serial
+    assert forks and all(reaped(pid) for pid in forks)
 
 
 def reaped(pid: int) -> bool:

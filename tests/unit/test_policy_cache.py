@@ -21,6 +21,7 @@ from hostwall.errors import PolicyError, Problem
 from hostwall.policy import Policy, load_policy
 from hostwall.policyspec import FileSpec
 from hostwall.state import ListCacheDir
+from hostwall.yamlsource import LocatedData
 
 WriteFiles = Callable[[dict[str, str | bytes]], Path]
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
@@ -73,10 +74,10 @@ def policy_dir(write_files: WriteFiles, text: str = POLICY) -> Path:
 
 
 def refuse_validation(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(name: str, text: str) -> object:
+    def refuse(name: str, document: object) -> object:
         raise AssertionError(f"validated {name} again although its bytes were cached")
 
-    monkeypatch.setattr(hostwall.policyfile, "validate_file", refuse)
+    monkeypatch.setattr(hostwall.policyfile, "validate_document", refuse)
 
 
 def same_policy(a: Policy, b: Policy) -> None:
@@ -161,14 +162,14 @@ def test_a_damaged_or_misplaced_validated_file_is_a_miss(
         path.write_bytes(body + hashlib.sha256(body).digest())
     assert cache.validated(key) is None
     validated: list[str] = []
-    original = hostwall.policyfile.validate_file
+    original = hostwall.policyfile.validate_document
 
-    def counting(name: str, text: str) -> FileSpec | list[Problem]:
+    def counting(name: str, document: LocatedData) -> FileSpec | list[Problem]:
         validated.append(name)
-        return original(name, text)
+        return original(name, document)
 
     uncached = load_policy(root, now=NOW)
-    monkeypatch.setattr(hostwall.policyfile, "validate_file", counting)
+    monkeypatch.setattr(hostwall.policyfile, "validate_document", counting)
     same_policy(load_policy(root, now=NOW, cache=cache), uncached)
     assert validated == [str(root / "p.yaml")]
     assert cache.validated(key) is not None  # the miss validated the file and cached it again
