@@ -9,16 +9,9 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from unit_support import reaped
 
 from hostwall import forked
-
-
-def reaped(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return True
-    return False
 
 
 def test_a_child_sends_its_results_in_order() -> None:

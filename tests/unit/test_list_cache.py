@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from unit_support import damage as damage_file
+from unit_support import reaped
 
 import hostwall.forked
 import hostwall.policy
@@ -146,6 +147,12 @@ def two_files_of_lists(write_files: WriteFiles, lists: dict[str, str]) -> Path:
                         "b.yaml": policy_text(lists=tuple(names[2:])).replace("https", "postgres"), **lists})
 
 
+def three_lists(write_files: WriteFiles, first_seed: int) -> tuple[Path, dict[str, str]]:
+    """p.txt and q.txt named by a.yaml, r.txt by b.yaml, 400 random lines each."""
+    lists = {f"{name}.txt": random_list(seed, 400) for seed, name in enumerate("pqr", start=first_seed)}
+    return two_files_of_lists(write_files, lists), lists
+
+
 def test_lists_parsed_side_by_side_compile_as_parsed_one_by_one(
     write_files: WriteFiles, monkeypatch: pytest.MonkeyPatch, forks: list[int]
 ) -> None:
@@ -177,8 +184,7 @@ def test_bad_lines_in_lists_parsed_ahead_are_reported_as_one_by_one(
 def test_a_child_that_dies_only_costs_time(
     write_files: WriteFiles, monkeypatch: pytest.MonkeyPatch, forks: list[int]
 ) -> None:
-    lists = {f"{name}.txt": random_list(seed, 400) for seed, name in enumerate("pqr", start=7)}
-    root = two_files_of_lists(write_files, lists)
+    root, _ = three_lists(write_files, 7)
     serial = serial_load(root, monkeypatch)
 
     def dies(parses: object) -> Iterator[bytes]:
@@ -193,8 +199,7 @@ def test_a_child_that_dies_only_costs_time(
 def test_lists_the_cache_knows_are_not_parsed_ahead(
     write_files: WriteFiles, monkeypatch: pytest.MonkeyPatch, forks: list[int]
 ) -> None:
-    lists = {f"{name}.txt": random_list(seed, 400) for seed, name in enumerate("pqr", start=3)}
-    root = two_files_of_lists(write_files, lists)
+    root, lists = three_lists(write_files, 3)
     cache = MemoryCache()
     first = load_ahead(root, cache=cache)
     assert len(forks) == 3
@@ -210,8 +215,7 @@ def test_lists_the_cache_knows_are_not_parsed_ahead(
 def test_with_nothing_to_validate_this_process_parses_the_first_list(
     write_files: WriteFiles, monkeypatch: pytest.MonkeyPatch, forks: list[int]
 ) -> None:
-    lists = {f"{name}.txt": random_list(seed, 400) for seed, name in enumerate("pqr", start=5)}
-    root = two_files_of_lists(write_files, lists)
+    root, _ = three_lists(write_files, 5)
     warm = MemoryCache()
     load_ahead(root, cache=warm)
     validated_only = MemoryCache()
@@ -231,21 +235,12 @@ def test_with_nothing_to_validate_this_process_parses_the_first_list(
 def test_lists_named_by_a_file_that_fails_validation_are_parsed_for_nothing(
     write_files: WriteFiles, monkeypatch: pytest.MonkeyPatch, forks: list[int]
 ) -> None:
-    lists = {f"{name}.txt": random_list(seed, 400) for seed, name in enumerate("pqr", start=9)}
-    root = two_files_of_lists(write_files, lists)
+    root, _ = three_lists(write_files, 9)
     (root / "b.yaml").write_text((root / "b.yaml").read_text().replace("owner: partner-c", "owner: ''"))
     serial = serial_load(root, monkeypatch)
     assert isinstance(serial, list) and serial  # the empty owner
     assert load_ahead(root) == serial
     assert forks and all(reaped(pid) for pid in forks)
-
-
-def reaped(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return True
-    return False
 
 
 # --- the cache ------------------------------------------------------------------------------

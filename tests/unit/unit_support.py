@@ -3,6 +3,7 @@ conftest.py, so `from conftest import ...` would find whichever was imported fir
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,3 +26,12 @@ def damage(path: Path, how: str) -> None:
     else:
         raise ValueError(how)
     path.write_bytes(bytes(data))
+
+
+def reaped(pid: int) -> bool:
+    """Whether the child pid has been waited for (and so left no zombie)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
