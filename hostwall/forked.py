@@ -49,17 +49,17 @@ class Child:
         """The child's results, in order (waiting for it); None when it failed."""
         if self._reader is None:
             return self._results
-        chunks = []
+        reader, self._reader = self._reader, None
+        data: bytes | None = None
         try:
-            with open(self._reader, "rb", closefd=True) as stream:
-                self._reader = None
-                chunks.append(stream.read())
+            with open(reader, "rb") as stream:
+                data = stream.read()
         except OSError:
-            chunks.clear()
+            os.kill(self.pid, signal.SIGKILL)  # it may be stuck writing to the pipe given up on
         _, status = os.waitpid(self.pid, 0)
         self.pid = 0
-        if os.waitstatus_to_exitcode(status) == 0 and chunks:
-            self._results = _frames(chunks[0], self._count)
+        if os.waitstatus_to_exitcode(status) == 0 and data is not None:
+            self._results = _frames(data, self._count)
         return self._results
 
     def stop(self) -> None:

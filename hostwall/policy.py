@@ -695,11 +695,16 @@ class _Ahead:
 
 
 def _shown(progress: Progress | None, name: str, data: bytes) -> Callable[[bool], None]:
-    """A progress report of a list parsed by a child: nothing, then all of it."""
+    """A progress report of a list parsed by a child: nothing, then all of it. The lines
+    are counted only if a child parsed the list: every apply passes a progress callback."""
     if progress is None:
         return lambda done: None
-    total = data.count(b"\n")
-    return lambda done: progress(f"parsing {name}", total if done else 0, total)
+
+    def show(done: bool) -> None:
+        total = data.count(b"\n")
+        progress(f"parsing {name}", total if done else 0, total)
+
+    return show
 
 
 def _named_lists(data: object) -> list[str]:

@@ -566,7 +566,7 @@ class ListCacheDir:
         return None if parsed is None else (source, parsed)
 
     def knows(self, sha256: str, path: str) -> bool:
-        return _SHA256_HEX.fullmatch(sha256) is not None and (
+        return _SHA256_HEX.fullmatch(sha256) is not None and self._trusted() and (
             (self.path / sha256).exists() or (self.path / "paths" / _sha256(path.encode())).exists())
 
     def put(self, sha256: str, parsed: ParsedList, source: bytes, path: str) -> None:
