@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from functools import cached_property
+from itertools import compress
+from operator import ne
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, overload
 from typing import Protocol as Interface
@@ -806,10 +808,10 @@ def reparse_list(old: bytes, previous: ParsedList, new: bytes) -> ParsedList | N
     new_end = len(new) if new_end < 0 else new_end
     # Lines that only moved within the window cancel out: edits scattered over a long
     # list give a wide window but few lines to parse.
-    before, after = Counter(old[start:old_end].split(b"\n")), Counter(new[start:new_end].split(b"\n"))
+    left, joined = _line_changes(old[start:old_end].split(b"\n"), new[start:new_end].split(b"\n"))
     try:
-        gone = [parse_interval(text) for _, text in _list_lines(b"\n".join((before - after).elements()).decode())]
-        came = [parse_interval(text) for _, text in _list_lines(b"\n".join((after - before).elements()).decode())]
+        gone = [parse_interval(text) for _, text in _list_lines(b"\n".join(left).decode())]
+        came = [parse_interval(text) for _, text in _list_lines(b"\n".join(joined).decode())]
     except (UnicodeDecodeError, CidrError):
         return None
     updated: dict[int, tuple[bytes, bytes | None]] = {}
@@ -824,6 +826,26 @@ def reparse_list(old: bytes, previous: ParsedList, new: bytes) -> ParsedList | N
         updated[family] = result
     return ParsedList(previous.entries - len(gone) + len(came), updated[4][0], updated[6][0],
                       updated[4][1], updated[6][1])
+
+
+def _line_changes(old_lines: list[bytes], new_lines: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """Lines to take out of old and lines to put in, so that new holds, as a multiset,
+    the lines of old less the first plus the second.
+
+    Edits that replace lines in place (the same number of lines) are found by comparing
+    position by position; otherwise the multisets' differences are taken, as set
+    differences when no line repeats. All of it runs in C: subtracting Counters walks
+    every distinct line in Python, ten times as long for a window as wide as a 100k list.
+    """
+    if len(old_lines) == len(new_lines):
+        changed = list(compress(range(len(old_lines)), map(ne, old_lines, new_lines)))
+        if len(changed) <= len(old_lines) // 16:  # else the lines were reordered or rewritten
+            return [old_lines[i] for i in changed], [new_lines[i] for i in changed]
+    old_set, new_set = set(old_lines), set(new_lines)
+    if len(old_set) == len(old_lines) and len(new_set) == len(new_lines):
+        return list(old_set - new_set), list(new_set - old_set)
+    before, after = Counter(old_lines), Counter(new_lines)
+    return list((before - after).elements()), list((after - before).elements())
 
 
 def _key(first: int, last: int, width: int) -> bytes:

@@ -8,6 +8,7 @@ import math
 import os
 import random
 import signal
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -487,6 +488,58 @@ def test_lists_with_other_line_boundaries_are_parsed_whole(old: bytes) -> None:
     previous = full_parse(old)
     assert previous is not None
     assert reparse_list(old, previous, old + b"10.9.0.0/24\n") is None
+
+
+@st.composite
+def line_edits(draw: st.DrawFn) -> tuple[list[bytes], list[bytes]]:
+    """A window of lines before and after edits: in place (the same number of lines), with
+    lines inserted or deleted, with or without repeated lines."""
+    repeats = draw(st.booleans())
+    count = draw(st.integers(0, 80))
+    old = [f"10.{i // 250}.{i % 250}.0/24".encode() for i in range(count)]
+    if repeats and old:
+        old += draw(st.lists(st.sampled_from(old), max_size=5))
+    new = list(old)
+    for _ in range(draw(st.integers(0, 8))):
+        action = draw(st.sampled_from(["replace", "swap", "insert", "delete"] if not repeats else
+                                      ["replace", "swap", "insert", "delete", "duplicate"]))
+        position = draw(st.integers(0, max(0, len(new) - 1)))
+        fresh = f"198.18.{draw(st.integers(0, 3))}.{draw(st.integers(0, 255))}/32".encode()
+        if action == "insert" or not new:
+            new.insert(position, fresh)
+        elif action == "replace":
+            new[position] = fresh
+        elif action == "swap":
+            other = draw(st.integers(0, len(new) - 1))
+            new[position], new[other] = new[other], new[position]
+        elif action == "delete":
+            del new[position]
+        else:
+            new.insert(draw(st.integers(0, len(new))), new[position])
+    return old, new
+
+
+@given(line_edits())
+@settings(max_examples=300, deadline=None)
+def test_the_lines_taken_out_and_put_in_turn_the_old_window_into_the_new(case: tuple[list[bytes], list[bytes]]
+                                                                         ) -> None:
+    old, new = case
+    gone, came = hostwall.policy._line_changes(list(old), list(new))
+    left = Counter(old)
+    left.subtract(gone)
+    assert min(left.values(), default=0) >= 0  # only lines old holds are taken out
+    assert +left + Counter(came) == Counter(new)
+
+
+def test_lines_replaced_in_place_are_found_by_position_and_moved_ones_cancel_otherwise() -> None:
+    old = [f"10.0.{i // 250}.{i % 250}/32".encode() for i in range(1000)]
+    in_place = list(old)
+    in_place[10], in_place[900] = b"198.18.0.1/32", b"198.18.0.2/32"
+    assert hostwall.policy._line_changes(old, in_place) == ([old[10], old[900]], [b"198.18.0.1/32", b"198.18.0.2/32"])
+    shifted = [b"198.18.0.3/32", *old[:500], *old[501:]]
+    assert hostwall.policy._line_changes(old, shifted) == ([old[500]], [b"198.18.0.3/32"])
+    reordered = list(reversed(old))  # every position differs: the multisets are compared
+    assert hostwall.policy._line_changes(old, reordered) == ([], [])
 
 
 def test_a_duplicated_line_removed_once_keeps_its_twin() -> None:
