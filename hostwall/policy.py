@@ -114,8 +114,12 @@ class ParsedList(Struct, frozen=True):
         return self.v6 if self.lines6 is None else self.lines6
 
     def encode(self) -> bytes:
+        return b"".join(self.encoded())
+
+    def encoded(self) -> tuple[bytes, ...]:
+        """encode() in pieces, for writing without joining megabytes first."""
         parts = (self.v4, self.v6, self.lines4 or b"", self.lines6 or b"")
-        return b"".join((_PARSED_HEADER.pack(LIST_SEMANTICS, self.entries, *map(len, parts)), *parts))
+        return (_PARSED_HEADER.pack(LIST_SEMANTICS, self.entries, *map(len, parts)), *parts)
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> ParsedList:

@@ -35,7 +35,7 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -577,7 +577,7 @@ class ListCacheDir:
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not self._trusted():
                 return
-            _replace(self.path / sha256, _sealed(self.MAGIC, sha256, parsed.encode()))
+            _replace(self.path / sha256, *_sealed(self.MAGIC, sha256, parsed.encoded()))
             _replace(self.path / f"{sha256}.txt", source)
             _replace(self.path / "paths" / _sha256(path.encode()), sha256.encode())
             self._evict()
@@ -600,7 +600,7 @@ class ListCacheDir:
             self.files_path.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not self._trusted(self.files_path):
                 return
-            _replace(self.files_path / sha256, _sealed(self.SPEC_MAGIC, sha256, spec.to_json()))
+            _replace(self.files_path / sha256, *_sealed(self.SPEC_MAGIC, sha256, (spec.to_json(),)))
             _evict_oldest(self.files_path, self.keep)
         except OSError:
             return
@@ -626,18 +626,24 @@ def _evict_oldest(directory: Path, keep: int) -> None:
                 os.unlink(directory / stale)
 
 
-def _sealed(magic: bytes, sha256: str, payload: bytes) -> bytes:
-    """magic, the key's digest, payload and the sha256 of all three: a torn, damaged or
-    misplaced cache file is a miss, never a wrong entry."""
-    body = magic + bytes.fromhex(sha256) + payload
-    return body + hashlib.sha256(body).digest()
+def _sealed(magic: bytes, sha256: str, payload: Sequence[bytes]) -> list[bytes]:
+    """magic, the key's digest, the payload's pieces and the sha256 of all of them, to be
+    written one after the other: a torn, damaged or misplaced cache file is a miss, never
+    a wrong entry."""
+    head = magic + bytes.fromhex(sha256)
+    digest = hashlib.sha256(head)
+    for piece in payload:
+        digest.update(piece)
+    return [head, *payload, digest.digest()]
 
 
-def _replace(path: Path, data: bytes) -> None:
+def _replace(path: Path, *pieces: bytes) -> None:
     """Write-then-rename without fsync: readers see the old or the new file, never a torn one."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_bytes(data)
+        with open(temporary, "wb") as handle:
+            for piece in pieces:
+                handle.write(piece)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
