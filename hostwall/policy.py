@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from functools import cached_property
-from itertools import compress
+from itertools import compress, count, islice
 from operator import ne
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, overload
@@ -836,20 +836,63 @@ def _line_changes(old_lines: list[bytes], new_lines: list[bytes]) -> tuple[list[
     """Lines to take out of old and lines to put in, so that new holds, as a multiset,
     the lines of old less the first plus the second.
 
-    Edits that replace lines in place (the same number of lines) are found by comparing
-    position by position; otherwise the multisets' differences are taken, as set
-    differences when no line repeats. All of it runs in C: subtracting Counters walks
-    every distinct line in Python, ten times as long for a window as wide as a 100k list.
+    Lines replaced in place (the same number of lines) are found by comparing position by
+    position, and a few lines inserted or deleted here and there by walking both
+    versions in step; anything else (a reordered or rewritten list) is the multisets'
+    difference, as set differences when no line repeats. The bulk of each runs in C:
+    subtracting Counters walks every distinct line in Python, about ten times as long for
+    a window as wide as a 100k list.
     """
     if len(old_lines) == len(new_lines):
         changed = list(compress(range(len(old_lines)), map(ne, old_lines, new_lines)))
         if len(changed) <= len(old_lines) // 16:  # else the lines were reordered or rewritten
             return [old_lines[i] for i in changed], [new_lines[i] for i in changed]
+    # Each edit restarts the walk at its place, which costs a pass over the lines before
+    # it: past a few dozen edits the sets are cheaper.
+    in_step = _edits_in_step(old_lines, new_lines, limit=64)
+    if in_step is not None:
+        return in_step
     old_set, new_set = set(old_lines), set(new_lines)
     if len(old_set) == len(old_lines) and len(new_set) == len(new_lines):
         return list(old_set - new_set), list(new_set - old_set)
     before, after = Counter(old_lines), Counter(new_lines)
     return list((before - after).elements()), list((after - before).elements())
+
+
+# After an edit, the shifts tried to bring the two versions back in step (lines of old,
+# lines of new skipped): one line replaced, inserted or deleted first, then runs of them.
+_SHIFTS = ((1, 1), (0, 1), (1, 0), *((d, d) for d in range(2, 9)), *((0, d) for d in range(2, 9)),
+           *((d, 0) for d in range(2, 9)))
+_IN_STEP = 8  # lines that must agree after a shift
+
+
+def _edits_in_step(old: list[bytes], new: list[bytes], limit: int) -> tuple[list[bytes], list[bytes]] | None:
+    """(lines of old skipped, lines of new skipped) walking both in step, each stretch of
+    equal lines compared in C; None once more than limit lines differ or no shift brings
+    the two back in step. Whatever the shifts chosen, the lines passed over in step are
+    equal pairs, so the result always turns old into new."""
+    gone: list[bytes] = []
+    came: list[bytes] = []
+    i = j = 0
+    while True:
+        step = next(compress(count(), map(ne, islice(old, i, None), islice(new, j, None))), None)
+        if step is None:  # equal up to the end of the shorter one
+            rest = min(len(old) - i, len(new) - j)
+            gone += old[i + rest:]
+            came += new[j + rest:]
+            return gone, came
+        i, j = i + step, j + step
+        for skip_old, skip_new in _SHIFTS:
+            if (i + skip_old <= len(old) and j + skip_new <= len(new)
+                    and old[i + skip_old:i + skip_old + _IN_STEP] == new[j + skip_new:j + skip_new + _IN_STEP]):
+                break
+        else:
+            return None
+        gone += old[i:i + skip_old]
+        came += new[j:j + skip_new]
+        i, j = i + skip_old, j + skip_new
+        if len(gone) + len(came) > limit:
+            return None
 
 
 def _key(first: int, last: int, width: int) -> bytes:

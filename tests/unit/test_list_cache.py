@@ -531,15 +531,19 @@ def test_the_lines_taken_out_and_put_in_turn_the_old_window_into_the_new(case: t
     assert +left + Counter(came) == Counter(new)
 
 
-def test_lines_replaced_in_place_are_found_by_position_and_moved_ones_cancel_otherwise() -> None:
+def test_a_few_edits_are_found_in_step_and_a_reordered_list_by_its_sets_of_lines() -> None:
     old = [f"10.0.{i // 250}.{i % 250}/32".encode() for i in range(1000)]
+    changes = hostwall.policy._line_changes
     in_place = list(old)
     in_place[10], in_place[900] = b"198.18.0.1/32", b"198.18.0.2/32"
-    assert hostwall.policy._line_changes(old, in_place) == ([old[10], old[900]], [b"198.18.0.1/32", b"198.18.0.2/32"])
+    assert changes(old, in_place) == ([old[10], old[900]], [b"198.18.0.1/32", b"198.18.0.2/32"])
     shifted = [b"198.18.0.3/32", *old[:500], *old[501:]]
-    assert hostwall.policy._line_changes(old, shifted) == ([old[500]], [b"198.18.0.3/32"])
-    reordered = list(reversed(old))  # every position differs: the multisets are compared
-    assert hostwall.policy._line_changes(old, reordered) == ([], [])
+    assert changes(old, shifted) == ([old[500]], [b"198.18.0.3/32"])
+    block = [*old[:300], *(f"198.18.1.{i}/32".encode() for i in range(5)), *old[300:700], *old[703:]]
+    assert changes(old, block) == (old[700:703], [f"198.18.1.{i}/32".encode() for i in range(5)])
+    assert changes(old, old[:-4]) == (old[-4:], [])
+    reordered = list(reversed(old))  # no shift brings the two in step: the sets are compared
+    assert changes(old, reordered) == ([], [])
 
 
 def test_a_duplicated_line_removed_once_keeps_its_twin() -> None:
