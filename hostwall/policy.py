@@ -810,8 +810,8 @@ def reparse_list(old: bytes, previous: ParsedList, new: bytes) -> ParsedList | N
     old_end, new_end = old.find(b"\n", len(old) - tail), new.find(b"\n", len(new) - tail)
     old_end = len(old) if old_end < 0 else old_end
     new_end = len(new) if new_end < 0 else new_end
-    # Lines that only moved within the window cancel out: edits scattered over a long
-    # list give a wide window but few lines to parse.
+    # Edits scattered over a long list give a wide window but few lines that differ, and
+    # only those are parsed.
     left, joined = _line_changes(old[start:old_end].split(b"\n"), new[start:new_end].split(b"\n"))
     try:
         gone = [parse_interval(text) for _, text in _list_lines(b"\n".join(left).decode())]
