@@ -706,9 +706,12 @@ def _shown(progress: Progress | None, name: str, data: bytes) -> Callable[[bool]
     if progress is None:
         return lambda done: None
 
+    total: list[int] = []  # counted at the first report, once
+
     def show(done: bool) -> None:
-        total = data.count(b"\n")
-        progress(f"parsing {name}", total if done else 0, total)
+        if not total:
+            total.append(data.count(b"\n"))
+        progress(f"parsing {name}", total[0] if done else 0, total[0])
 
     return show
 
