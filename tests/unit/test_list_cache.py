@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from unit_support import damage as damage_file
-from unit_support import reaped
+from unit_support import reaped, refuse_validation
 
 import hostwall.forked
 import hostwall.policy
@@ -224,10 +224,7 @@ def test_with_nothing_to_validate_this_process_parses_the_first_list(
     serial = serial_load(root, monkeypatch)
     del forks[:]
 
-    def refuse(name: str, document: object) -> object:
-        raise AssertionError(f"validated {name} although it was cached")
-
-    monkeypatch.setattr(hostwall.policyfile, "validate_document", refuse)
+    refuse_validation(monkeypatch)
     assert load_ahead(root, cache=validated_only) == serial
     assert len(forks) == 2  # the other two lists, one child each
     assert validated_only.puts == 3

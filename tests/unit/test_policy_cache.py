@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from unit_support import damage as damage_file
+from unit_support import refuse_validation
 
 import hostwall.policyfile
 from hostwall import __version__
@@ -71,13 +72,6 @@ def cache_at(root: Path) -> ListCacheDir:
 
 def policy_dir(write_files: WriteFiles, text: str = POLICY) -> Path:
     return write_files({"p.yaml": text, "partners.txt": "198.51.100.0/24\n198.51.100.7/32\n"})
-
-
-def refuse_validation(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(name: str, document: object) -> object:
-        raise AssertionError(f"validated {name} again although its bytes were cached")
-
-    monkeypatch.setattr(hostwall.policyfile, "validate_document", refuse)
 
 
 def same_policy(a: Policy, b: Policy) -> None:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 WriteFiles = Callable[[dict[str, str | bytes]], Path]  # the write_files fixture
 
 # The moment the `pinned_clock` fixture holds hostwall's clock at. Dates a test writes
@@ -35,3 +37,13 @@ def reaped(pid: int) -> bool:
     except ChildProcessError:
         return True
     return False
+
+
+def refuse_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a policy file is validated (it should come from the cache)."""
+    import hostwall.policyfile
+
+    def refuse(name: str, document: object) -> object:
+        raise AssertionError(f"validated {name} again although its bytes were cached")
+
+    monkeypatch.setattr(hostwall.policyfile, "validate_document", refuse)
