@@ -4,20 +4,24 @@ PyYAML's constructors lose positions and silently let a repeated key win; buildi
 the data here from the C parser keeps both honest, and bounds what aliases can expand
 to (a "billion laughs" file fails fast instead of eating memory).
 
-A plain document (no anchors, aliases or explicit tags, and nothing wrong in it) is
-built straight from the parser's events, which costs two thirds of composing its node
-graph first; any other document is composed and built from its nodes, which is also
-where every error is found and worded.
+A document in the block shape tools write (hostwall.yamlblock) is read without the
+parser at all. Any other plain document (no anchors, aliases or explicit tags, and
+nothing wrong in it) is built straight from the parser's events, which costs two thirds
+of composing its node graph first; any other document is composed and built from its
+nodes, which is also where every error is found and worded.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
 
 import yaml
 from msgspec import Struct, field
 
 from hostwall.errors import Problem
+from hostwall.yamlblock import read_block
 
 try:
     _SafeLoader: type[Any] = yaml.CSafeLoader
@@ -101,6 +105,9 @@ def document(name: str, text: str) -> LocatedData | Problem:
 
 
 def load(text: str) -> LocatedData:
+    block = read_block(text, _plain_scalars(), MAX_NODES, MAX_DEPTH)
+    if block is not None:
+        return LocatedData(*block)
     try:
         return _load_plain(text)
     except Exception:  # noqa: BLE001 - not plain, or not valid: the node path decides and says why
@@ -134,6 +141,30 @@ def _compose(text: str) -> yaml.Node | None:
         raise YamlError(f"not valid YAML: control character U+{code:04X} is not allowed; remove it", line) from exc
     except yaml.YAMLError as exc:
         raise YamlError(f"not valid YAML: {' '.join(str(exc).split())}", None) from exc
+
+
+# Whether any of the loader's implicit resolvers could give a plain scalar another tag
+# than str: their expressions in one, each with its own flags. Most scalars of a large
+# policy are distinct addresses that none of them matches.
+_MAYBE_TAGGED = re.compile("|".join(sorted({
+    f"(?{'x' if expression.flags & re.VERBOSE else ''}:{expression.pattern})"
+    for resolvers in _Loader.yaml_implicit_resolvers.values() for _, expression in resolvers
+})))
+
+
+def _plain_scalars() -> Callable[[str], Any]:
+    """The value of a plain scalar as _load_plain makes it: its implicit tag, resolved
+    once per distinct text."""
+    resolve, node, maybe_tagged = _Loader("").resolve, yaml.ScalarNode, _MAYBE_TAGGED.match
+    tags: dict[str, str] = {}
+
+    def value(text: str) -> Any:
+        tag = tags.get(text)
+        if tag is None:
+            tag = tags[text] = resolve(node, text, (True, False)) if maybe_tagged(text) else _STR
+        return text if tag == _STR else _scalar(tag, text)
+
+    return value
 
 
 class _NotPlain(Exception):

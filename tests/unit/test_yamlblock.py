@@ -1,0 +1,247 @@
+"""yamlblock.read_block: a block document is read with the very data, values and lines
+that libyaml gives it (the thorough path of test_yamlsource), or left to libyaml.
+
+Documents are drawn in the shapes tools and people write (indentation of 2 to 4,
+sequences under or beside their key, comments, blank lines, trailing spaces) from
+scalars and keys that sit on every edge of what a plain scalar is, then edited line by
+line into errors and near misses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import examples
+from test_yamlsource import documents, outcome, thorough
+
+from hostwall import yamlsource
+from hostwall.yamlblock import read_block
+from hostwall.yamlsource import LocatedData
+
+
+def block(text: str) -> LocatedData | None:
+    read = read_block(text, yamlsource._plain_scalars(), yamlsource.MAX_NODES, yamlsource.MAX_DEPTH)
+    return None if read is None else LocatedData(*read)
+
+
+def assert_read_as_libyaml_reads_it_or_left(text: str) -> bool:
+    """True when the block reader read it (and agreed)."""
+    located = block(text)
+    if located is None:
+        return False
+    assert outcome(lambda _: located, text) == outcome(thorough, text), text
+    return True
+
+
+# Plain scalars and near misses: tags (bool, null, int, float, timestamp, merge, value),
+# indicators first and inside, ": " and " #", flow characters, quotes, non-ASCII, runs
+# of spaces, and a colon at the end.
+EDGY_VALUES = [
+    "192.0.2.0/24", "2001:db8::/48", "2001:db8::", "::1", "2099-01-01", "2030-01-01T00:00:00Z", "12:30", "1_000",
+    "0x1f", "0o17", "017", "1e3", "1.5", ".5", ".inf", "-.inf", ".nan", "+1", "-1", "on", "Off", "yes", "NO",
+    "true", "null", "Null", "~", "=", "<<", "a: b", "a:b", "a:", ":a", "a #b", "a#b", "a,b", "a, b", "it's",
+    'say "hi"', "(ticket OPS-1", "x)", "a  b", "a b c", "a\tb", "é", "[x]", "x]", "{x}", "&a", "*a", "!t", "?x",
+    "%x", "@x", "`x", "|", ">", "-", "- x", "--- x", "...", "a - b", "a ? b", "a & b", "a | b", "ops@example.org",
+    "#x", "0", "00", "1:2:3", "1_2:3", "0b101", "2099-1-1", "2099-01-01 10:00:00",
+]
+EDGY_KEYS = ["cidr", "owner", "review_by", "x-y", "_a", "A", "on", "yes", "null", "true", "y", "n", "a b",
+             "a:b", "1", "-x", "<<", "é", "a#"]
+TREES = st.recursive(
+    st.sampled_from(EDGY_VALUES) | st.text("ab1.:/ #-,'", min_size=1, max_size=6),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.sampled_from(EDGY_KEYS) | st.text("abk_-", min_size=1, max_size=3), inner, max_size=3),
+    max_leaves=14,
+)
+
+
+def render(tree: Any, draw: st.DrawFn, column: int = 0) -> list[str]:
+    """tree as block YAML lines written by hand: every scalar plain, as it is."""
+    step = draw(st.sampled_from([2, 2, 4, 3]))
+    lines: list[str] = []
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            comment = draw(st.sampled_from(["", "", "", "  # note", " #x"]))
+            if isinstance(value, dict | list) and value:
+                lines.append(f"{' ' * column}{key}:{comment}")
+                beside = isinstance(value, list) and draw(st.booleans())
+                lines += render(value, draw, column if beside else column + step)
+            else:
+                text = value if isinstance(value, str) else ""
+                lines.append(f"{' ' * column}{key}: {text}{comment}".rstrip(" ") + draw(st.sampled_from(["", "", " "])))
+    elif isinstance(tree, list):
+        for item in tree:
+            dash = draw(st.sampled_from(["- ", "- ", "-   "]))
+            if isinstance(item, dict) and item:
+                inner = render(item, draw, column + len(dash))
+                while inner[0].strip(" ")[:1] in ("", "#"):  # a blank or comment line goes before the item
+                    lines.append(inner.pop(0))
+                lines.append(f"{' ' * column}{dash}{inner[0].lstrip(' ')}")
+                lines += inner[1:]
+            elif isinstance(item, list) and item:
+                lines.append(f"{' ' * column}-")
+                lines += render(item, draw, column + step)
+            else:
+                lines.append(f"{' ' * column}{dash}{item if isinstance(item, str) else ''}")
+    if draw(st.integers(0, 5)) == 0:
+        lines.insert(draw(st.integers(0, len(lines))), draw(st.sampled_from(["", "# comment", "   ", "  # x"])))
+    return lines
+
+
+@st.composite
+def block_documents(draw: st.DrawFn, edits: bool = True) -> str:
+    tree = draw(st.dictionaries(st.sampled_from(EDGY_KEYS[:4]) | st.text("abk", min_size=1, max_size=3), TREES,
+                                min_size=1, max_size=3))
+    lines = render(tree, draw)
+    for _ in range(draw(st.integers(0, 2)) if edits else 0):
+        index = draw(st.integers(0, len(lines) - 1))
+        edit = draw(st.sampled_from(["repeat", "drop", "indent", "outdent", "insert", "tab", "crlf", "marker"]))
+        if edit == "repeat":
+            lines.insert(index, lines[index])
+        elif edit == "drop":
+            del lines[index]
+        elif edit == "indent":
+            lines[index] = " " + lines[index]
+        elif edit == "outdent":
+            lines[index] = lines[index][1:]
+        elif edit == "insert":
+            at = draw(st.integers(0, len(lines[index])))
+            lines[index] = lines[index][:at] + draw(st.sampled_from([":", "#", " ", "'", '"', "[", "&", "*", "é",
+                                                                     "- ", ": ", " #", "?"])) + lines[index][at:]
+        elif edit == "tab":
+            lines[index] = "\t" + lines[index]
+        elif edit == "crlf":
+            lines[index] += "\r"
+        else:
+            lines.insert(index, draw(st.sampled_from(["---", "...", "%YAML 1.1", "? a"])))
+        if not lines:
+            break
+    return "\n".join(lines) + draw(st.sampled_from(["\n", "", "\n\n"]))
+
+
+@examples(500)
+@given(block_documents())
+def test_a_block_document_is_read_as_libyaml_reads_it_or_left_to_it(text: str) -> None:
+    assert_read_as_libyaml_reads_it_or_left(text)
+
+
+@examples(200)
+@given(documents())
+def test_documents_yaml_writes_are_read_as_libyaml_reads_them_or_left_to_it(text: str) -> None:
+    assert_read_as_libyaml_reads_it_or_left(text)
+
+
+SAFE_VALUES = st.sampled_from(["192.0.2.0/24", "2001:db8::/48", "2099-01-01", "2030-01-01T00:00:00Z", "ops",
+                               "office VPN exit", "partner (ticket OPS-1234)", "it's", "a,b", "443", "true", "~",
+                               "1.5", "ops@example.org", "x:y"])
+SAFE_KEYS = st.sampled_from(["cidr", "owner", "allow", "x-y", "_k"])
+# Sequences hold scalars and mappings (a sequence right inside a sequence is left to libyaml).
+SAFE_TREES = st.recursive(
+    SAFE_VALUES,
+    lambda inner: st.dictionaries(SAFE_KEYS, inner, min_size=1, max_size=3)
+    | st.lists(SAFE_VALUES | st.dictionaries(SAFE_KEYS, inner, min_size=1, max_size=3), min_size=1, max_size=3),
+    max_leaves=10)
+
+
+@examples(200)
+@given(st.data())
+def test_the_shapes_it_is_for_are_read_without_libyaml(data: st.DataObject) -> None:
+    tree = data.draw(st.dictionaries(st.sampled_from(["services", "settings", "k"]), SAFE_TREES, min_size=1))
+    lines = render(tree, data.draw)
+    text = "\n".join(lines) + "\n"
+    assert assert_read_as_libyaml_reads_it_or_left(text), text
+
+
+DECLINED = {
+    "mapping value inside a value": "a: b: c\n",
+    "comment without a space before it": "a: b#c\n",
+    "colon at the end of a value": "a: 2001:db8::\n",
+    "key that is a boolean": "on: 1\n",
+    "key that is null": "null: 1\n",
+    "empty value": "a:\nb: 1\n",
+    "empty value at the end": "a: 1\nb:\n",
+    "tab": "a:\n\tb: 1\n",
+    "carriage return": "a: 1\r\nb: 2\r\n",
+    "quoted value": "a: 'b'\n",
+    "flow sequence": "a: [1, 2]\n",
+    "anchor and alias": "a: &x 1\nb: *x\n",
+    "tag": "a: !!str 1\n",
+    "document marker": "---\na: 1\n",
+    "second document": "a: 1\n---\nb: 2\n",
+    "repeated key": "a: 1\na: 2\n",
+    "continued scalar": "a: b\n  c\n",
+    "line deeper than a scalar allows": "a: b\n  c: d\n",
+    "line between two columns": "a:\n    b: 1\n  c: 2\n",
+    "sequence at the root": "- a\n- b\n",
+    "scalar at the root": "a\n",
+    "sequence in a sequence": "a:\n  - - b\n",
+    "empty item": "a:\n  -\n    b: 1\n",
+    "key among items": "a:\n  - b\n  c: 1\n",
+    "non-ASCII": "a: é\n",
+    "two spaces inside a value": "a: b  c\n",
+    "byte order mark": "\ufeffa: 1\n",
+    "only comments": "# nothing\n",
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("name", sorted(DECLINED))
+def test_what_is_not_a_plain_block_document_is_left_to_libyaml(name: str) -> None:
+    assert block(DECLINED[name]) is None
+    # and libyaml reads it as before: the result or the error of the other paths
+    assert outcome(yamlsource.load, DECLINED[name]) == outcome(thorough, DECLINED[name])
+
+
+def test_a_sequence_beside_its_key_ends_at_the_next_key() -> None:
+    text = "a:\n- x\n- k: 1\n  l: 2\nb: 3\nc:\n  - y\n"
+    located = block(text)
+    assert located is not None
+    assert located.data == {"a": ["x", {"k": 1, "l": 2}], "b": 3, "c": ["y"]}
+    assert [located.line_of(p) for p in (("a", 0), ("a", 1, "l"), ("b",), ("c", 0))] == [2, 4, 5, 7]
+    assert outcome(lambda _: located, text) == outcome(thorough, text)
+
+
+POLICY = """# generated
+services:
+  https:
+    allow:
+      - cidr: 192.0.2.0/24
+        owner: ops
+        reason: partner (ticket OPS-1234)   # renewed
+        review_by: 2099-01-01
+
+      - cidr: 2001:db8::/48
+        owner: it-network
+        reason: office VPN exit
+        review_by: 2099-01-01
+        expires: 2030-01-01T00:00:00Z
+settings:
+  log_rate: 10
+"""
+
+
+def test_a_policy_in_the_block_shape_is_read_without_the_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = outcome(thorough, POLICY)
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("libyaml was asked")
+
+    monkeypatch.setattr(yamlsource, "_load_plain", refuse)
+    monkeypatch.setattr(yamlsource, "_compose", refuse)
+    assert outcome(yamlsource.load, POLICY) == expected
+    assert expected[0] == "ok"
+
+
+@examples(300)
+@given(st.sampled_from(EDGY_VALUES + EDGY_KEYS) | st.text("0123456789.:-+_eExXoObBtTnNyYlL~=<>!&* /", max_size=14))
+def test_a_scalar_no_implicit_tag_could_match_is_a_string_to_the_safe_loader(text: str) -> None:
+    if yamlsource._MAYBE_TAGGED.match(text) is None:
+        assert yaml.SafeLoader("").resolve(yaml.ScalarNode, text, (True, False)) == "tag:yaml.org,2002:str"
+
+
+def test_every_implicit_tag_is_in_the_combined_expression() -> None:
+    expressions = {e.pattern for resolvers in yamlsource._Loader.yaml_implicit_resolvers.values() for _, e in resolvers}
+    assert expressions and all(pattern in yamlsource._MAYBE_TAGGED.pattern for pattern in expressions)
