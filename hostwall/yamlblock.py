@@ -17,7 +17,7 @@ subset: ASCII, no "#", no ": " or trailing ":", single spaces inside.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # A plain scalar: no indicator first, then no comment start, no mapping indicator (a
@@ -34,6 +34,41 @@ _LINE = re.compile(
 )
 
 Lines = dict[Any, int]
+# Lines are taken apart a slice of the text at a time, so that the matches of a large
+# document do not all exist at once.
+_SLICE_CHARACTERS = 65536
+_REFUSED = (None, "", "", "", "", "")
+
+
+def _rows(text: str) -> Iterator[tuple[str | None, str, str, str, str, str]]:
+    """The groups of _LINE for each line of text, in order; a row of None in place of
+    the rest once a line does not match."""
+    start = 0
+    while True:
+        end = text.find("\n", start + _SLICE_CHARACTERS)
+        end = len(text) if end < 0 else end
+        rows = _LINE.findall(text, start, end)
+        # Each line is one match or none, so a line the expression refused leaves one short.
+        if len(rows) != text.count("\n", start, end) + 1:
+            yield _REFUSED
+            return
+        yield from rows
+        if end == len(text):
+            return
+        start = end + 1
+
+
+class _Values(dict[str, Any]):
+    """The value of each distinct scalar text, made once: a policy repeats its keys and
+    most values (owners, reasons, dates) thousands of times, and values are immutable."""
+
+    def __init__(self, scalar: Callable[[str], Any]) -> None:
+        super().__init__()
+        self._scalar = scalar
+
+    def __missing__(self, text: str) -> Any:
+        value = self[text] = self._scalar(text)
+        return value
 
 
 class _Block:
@@ -56,27 +91,26 @@ def read_block(
     the id of the dict or list built) of a block document whose root is a mapping, as
     yamlsource.LocatedData holds them; None for anything else. scalar(text) is a plain
     scalar's value (the loader's implicit tags); a key must stay a str."""
-    if not text.isascii() or "\t" in text or "\r" in text or "\0" in text:
+    if not text.isascii() or "\t" in text or "\r" in text or "\0" in text or 2 * text.count("\n") >= max_nodes:
         return None
-    rows = _LINE.findall(text)
-    # Each line is one match or none, so a line the expression refused leaves one short.
-    if len(rows) != text.count("\n") + 1 or 2 * len(rows) > max_nodes:
-        return None
+    values = _Values(scalar)
     children: dict[int, Lines] = {}
     stack: list[_Block] = []
     waiting: tuple[_Block, str] | None = None  # a key given no value on its own line
     root_line = 0
     block: _Block | None = None  # the innermost open block
-    for number, (indent, item_dash, key, value, scalar_dash, item) in enumerate(rows, 1):
+    for number, (indent, item_dash, key, value, scalar_dash, item) in enumerate(_rows(text), 1):
+        if indent is None:
+            return None  # a line the expression refused
         if (value and not item_dash and waiting is None and block is not None and len(indent) == block.column
                 and type(block.container) is dict):
             # The common line: another key with its value in the innermost mapping.
             innermost = block.container
-            name = scalar(key)
+            name = values[key]
             if type(name) is not str or name in innermost:
                 return None
             block.lines[name] = number
-            innermost[name] = scalar(value)
+            innermost[name] = values[value]
             continue
         if not key and not scalar_dash:
             continue  # blank, or only a comment
@@ -114,7 +148,7 @@ def read_block(
                 return None
             block.lines[len(block.container)] = number
             if not key:
-                block.container.append(scalar(item))
+                block.container.append(values[item])
                 continue
             mapping: dict[str, Any] = {}
             block.container.append(mapping)
@@ -124,12 +158,12 @@ def read_block(
         container = block.container
         if not isinstance(container, dict):
             return None  # a key among the items of a sequence
-        name = scalar(key)
+        name = values[key]
         if type(name) is not str or name in container:
             return None  # a key that is not a string (on: is True), or a repeated key
         block.lines[name] = number
         if value:
-            container[name] = scalar(value)
+            container[name] = values[value]
         else:
             waiting = (block, name)
     if waiting is not None or not stack:

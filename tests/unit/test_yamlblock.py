@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from reference import examples
 from test_yamlsource import documents, outcome, thorough
 
-from hostwall import yamlsource
+from hostwall import yamlblock, yamlsource
 from hostwall.yamlblock import read_block
 from hostwall.yamlsource import LocatedData
 
@@ -245,3 +245,18 @@ def test_a_scalar_no_implicit_tag_could_match_is_a_string_to_the_safe_loader(tex
 def test_every_implicit_tag_is_in_the_combined_expression() -> None:
     expressions = {e.pattern for resolvers in yamlsource._Loader.yaml_implicit_resolvers.values() for _, e in resolvers}
     assert expressions and all(pattern in yamlsource._MAYBE_TAGGED.pattern for pattern in expressions)
+
+
+@examples(300)
+@given(block_documents(), st.integers(1, 40))
+def test_a_document_taken_apart_a_slice_at_a_time_reads_as_one_taken_whole(text: str, characters: int) -> None:
+    whole = block(text)
+    saved = yamlblock._SLICE_CHARACTERS
+    yamlblock._SLICE_CHARACTERS = characters
+    try:
+        sliced = block(text)
+    finally:
+        yamlblock._SLICE_CHARACTERS = saved
+    assert (whole is None) == (sliced is None), text
+    if whole is not None and sliced is not None:
+        assert outcome(lambda _: sliced, text) == outcome(lambda _: whole, text), text
