@@ -4,14 +4,15 @@ sequences of plain scalars, one entry a line, as tools write long inline allowli
 libyaml parses fast, but hands every event to Python as an object with two marks: a
 10k-entry inline policy is 125k events and about 0.4 s. Here one regular expression
 takes every line apart at C speed and one loop builds the data, with the same lines,
-tags and values as yamlsource's event path, in a third of that time.
+tags and values as yamlsource's event path, in a half to a third of that time.
 
 Anything outside that shape, or anything wrong, gives None, and the caller reads the
 document with libyaml as always (which also finds and words every error): a quoted,
 flow-style, multi-line or non-ASCII scalar, a tab, an anchor, alias or tag, a second
 document, a repeated key, a key that is not a plain string, an empty value. A scalar
 here is what libyaml would take for one plain scalar in block context, in a safe
-subset: ASCII, no "#", no ": " or trailing ":", single spaces inside.
+subset: ASCII, no indicator first, no "#", brackets or braces, no ": " or trailing
+":", single spaces inside.
 """
 
 from __future__ import annotations

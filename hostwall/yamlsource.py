@@ -153,15 +153,11 @@ _MAYBE_TAGGED = re.compile("|".join(sorted({
 
 
 def _plain_scalars() -> Callable[[str], Any]:
-    """The value of a plain scalar as _load_plain makes it: its implicit tag, resolved
-    once per distinct text."""
+    """The value of a plain scalar's text as _load_plain makes it, by its implicit tag."""
     resolve, node, maybe_tagged = _Loader("").resolve, yaml.ScalarNode, _MAYBE_TAGGED.match
-    tags: dict[str, str] = {}
 
     def value(text: str) -> Any:
-        tag = tags.get(text)
-        if tag is None:
-            tag = tags[text] = resolve(node, text, (True, False)) if maybe_tagged(text) else _STR
+        tag = resolve(node, text, (True, False)) if maybe_tagged(text) else _STR
         return text if tag == _STR else _scalar(tag, text)
 
     return value
