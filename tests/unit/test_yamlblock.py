@@ -16,7 +16,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import examples
-from test_yamlsource import documents, outcome, thorough
+from test_yamlsource import SHARED_EDITS, LineEdit, documents, edited, outcome, thorough
 
 from hostwall import yamlblock, yamlsource
 from hostwall.yamlblock import read_block
@@ -92,34 +92,29 @@ def render(tree: Any, draw: st.DrawFn, column: int = 0) -> list[str]:
 
 
 @st.composite
-def block_documents(draw: st.DrawFn, edits: bool = True) -> str:
+def block_documents(draw: st.DrawFn) -> str:
     tree = draw(st.dictionaries(st.sampled_from(EDGY_KEYS[:4]) | st.text("abk", min_size=1, max_size=3), TREES,
                                 min_size=1, max_size=3))
-    lines = render(tree, draw)
-    for _ in range(draw(st.integers(0, 2)) if edits else 0):
-        index = draw(st.integers(0, len(lines) - 1))
-        edit = draw(st.sampled_from(["repeat", "drop", "indent", "outdent", "insert", "tab", "crlf", "marker"]))
-        if edit == "repeat":
-            lines.insert(index, lines[index])
-        elif edit == "drop":
-            del lines[index]
-        elif edit == "indent":
-            lines[index] = " " + lines[index]
-        elif edit == "outdent":
-            lines[index] = lines[index][1:]
-        elif edit == "insert":
-            at = draw(st.integers(0, len(lines[index])))
-            lines[index] = lines[index][:at] + draw(st.sampled_from([":", "#", " ", "'", '"', "[", "&", "*", "é",
-                                                                     "- ", ": ", " #", "?"])) + lines[index][at:]
-        elif edit == "tab":
-            lines[index] = "\t" + lines[index]
-        elif edit == "crlf":
-            lines[index] += "\r"
-        else:
-            lines.insert(index, draw(st.sampled_from(["---", "...", "%YAML 1.1", "? a"])))
-        if not lines:
-            break
+    lines = edited(draw, render(tree, draw), EDITS)
     return "\n".join(lines) + draw(st.sampled_from(["\n", "", "\n\n"]))
+
+
+def _insert_character(draw: st.DrawFn, lines: list[str], index: int) -> None:
+    at = draw(st.integers(0, len(lines[index])))
+    inserted = draw(st.sampled_from([":", "#", " ", "'", '"', "[", "&", "*", "é", "- ", ": ", " #", "?"]))
+    lines[index] = lines[index][:at] + inserted + lines[index][at:]
+
+
+EDITS: dict[str, LineEdit] = {
+    **SHARED_EDITS,
+    "indent": lambda _, lines, index: lines.__setitem__(index, " " + lines[index]),
+    "outdent": lambda _, lines, index: lines.__setitem__(index, lines[index][1:]),
+    "insert": _insert_character,
+    "tab": lambda _, lines, index: lines.__setitem__(index, "\t" + lines[index]),
+    "crlf": lambda _, lines, index: lines.__setitem__(index, lines[index] + "\r"),
+    "marker": lambda draw, lines, index: lines.insert(index, draw(st.sampled_from(["---", "...", "%YAML 1.1",
+                                                                                  "? a"]))),
+}
 
 
 @examples(500)

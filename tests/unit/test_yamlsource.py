@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -94,6 +94,24 @@ TREES = st.recursive(
 )
 
 
+# An edit of a document's lines: (draw, lines, index of the line) -> None, in place.
+LineEdit = Callable[[st.DrawFn, list[str], int], None]
+SHARED_EDITS: dict[str, LineEdit] = {
+    "repeat": lambda _, lines, index: lines.insert(index, lines[index]),
+    "drop": lambda _, lines, index: lines.__delitem__(index),
+}
+
+
+def edited(draw: st.DrawFn, lines: list[str], edits: dict[str, LineEdit]) -> list[str]:
+    """lines with up to two of the edits made, at lines drawn."""
+    for _ in range(draw(st.integers(0, 2))):
+        if not lines:
+            break
+        index = draw(st.integers(0, len(lines) - 1))
+        edits[draw(st.sampled_from(sorted(edits)))](draw, lines, index)
+    return lines
+
+
 @st.composite
 def documents(draw: st.DrawFn) -> str:
     """YAML text, often with anchors and aliases (safe_dump writes one for each subtree
@@ -103,25 +121,13 @@ def documents(draw: st.DrawFn) -> str:
     document: dict[str, Any] = {f"k{index}": piece for index, piece in enumerate(pieces)}
     document["again"] = [pieces[i] for i in draw(st.lists(st.integers(0, len(pieces) - 1), max_size=3))]
     text = yaml.safe_dump(document, default_flow_style=draw(st.sampled_from([False, None, True])), sort_keys=False)
-    lines = text.splitlines(keepends=True)
-    for _ in range(draw(st.integers(0, 2))):
-        index = draw(st.integers(0, len(lines) - 1))
-        edit = draw(st.sampled_from(["repeat", "drop", "indent", "anchor", "alias", "merge"]))
-        if edit == "repeat":
-            lines.insert(index, lines[index])
-        elif edit == "drop":
-            del lines[index]
-        elif edit == "indent":
-            lines[index] = "  " + lines[index]
-        elif edit == "anchor":
-            lines[index] = lines[index].replace(": ", ": &z ", 1)
-        elif edit == "alias":
-            lines.insert(index + 1, "zz: *z\n")
-        else:
-            lines.insert(index, "<<: *z\n")
-        if not lines:
-            break
-    return "".join(lines)
+    return "".join(edited(draw, text.splitlines(keepends=True), {
+        **SHARED_EDITS,
+        "indent": lambda _, lines, index: lines.__setitem__(index, "  " + lines[index]),
+        "anchor": lambda _, lines, index: lines.__setitem__(index, lines[index].replace(": ", ": &z ", 1)),
+        "alias": lambda _, lines, index: lines.insert(index + 1, "zz: *z\n"),
+        "merge": lambda _, lines, index: lines.insert(index, "<<: *z\n"),
+    }))
 
 
 @examples(300)
