@@ -1,5 +1,6 @@
 """The common shape of a policy file read without PyYAML's parser: block mappings and
-sequences of plain scalars, one entry a line, as tools write long inline allowlists.
+sequences of plain scalars, one entry a line, as tools write long inline allowlists
+(and one-line flow sequences such as "ports: [443, 8443]").
 
 libyaml parses fast, but hands every event to Python as an object with two marks: a
 10k-entry inline policy is 125k events and about 0.4 s. Here one regular expression
@@ -27,10 +28,15 @@ from typing import Any
 _SAFE = r"[^\s#:\[\]{}]"
 _VALUE = rf"(?:[A-Za-z0-9_./+(~]|-(?=\S)){_SAFE}*(?:(?::(?=\S)| (?=[^\s#])){_SAFE}*)*"
 _KEY = r"[A-Za-z_][A-Za-z0-9_-]*"
-# indent, "- " of an item holding a mapping, key, value; or "- " of an item, its scalar.
-# A line holds one of them, or nothing but a comment or white space.
+# An item of a one-line flow sequence ("ports: [443, 8443]"): a plain scalar that needs
+# no care in flow context (no space, comma, colon, bracket or brace).
+_FLOW_ITEM = r"[A-Za-z0-9_./+~][A-Za-z0-9_./+~-]*"
+# indent, "- " of an item holding a mapping, key, then its value or the "[" and the items
+# of a flow sequence; or "- " of an item, its scalar. A line holds one of them, or
+# nothing but a comment or white space.
 _LINE = re.compile(
-    rf"^( *)(?:(?:(- +)?({_KEY}):(?: +({_VALUE}))?|(- +)({_VALUE}))(?: +#.*)? *|#.*)?$",
+    rf"^( *)(?:(?:(- +)?({_KEY}):(?: +(?:({_VALUE})|(\[) *((?:{_FLOW_ITEM}(?: *, *{_FLOW_ITEM})*)?) *\]))?"
+    rf"|(- +)({_VALUE}))(?: +#.*)? *|#.*)?$",
     re.MULTILINE,
 )
 
@@ -38,10 +44,10 @@ Lines = dict[Any, int]
 # Lines are taken apart a slice of the text at a time, so that the matches of a large
 # document do not all exist at once.
 _SLICE_CHARACTERS = 65536
-_REFUSED = (None, "", "", "", "", "")
+_REFUSED = (None, "", "", "", "", "", "", "")
 
 
-def _rows(text: str) -> Iterator[tuple[str | None, str, str, str, str, str]]:
+def _rows(text: str) -> Iterator[tuple[str | None, str, str, str, str, str, str, str]]:
     """The groups of _LINE for each line of text, in order; a row of None in place of
     the rest once a line does not match."""
     start = 0
@@ -92,7 +98,12 @@ def read_block(
     the id of the dict or list built) of a block document whose root is a mapping, as
     yamlsource.LocatedData holds them; None for anything else. scalar(text) is a plain
     scalar's value (the loader's implicit tags); a key must stay a str."""
-    if not text.isascii() or "\t" in text or "\r" in text or "\0" in text or 2 * text.count("\n") >= max_nodes:
+    if not text.isascii() or "\t" in text or "\r" in text or "\0" in text:
+        return None
+    # A line is at most three nodes (an item's mapping, a key, its value), and a flow
+    # sequence one more for each item: past the limit libyaml's path says what is wrong.
+    budget = max_nodes - 3 * (text.count("\n") + 1)
+    if budget < 0:
         return None
     values = _Values(scalar)
     children: dict[int, Lines] = {}
@@ -100,7 +111,7 @@ def read_block(
     waiting: tuple[_Block, str] | None = None  # a key given no value on its own line
     root_line = 0
     block: _Block | None = None  # the innermost open block
-    for number, (indent, item_dash, key, value, scalar_dash, item) in enumerate(_rows(text), 1):
+    for number, (indent, item_dash, key, value, flow, flow_items, scalar_dash, item) in enumerate(_rows(text), 1):
         if indent is None:
             return None  # a line the expression refused
         if (value and not item_dash and waiting is None and block is not None and len(indent) == block.column
@@ -141,7 +152,7 @@ def read_block(
                 stack.pop()
             if stack[-1].column != column:
                 return None  # deeper than a scalar allows, or between two columns
-        if len(stack) > max_depth:
+        if len(stack) + bool(dash and key) > max_depth:  # an item's mapping is one level deeper
             return None
         block = stack[-1]
         if dash:
@@ -165,6 +176,13 @@ def read_block(
         block.lines[name] = number
         if value:
             container[name] = values[value]
+        elif flow:
+            items = [values[text.strip(" ")] for text in flow_items.split(",")] if flow_items else []
+            budget -= len(items)
+            if budget < 0 or len(stack) >= max_depth:  # its items are one level deeper
+                return None
+            container[name] = items
+            children[id(items)] = dict.fromkeys(range(len(items)), number)
         else:
             waiting = (block, name)
     if waiting is not None or not stack:
