@@ -9,8 +9,9 @@ tags and values as yamlsource's event path, in a half to a third of that time.
 
 Anything outside that shape, or anything wrong, gives None, and the caller reads the
 document with libyaml as always (which also finds and words every error): a quoted,
-flow-style, multi-line or non-ASCII scalar, a tab, an anchor, alias or tag, a second
-document, a repeated key, a key that is not a plain string, an empty value. A scalar
+multi-line or non-ASCII scalar, a flow mapping, a flow sequence of anything else, a
+tab, an anchor, alias or tag, a second document, a repeated key, a key that is not a
+plain string, an empty value, a document past the node or depth limits. A scalar
 here is what libyaml would take for one plain scalar in block context, in a safe
 subset: ASCII, no indicator first, no "#", brackets or braces, no ": " or trailing
 ":", single spaces inside.
@@ -177,7 +178,7 @@ def read_block(
         if value:
             container[name] = values[value]
         elif flow:
-            items = [values[text.strip(" ")] for text in flow_items.split(",")] if flow_items else []
+            items = [values[part.strip(" ")] for part in flow_items.split(",")] if flow_items else []
             budget -= len(items)
             if budget < 0 or len(stack) >= max_depth:  # its items are one level deeper
                 return None
