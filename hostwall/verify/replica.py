@@ -22,6 +22,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -76,6 +77,16 @@ def ip(*args: str, namespace: str | None = None) -> str:
     if result.returncode != 0:
         raise KernelError(f"ip {' '.join(args)}: {' '.join(result.stderr.split())[:300]}")
     return result.stdout
+
+
+@contextlib.contextmanager
+def _unwinding_signals_held() -> Iterator[None]:
+    """SIGTERM and SIGINT held back in this thread, and delivered once the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def interface_names(namespace: str | None) -> list[str]:
@@ -161,9 +172,13 @@ class Replica(Struct):
         self.name, self.probe_name = f"{tag}r", f"{tag}p"
         for name in (self.name, self.probe_name):
             # Recorded first: a signal right after `ip netns add` returns must not leave
-            # a namespace that close() does not know of.
+            # a namespace that close() does not know of. Made with the signals that unwind
+            # verify held back: one that lands after the fork of `ip netns add` but before
+            # subprocess knows of the child unwinds without killing it, and the child adds
+            # the namespace after close() has looked for it.
             self._created.append(name)
-            ip("netns", "add", name)
+            with _unwinding_signals_held():
+                ip("netns", "add", name)
         self.interface = names[0] if names else FALLBACK_DEVICE
         ip("link", "add", PROBE_DEVICE, "type", "veth", "peer", "name", self.interface, "netns", self.name,
            namespace=self.probe_name)

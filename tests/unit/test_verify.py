@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import signal
 import struct
+import threading
 from pathlib import Path
 
 import msgspec
+import pytest
 from agent_doubles import RecordingSink as _Records
 from agent_doubles import SilentNotifier as _Notes
 from hypothesis import HealthCheck, given, settings
@@ -288,3 +291,54 @@ def test_verify_help_names_its_options() -> None:
     for command in ("apply", "rollback"):
         assert "--verify" in runner.invoke(main, [command, "--help"]).output
     assert "--verify-after-reload" in runner.invoke(main, ["agent", "--help"]).output
+
+
+class _Terminated(Exception):
+    pass
+
+
+class _EmptySource:
+    def __init__(self, netns: str | None) -> None:
+        pass
+
+    def list_ruleset(self) -> str:
+        return ""
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_signal_during_ip_netns_add_lands_once_the_namespace_is_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM that arrives while `ip netns add` runs is delivered once it has returned
+    and the namespace is recorded, so close() finds and removes it; it does not unwind
+    from inside the call, where subprocess may not yet know of the child that goes on
+    to add the namespace after close() has looked."""
+    from hostwall.verify import replica
+
+    added: list[str] = []
+
+    def ip(*args: str, namespace: str | None = None) -> str:
+        if args[:2] == ("netns", "add"):
+            # Arrives mid-call; sent to this thread, where the kernel keeps it while it is held
+            # (a process-wide one could go to another thread of the test run).
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+            added.append(args[2])
+            return ""
+        raise AssertionError(f"not reached before the signal: ip {args}")
+
+    def terminate(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    monkeypatch.setattr(replica, "ip", ip)
+    monkeypatch.setattr(replica, "interface_names", lambda namespace: ["eth0"])
+    monkeypatch.setattr(replica, "NftBackend", _EmptySource)
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        opening = replica.Replica("source", {4: "192.0.2.1", 6: "2001:db8::1"})
+        with pytest.raises(_Terminated):
+            opening.open([443], [])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert added == [opening.name]
+    assert opening._created == [opening.name]
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
