@@ -115,59 +115,53 @@ def read_block(
     for number, (indent, item_dash, key, value, flow, flow_items, scalar_dash, item) in enumerate(_rows(text), 1):
         if indent is None:
             return None  # a line the expression refused
-        if (value and not item_dash and waiting is None and block is not None and len(indent) == block.column
-                and type(block.container) is dict):
-            # The common line: another key with its value in the innermost mapping.
-            innermost = block.container
-            name = values[key]
-            if type(name) is not str or name in innermost:
+        # The common line, another key with its value in the innermost mapping, changes no
+        # block: it goes straight to its key.
+        if not (value and not item_dash and waiting is None and block is not None
+                and len(indent) == block.column and type(block.container) is dict):
+            if not key and not scalar_dash:
+                continue  # blank, or only a comment
+            column, dash = len(indent), item_dash or scalar_dash
+            if waiting is not None:
+                parent, parent_key = waiting
+                waiting = None
+                indentless = bool(dash) and column == parent.column
+                if column <= parent.column and not indentless:
+                    return None  # an empty value: null, or an error
+                opened = _Block(column, [] if dash else {}, indentless)
+                assert isinstance(parent.container, dict)
+                parent.container[parent_key] = opened.container
+                children[id(opened.container)] = opened.lines
+                stack.append(opened)
+            elif not stack:
+                if dash:
+                    return None  # a sequence at the root
+                root_line = number
+                stack.append(_Block(column, {}))
+                children[id(stack[0].container)] = stack[0].lines
+            else:
+                # A line back at an outer column closes the blocks inside it; an indentless
+                # sequence also ends at its key's column on a line that is not an item.
+                while len(stack) > 1 and (stack[-1].column > column
+                                          or (stack[-1].indentless and stack[-1].column == column and not dash)):
+                    stack.pop()
+                if stack[-1].column != column:
+                    return None  # deeper than a scalar allows, or between two columns
+            if len(stack) + bool(dash and key) > max_depth:  # an item's mapping is one level deeper
                 return None
-            block.lines[name] = number
-            innermost[name] = values[value]
-            continue
-        if not key and not scalar_dash:
-            continue  # blank, or only a comment
-        column, dash = len(indent), item_dash or scalar_dash
-        if waiting is not None:
-            parent, parent_key = waiting
-            waiting = None
-            indentless = bool(dash) and column == parent.column
-            if column <= parent.column and not indentless:
-                return None  # an empty value: null, or an error
-            opened = _Block(column, [] if dash else {}, indentless)
-            assert isinstance(parent.container, dict)
-            parent.container[parent_key] = opened.container
-            children[id(opened.container)] = opened.lines
-            stack.append(opened)
-        elif not stack:
+            block = stack[-1]
             if dash:
-                return None  # a sequence at the root
-            root_line = number
-            stack.append(_Block(column, {}))
-            children[id(stack[0].container)] = stack[0].lines
-        else:
-            # A line back at an outer column closes the blocks inside it; an indentless
-            # sequence also ends at its key's column on a line that is not an item.
-            while len(stack) > 1 and (stack[-1].column > column
-                                      or (stack[-1].indentless and stack[-1].column == column and not dash)):
-                stack.pop()
-            if stack[-1].column != column:
-                return None  # deeper than a scalar allows, or between two columns
-        if len(stack) + bool(dash and key) > max_depth:  # an item's mapping is one level deeper
-            return None
-        block = stack[-1]
-        if dash:
-            if not isinstance(block.container, list):
-                return None
-            block.lines[len(block.container)] = number
-            if not key:
-                block.container.append(values[item])
-                continue
-            mapping: dict[str, Any] = {}
-            block.container.append(mapping)
-            block = _Block(column + len(dash), mapping)
-            children[id(mapping)] = block.lines
-            stack.append(block)
+                if not isinstance(block.container, list):
+                    return None
+                block.lines[len(block.container)] = number
+                if not key:
+                    block.container.append(values[item])
+                    continue
+                mapping: dict[str, Any] = {}
+                block.container.append(mapping)
+                block = _Block(column + len(dash), mapping)
+                children[id(mapping)] = block.lines
+                stack.append(block)
         container = block.container
         if not isinstance(container, dict):
             return None  # a key among the items of a sequence
