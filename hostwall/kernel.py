@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Protocol
 
 from msgspec import Struct, field
@@ -29,7 +30,7 @@ class KernelTable(Struct, frozen=True):
     comment: str | None
     structure: str
     counters: dict[str, Counter] = field(default_factory=dict)
-    sets: dict[str, tuple[Interval, ...]] | None = None
+    sets: dict[str, Sequence[Interval]] | None = None
     marker: int | None = None
     # Packets per element (by first and last address) of the sets declared with a
     # counter; read with the elements.

@@ -1,26 +1,24 @@
 """The kernel adapter: full loads and listings through libnftables (the only importer of
-the nftables binding), cheap snapshots and element deltas through nftnl's netlink."""
+the nftables binding) where nftload does not encode them; snapshots, element reads and
+deltas through nftnl's netlink."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import math
 from typing import Any
 
 from msgspec.structs import replace
 
 from hostwall import netns
-from hostwall.cidr import Interval
 from hostwall.errors import (
     HostwallError,
-    KernelError,
     KernelRejected,
     KernelUnavailable,
     PermissionDenied,
     TableNotFound,
 )
 from hostwall.kernel import Counter, KernelTable
+from hostwall.nftelements import decode_contents
 from hostwall.nftload import Message, encodable, full_load_messages
 from hostwall.nftnl import NetlinkTable
 from hostwall.ruleset import (
@@ -29,7 +27,6 @@ from hostwall.ruleset import (
     Delta,
     Ruleset,
     TableObjects,
-    logical_set_name,
     render_clearing,
     render_full_load,
     render_replacement,
@@ -138,12 +135,9 @@ class NftBackend:
         self._netlink.apply_delta(delta, now)
 
     def counters(self) -> dict[str, Counter]:
-        """The table's named counters, without reading any set element."""
-        try:
-            listing = self._run(f"list counters table {_TABLE}", json_output=True)
-        except TableNotFound:
-            return {}
-        return parse_listing(json.loads(listing))[0]
+        """The table's named counters, without decoding any set element."""
+        contents = self._netlink.contents()
+        return decode_contents(contents).counters if contents is not None else {}
 
     def read_table(self, *, elements: bool) -> KernelTable | None:
         snapshot = self._netlink.snapshot()
@@ -152,14 +146,12 @@ class NftBackend:
         table = KernelTable(snapshot.comment, snapshot.structure, marker=snapshot.generation)
         if not elements:
             return table
-        try:
-            listing = self._run(f"list table {_TABLE}", json_output=True)
-        except TableNotFound:
+        contents = self._netlink.contents()
+        if contents is None:
             return None
-        document = json.loads(listing)
-        counters, sets = parse_listing(document)
-        return replace(table, counters=counters, sets=sets,
-                                   element_packets=parse_element_packets(document))
+        decoded = decode_contents(contents)
+        return replace(table, counters=decoded.counters, sets=dict(decoded.sets),
+                       element_packets=decoded.element_packets)
 
     def list_ruleset(self) -> str:
         """Every table of the namespace in nft's own syntax, as `nft list ruleset` prints
@@ -176,57 +168,3 @@ class NftBackend:
         document: dict[str, Any] = json.loads(self._run(command, json_output=True))
         return document
 
-
-def parse_listing(document: dict[str, Any]) -> tuple[dict[str, Counter], dict[str, tuple[Interval, ...]]]:
-    """Counters and address sets from libnftables' JSON listing of the hostwall table."""
-    counters: dict[str, Counter] = {}
-    sets: dict[str, tuple[Interval, ...]] = {}
-    for item in document.get("nftables", []):
-        kind, body = next(iter(item.items()))
-        if kind == "counter":
-            counters[body["name"]] = Counter(body.get("packets", 0), body.get("bytes", 0))
-        elif kind == "set" and body["type"] in ("ipv4_addr", "ipv6_addr"):
-            family = 4 if body["type"] == "ipv4_addr" else 6
-            name = logical_set_name(body["name"])  # a hash set of single addresses joins its set
-            sets[name] = tuple(sorted((*sets.get(name, ()), *(_interval(family, e) for e in body.get("elem", [])))))
-    return counters, sets
-
-
-def parse_element_packets(document: dict[str, Any]) -> dict[str, dict[tuple[int, int], int]]:
-    """Per set declared with a counter, the packets each element counted."""
-    packets: dict[str, dict[tuple[int, int], int]] = {}
-    for item in document.get("nftables", []):
-        kind, body = next(iter(item.items()))
-        if kind != "set" or body["type"] not in ("ipv4_addr", "ipv6_addr"):
-            continue
-        family = 4 if body["type"] == "ipv4_addr" else 6
-        counted = {}
-        for element in body.get("elem", []):
-            counter = element.get("elem", {}).get("counter") if isinstance(element, dict) else None
-            if counter is not None:
-                interval = _interval(family, element)
-                counted[(interval.first, interval.last)] = int(counter.get("packets", 0))
-        if counted or any("counter" in statement for statement in body.get("stmt", [])):
-            packets.setdefault(logical_set_name(body["name"]), {}).update(counted)
-    return packets
-
-
-def _interval(family: int, element: Any) -> Interval:
-    expires = math.inf
-    if isinstance(element, dict) and "elem" in element:
-        inner = element["elem"]
-        if "timeout" in inner:
-            # The kernel reports time left; planning compares by presence, not value.
-            expires = float(inner.get("expires", inner["timeout"]))
-        element = inner["val"]
-    if isinstance(element, str):
-        address = int(ipaddress.ip_address(element))
-        return Interval(family, address, address, expires)
-    if "prefix" in element:
-        prefix = element["prefix"]
-        network = ipaddress.ip_network(f"{prefix['addr']}/{prefix['len']}")
-        return Interval.of(network, expires)
-    if "range" in element:
-        first, last = element["range"]
-        return Interval(family, int(ipaddress.ip_address(first)), int(ipaddress.ip_address(last)), expires)
-    raise KernelError(f"unexpected set element in kernel listing: {element!r}")

@@ -18,7 +18,8 @@ import hashlib
 import os
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from msgspec import Struct, field
 
@@ -86,6 +87,18 @@ class Snapshot(Struct, frozen=True):
     structure: str
     generation: int | None
     objects: TableObjects = field(default_factory=TableObjects)
+
+
+class Contents(Struct, frozen=True):
+    """The table's sets and named objects (attributes by number, as dumped) and each
+    set's element lists (one NFTA_SET_ELEM_LIST_ELEMENTS payload per dump reply)."""
+
+    sets: list[dict[int, bytes]]
+    elements: dict[str, list[bytes]]
+    objects: list[dict[int, bytes]]
+
+
+_Read = TypeVar("_Read")
 
 
 def _nft_type(message: int) -> int:
@@ -182,17 +195,42 @@ class NetlinkTable:
         it reports drift that is not there (a full load) or misses a change, which the
         delta's guard on the generation marker still catches in the kernel.
         """
-        snapshot = None
+        return self._consistent(self._read_snapshot)
+
+    def contents(self) -> Contents | None:
+        """The attributes of the table's sets and named objects and every set's element
+        lists, as of one nf_tables generation as snapshot() reads them; None without the
+        table. nftelements decodes them."""
+        return self._consistent(self._read_contents)
+
+    def _consistent(self, read: Callable[..., _Read | None]) -> _Read | None:
+        reading: _Read | None = None
         for attempt in range(SNAPSHOT_ATTEMPTS):
             last = attempt == SNAPSHOT_ATTEMPTS - 1
             before = self._generation_id()
             try:
-                snapshot = self._read_snapshot(strict=not last)
+                reading = read(strict=not last)
             except _Interrupted:
                 continue
             if last or self._generation_id() == before:
                 break
-        return snapshot
+        return reading
+
+    def _read_contents(self, *, strict: bool = True) -> Contents | None:
+        table = _c_string(self._table)
+        if not any(t.get(NFTA_TABLE_NAME) == table for t in self._dump(NFT_MSG_GETTABLE, [], strict=strict)):
+            return None
+        sets = [item for item in self._dump(NFT_MSG_GETSET, [(NFTA_SET_TABLE, table)], strict=strict)
+                if item.get(NFTA_SET_TABLE) == table]
+        elements = {}
+        for item in sets:
+            name = item.get(NFTA_SET_NAME, b"")
+            replies = self._dump(NFT_MSG_GETSETELEM, [(NFTA_SET_ELEM_LIST_TABLE, table),
+                                                      (NFTA_SET_ELEM_LIST_SET, name)], strict=strict)
+            elements[_name(item, NFTA_SET_NAME)] = [reply.get(NFTA_SET_ELEM_LIST_ELEMENTS, b"") for reply in replies]
+        objects = [item for item in self._dump(NFT_MSG_GETOBJ, [(NFTA_OBJ_TABLE, table)], strict=strict)
+                   if item.get(NFTA_OBJ_TABLE) == table]
+        return Contents(sets, elements, objects)
 
     def _read_snapshot(self, *, strict: bool = True) -> Snapshot | None:
         table = _c_string(self._table)

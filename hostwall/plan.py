@@ -140,8 +140,11 @@ def detect_drift(
         for service in recorded.services:
             for family in (4, 6):
                 name = service.set_name(family)
-                expected = {_key(i) for i in service.intervals(family) if i.expires > now}
-                actual = {_key(i) for i in kernel.sets.get(name, ())}
+                wanted, held = service.intervals(family), kernel.sets.get(name, ())
+                if wanted.expiries is None and isinstance(held, IntervalSet) and held.ranges == wanted.ranges:
+                    continue  # the same permanent intervals, compared as their records
+                expected = {_key(i) for i in wanted if i.expires > now}
+                actual = {_key(i) for i in held}
                 # An element may expire between our clock and the kernel's listing.
                 missing = {k for k in expected - actual if not _expiring_soon(service, k, now)}
                 if missing or actual - expected:

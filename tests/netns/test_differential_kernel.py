@@ -16,6 +16,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -44,10 +45,22 @@ def _address(family: int, text: str) -> int:
     return int(value)
 
 
+def _span(family: int, element: str | dict[str, Any]) -> tuple[int, int]:
+    if isinstance(element, str):
+        return _address(family, element), _address(family, element)
+    if "prefix" in element:
+        network = ipaddress.ip_network(f"{element['prefix']['addr']}/{element['prefix']['len']}")
+        return int(network.network_address), int(network.broadcast_address)
+    first, last = (_address(family, a) for a in element["range"])
+    return first, last
+
+
 def kernel_sets(nft: Nft) -> Sets:
     """Address sets of the hostwall table: name -> sorted (first, last, absolute expiry)."""
-    now = time.time()
-    document = json.loads(nft("-j", "list", "table", "inet", "hostwall").stdout)
+    return listed_sets(json.loads(nft("-j", "list", "table", "inet", "hostwall").stdout), time.time())
+
+
+def listed_sets(document: dict[str, Any], now: float) -> Sets:
     sets: Sets = {}
     for item in document["nftables"]:
         body = item.get("set")
@@ -62,19 +75,46 @@ def kernel_sets(nft: Nft) -> Sets:
                 if "timeout" in inner:
                     expiry = now + float(inner.get("expires", inner["timeout"]))
                 element = inner["val"]
-            if isinstance(element, str):
-                first = last = _address(family, element)
-            elif "prefix" in element:
-                network = ipaddress.ip_network(f"{element['prefix']['addr']}/{element['prefix']['len']}")
-                first, last = int(network.network_address), int(network.broadcast_address)
-            else:
-                first, last = (_address(family, a) for a in element["range"])
-            elements.append((first, last, expiry))
+            elements.append((*_span(family, element), expiry))
         # The layout: single addresses in NAME_hosts (a hash set), wider ranges in NAME.
         name, hosts = body["name"].removesuffix("_hosts"), body["name"].endswith("_hosts")
         assert all((first == last) == hosts for first, last, _ in elements), f"{body['name']}: {elements}"
         sets[name] = sorted(sets.get(name, []) + elements)
     return sets
+
+
+def listed_packets(document: dict[str, Any]) -> tuple[dict[str, dict[tuple[int, int], int]], dict[str, int]]:
+    """Per set declared with a counter, the packets of each element by (first, last);
+    and the packets of each named counter."""
+    packets: dict[str, dict[tuple[int, int], int]] = {}
+    counters = {}
+    for item in document["nftables"]:
+        if "counter" in item:
+            counters[item["counter"]["name"]] = item["counter"]["packets"]
+        body = item.get("set")
+        if body is None or not any("counter" in statement for statement in body.get("stmt", [])):
+            continue
+        family = 4 if body["type"] == "ipv4_addr" else 6
+        counted = packets.setdefault(body["name"].removesuffix("_hosts"), {})
+        for element in body.get("elem", []):
+            inner = element["elem"]
+            counted[_span(family, inner["val"])] = inner["counter"]["packets"]
+    return packets, counters
+
+
+def read_back_matches_the_listing(backend: NftBackend, nft: Nft) -> None:
+    """hostwall's own read of every element (netlink, decoded by nftelements: what an
+    apply that changes nothing relies on) gives what nft's JSON listing gives."""
+    now = time.time()
+    document = json.loads(nft("-j", "list", "table", "inet", "hostwall").stdout)
+    table = backend.read_table(elements=True)
+    assert table is not None and table.sets is not None and table.element_packets is not None
+    ours: Sets = {name: sorted((i.first, i.last, i.expires if math.isinf(i.expires) else now + i.expires)
+                               for i in intervals) for name, intervals in table.sets.items()}
+    assert same_sets(ours, listed_sets(document, now)), (ours, listed_sets(document, now))
+    packets, counters = listed_packets(document)
+    assert table.element_packets == packets
+    assert {name: counter.packets for name, counter in table.counters.items()} == counters
 
 
 def disagreements(reference: Reference, sets: Sets, generated: GeneratedPolicy) -> list[str]:
@@ -117,6 +157,7 @@ def test_kernel_sets_allow_exactly_what_the_reference_allows(
         methods.append(result.method)
         sets = kernel_sets(nft)
         assert disagreements(generated.reference, sets, generated) == []
+        read_back_matches_the_listing(backend, nft)
 
         again = engine.apply(load_policy(policy_dir), user="prop", message="again")
         assert not again.applied, again.plan.summary
@@ -219,3 +260,49 @@ def test_real_packets_follow_the_reference(lab: Lab, backend: NftBackend, state_
 
     check()
     assert seen[True] and seen[False], seen
+
+
+def test_the_read_back_of_every_element_shape_matches_the_listing(
+    lab: Lab, backend: NftBackend, state_dir: Path, policy_dir: Path, nft: Nft
+) -> None:
+    """The shapes the random policies may miss, in one policy: ranges that reach each
+    family's last address (a start element and no end), ranges that start at the first
+    address, ranges that touch, single addresses beside them, timeouts, element counters
+    on one service and not the other; then the same after an element delta."""
+    soon = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    entries = {
+        "https": ["255.255.255.0/24", "0.0.0.0/8", "10.1.0.0/24", "10.1.1.0/24", "10.1.2.7/32",
+                  "ffff::/16", "::/8", "2001:db8::1/128", "2001:db8:1::/48"],
+        "postgres": ["128.0.0.0/1", "192.0.2.1/32", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff00/120"],
+    }
+
+    def write(extra: str = "") -> None:
+        lines = ["services:\n"]
+        for service, cidrs in entries.items():
+            lines.append(f"  {service}:\n")
+            if service == "https":
+                lines.append("    entry_counters: true\n")
+            lines.append("    allow:\n")
+            for index, cidr in enumerate([*cidrs, *([extra] if extra and service == "https" else [])]):
+                expiry = f"        expires: {soon}\n" if index % 3 == 0 else ""
+                lines.append(f"      - cidr: {cidr}\n        owner: prop\n        reason: shapes\n"
+                             f"        review_by: 2099-01-01\n{expiry}")
+        (policy_dir / "shapes.yaml").write_text("".join(lines))
+
+    engine = Engine(backend, StateDir(state_dir))
+    write()
+    assert engine.apply(load_policy(policy_dir), user="prop", message="shapes").method == "full"
+    read_back_matches_the_listing(backend, nft)
+    table = backend.read_table(elements=True)
+    assert table is not None and table.sets is not None and table.element_packets is not None
+    assert (0xFFFFFF00, 0xFFFFFFFF) in {(i.first, i.last) for i in table.sets["https_v4"]}
+    assert (0xFFFF << 112, (1 << 128) - 1) in {(i.first, i.last) for i in table.sets["https_v6"]}
+    assert any(not math.isinf(i.expires) for i in table.sets["https_v4"])
+    assert set(table.element_packets) == {"https_v4", "https_v6"}
+
+    write("203.0.113.9/32")
+    result = engine.apply(load_policy(policy_dir), user="prop", message="one more")
+    assert result.method == "delta", result.plan.summary
+    read_back_matches_the_listing(backend, nft)
+    again = engine.apply(load_policy(policy_dir), user="prop", message="again")
+    assert not again.applied, again.plan.summary
