@@ -18,7 +18,9 @@ and 15x less than `nft` itself. For each scenario (100k IPv4 prefixes; 100k IPv4
   (e) the kernel part of the delta alone (hostwall.nftnl.NetlinkTable.apply_delta);
   (f) whole processes, alternating: `hostwall apply` from start to exit after one list
       line or one inline entry changed, against `nft add element` (issue 20: at most
-      1.0x), each run through the namespace as an operator would (--netns, ip netns exec).
+      1.0x), each run through the namespace as an operator would (--netns, ip netns exec);
+  (g) whole processes, alternating: `hostwall apply` with nothing to change, which reads
+      every element back to say so, against `nft list table` of the same table.
 
 `hostwall apply` is the real click command (hostwall.cli.main) with its arguments:
 in-process after the imports, and in fresh processes, where the work is timed inside
@@ -504,6 +506,22 @@ def _measure(scenario: Scenario, netns_name: str, hostwall: Hostwall, policy_dir
             "the policy file changed: validated again").runs.append(whole_apply(f"whole inline {index} {verb}"))
     log("  whole-process changes done")
 
+    # (g) nothing to change: apply reads every element back to say so (an element edited
+    # by hand leaves the labels as they were), against nft reading the same table.
+    def unchanged_apply() -> float:
+        command = [sys.executable, "-m", "hostwall", *hostwall.args, "apply", "--json", "-m", "unchanged"]
+        seconds, result = timed(lambda: run(command))
+        if json.loads(result.stdout)["changed"]:
+            raise RuntimeError(f"expected no changes, got {result.stdout[:300]}")
+        return float(seconds)
+
+    for _ in range(repeat):
+        row("whole_unchanged", "(g) nothing changed, whole `hostwall apply` process",
+            "reads every element back").runs.append(unchanged_apply())
+        row("whole_nft_list", "(g) nft list table, whole process", "alternating with the row above").runs.append(
+            nft("list", "table", "inet", "hostwall"))
+    log("  unchanged applies done")
+
     # (e) the kernel part alone: the element batch hostwall sends, net zero in pairs
     table = NetlinkTable(netns_name)
     try:
@@ -538,6 +556,7 @@ def summarise(scenario: Scenario, rows: dict[str, Row], cli_passes_cache: bool) 
         "inline_change / kernel_part": inline / rows["kernel"].median,
         "whole_list_change / nft_add_element": rows["whole_list"].median / rows["whole_nft"].median,
         "whole_inline_change / nft_add_element": rows["whole_inline"].median / rows["whole_nft"].median,
+        "whole_unchanged_apply / nft_list_table": rows["whole_unchanged"].median / rows["whole_nft_list"].median,
     }
 
     def at_most(seconds: float) -> dict[str, Any]:
@@ -559,6 +578,9 @@ def summarise(scenario: Scenario, rows: dict[str, Row], cli_passes_cache: bool) 
         "whole-process inline change <= 1.0x nft add element (reported, not a target)": {
             "value": ratios["whole_inline_change / nft_add_element"],
             "met": ratios["whole_inline_change / nft_add_element"] <= 1.0},
+        "whole-process apply with nothing to change <= 1.0x nft list table (reported, not a target)": {
+            "value": ratios["whole_unchanged_apply / nft_list_table"],
+            "met": ratios["whole_unchanged_apply / nft_list_table"] <= 1.0},
     }
     return {
         "scenario": scenario.name,

@@ -386,10 +386,28 @@ print(json.dumps({"total": max(r["cumtime"] for r in rows), "self": top_self, "c
 """
 
 
+# `python -m cProfile -m hostwall` would write nothing: the command ends with os._exit,
+# past cProfile's own dump. This runs the same click command and dumps when it is done.
+PROFILE_DRIVER = r"""
+import cProfile, sys
+from hostwall.cli import main
+profiler = cProfile.Profile()
+profiler.enable()
+try:
+    main(args=sys.argv[2:], prog_name="hostwall")
+except SystemExit as ending:
+    if ending.code not in (None, 0):
+        raise
+finally:
+    profiler.disable()
+    profiler.dump_stats(sys.argv[1])
+"""
+
+
 def profile(command_args: Sequence[str], output: Path) -> dict[str, Any]:
-    """One run of `python -m hostwall ARGS` under cProfile: the functions with the most
-    time of their own, and hostwall's functions by cumulative time (its phases)."""
-    run([sys.executable, "-m", "cProfile", "-o", str(output), "-m", "hostwall", *command_args])
+    """One run of the hostwall command with ARGS under cProfile: the functions with the
+    most time of their own, and hostwall's functions by cumulative time (its phases)."""
+    run([sys.executable, "-c", PROFILE_DRIVER, str(output), *command_args])
     report: dict[str, Any] = json.loads(run([sys.executable, "-c", PROFILE_REPORT, str(output)]).stdout)
     return report
 
