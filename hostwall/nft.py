@@ -4,7 +4,6 @@ deltas through nftnl's netlink."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from msgspec.structs import replace
@@ -80,11 +79,9 @@ class NftBackend:
         """Release the netlink sockets; a long-lived process (agent, tests) must call it."""
         self._netlink.close()
 
-    def _run(self, command: str, *, json_output: bool = False, terse: bool = False) -> str:
+    def _run(self, command: str) -> str:
         context = self._nft()
         with netns.entered(self._netns):
-            context.set_json_output(json_output)
-            context.set_terse_output(terse)
             rc, output, error = context.cmd(command)
         if rc != 0:
             raise _classify(error or output)
@@ -162,9 +159,4 @@ class NftBackend:
         """Run text as one transaction (verify's replica only: hostwall's own table is
         always loaded through submit)."""
         self._run(text)
-
-    def query(self, command: str) -> dict[str, Any]:
-        """A listing command's JSON document."""
-        document: dict[str, Any] = json.loads(self._run(command, json_output=True))
-        return document
 

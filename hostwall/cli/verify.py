@@ -59,16 +59,12 @@ def run_verify(options: Options, policy: Policy, samples: int = DEFAULT_SAMPLES,
     from hostwall.verify.run import verify
 
     replica.sweep_leftovers()
-    from hostwall.errors import TableNotFound
-    from hostwall.verify.kernel_sets import kernel_sets
-
     backend = NftBackend(options.netns)
     try:
-        listed = kernel_sets(backend.query("list table inet hostwall"))
-    except TableNotFound:
-        listed = {}
+        table = backend.read_table(elements=True)
     finally:
         backend.close()
+    listed = dict(table.sets) if table is not None and table.sets is not None else {}
 
     with terminated_cleanly() if own_signals else nullcontext():
         return verify(policy, dict(compile_policy(policy).sets()), listed, replica.opened_for(options.netns),

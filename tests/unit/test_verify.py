@@ -252,33 +252,6 @@ def test_the_entry_involved_is_the_containing_one_else_the_bordering_one(write_f
     assert printable("a\x1b[31mb\n") == "a\\x1b[31mb\\n"
 
 
-def test_kernel_elements_are_read_from_the_listing_as_address_ranges() -> None:
-    from hostwall.verify.kernel_sets import kernel_sets
-
-    document = {"nftables": [
-        {"metainfo": {"version": "1.0.6"}},
-        {"set": {"family": "inet", "name": "https_v4_hosts", "table": "hostwall", "type": "ipv4_addr",
-                 "elem": ["203.0.113.45", {"elem": {"val": "198.51.100.7", "timeout": 60, "expires": 59}}]}},
-        {"set": {"family": "inet", "name": "https_v4", "table": "hostwall", "type": "ipv4_addr",
-                 "elem": [{"prefix": {"addr": "10.0.0.0", "len": 8}},
-                          {"range": ["192.0.2.3", "192.0.2.9"]}]}},
-        {"set": {"family": "inet", "name": "https_v6", "table": "hostwall", "type": "ipv6_addr",
-                 "elem": [{"prefix": {"addr": "2001:db8::", "len": 32}}, "::ffff:1.2.3.4", "fe80::1"]}},
-        {"set": {"family": "inet", "name": "generation", "table": "hostwall", "type": "mark", "elem": [7]}},
-    ]}
-
-    def spans(*pairs: tuple[str, str]) -> list[tuple[int, int]]:
-        return sorted((int(ipaddress.ip_address(a)), int(ipaddress.ip_address(b))) for a, b in pairs)
-
-    assert {name: sorted((i.first, i.last) for i in intervals)
-            for name, intervals in kernel_sets(document).items()} == {
-        "https_v4": spans(("203.0.113.45", "203.0.113.45"), ("198.51.100.7", "198.51.100.7"),
-                          ("10.0.0.0", "10.255.255.255"), ("192.0.2.3", "192.0.2.9")),
-        "https_v6": spans(("2001:db8::", "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff"),
-                          ("::ffff:1.2.3.4", "::ffff:1.2.3.4"), ("fe80::1", "fe80::1")),
-    }
-
-
 def test_the_command_line_default_is_the_planner_default() -> None:
     from hostwall.cli import verify as command
     from hostwall.verify import probes
