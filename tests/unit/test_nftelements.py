@@ -10,7 +10,10 @@ import struct
 from collections.abc import Iterable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from hostwall import nftelements
 from hostwall.cidr import Interval
 from hostwall.errors import KernelError
 from hostwall.kernel import Counter
@@ -124,3 +127,23 @@ def test_a_cut_element_list_is_refused() -> None:
     contents = Contents([declared("https_v4_hosts", 7, interval=False)], {"https_v4_hosts": [blob + blob[:6]]}, [])
     with pytest.raises(KernelError, match="cut short"):
         decode_contents(contents)
+
+
+@given(points=st.sets(st.integers(1, (1 << 32) - 3), max_size=60), closing=st.booleans(), v6=st.booleans())
+def test_the_common_shape_reads_as_the_attribute_walk_reads(points: set[int], closing: bool, v6: bool) -> None:
+    """Disjoint ranges that do not touch, listed as the kernel's tree lists them, take the
+    fast path, and it gives what walking every attribute gives."""
+    ordered = sorted(points)
+    ranges = [(first, last) for first, last in zip(ordered[0::2], ordered[1::2], strict=False) if first < last]
+    ranges = [r for index, r in enumerate(ranges) if index == 0 or r[0] > ranges[index - 1][1] + 1]
+    width, shift = (16, 96) if v6 else (4, 0)
+    listed = b"".join(element(((last + 1) << shift).to_bytes(width, "big"), end=True)
+                      + element((first << shift).to_bytes(width, "big")) for first, last in reversed(ranges))
+    if closing:
+        listed += element(bytes(width), end=True)
+    fast = nftelements._common_records(listed, width, True)
+    assert fast is not None
+    walked, _ = nftelements._intervals(nftelements._elements(listed, "s", width), 6 if v6 else 4)
+    assert fast == walked
+    assert [(int.from_bytes(r[:width], "big"), int.from_bytes(r[width:], "big")) for r in fast] == [
+        (first << shift, ((last + 1) << shift) - 1) for first, last in ranges]
