@@ -17,7 +17,7 @@ from hostwall.errors import (
     TableNotFound,
 )
 from hostwall.kernel import Counter, KernelTable
-from hostwall.nftelements import decode_contents
+from hostwall.nftelements import decode_contents, decode_counters
 from hostwall.nftload import Message, encodable, full_load_messages
 from hostwall.nftnl import NetlinkTable
 from hostwall.ruleset import (
@@ -132,9 +132,9 @@ class NftBackend:
         self._netlink.apply_delta(delta, now)
 
     def counters(self) -> dict[str, Counter]:
-        """The table's named counters, without decoding any set element."""
-        contents = self._netlink.contents()
-        return decode_contents(contents).counters if contents is not None else {}
+        """The table's named counters, without reading any set element."""
+        contents = self._netlink.contents(elements=False)
+        return decode_counters(contents) if contents is not None else {}
 
     def read_table(self, *, elements: bool) -> KernelTable | None:
         snapshot = self._netlink.snapshot()

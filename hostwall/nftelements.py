@@ -66,15 +66,20 @@ class _Element(Struct, array_like=True):
     packets: int | None
 
 
-def decode_contents(contents: Contents) -> TableContents:
-    """The table's counters, address sets and element packets; KernelError when a dump
-    holds what no nf_tables set of hostwall's kind can hold."""
+def decode_counters(contents: Contents) -> dict[str, Counter]:
+    """The values of the table's named counters."""
     counters = {}
     for item in contents.objects:
         if _u32(item.get(NFTA_OBJ_TYPE)) == NFT_OBJECT_COUNTER:
             data = _attributes(item.get(NFTA_OBJ_DATA, b""))
             counters[_text(item.get(NFTA_OBJ_NAME, b""))] = Counter(_u64(data.get(NFTA_COUNTER_PACKETS)),
                                                                     _u64(data.get(NFTA_COUNTER_BYTES)))
+    return counters
+
+
+def decode_contents(contents: Contents) -> TableContents:
+    """The table's counters, address sets and element packets; KernelError when a dump
+    holds what no nf_tables set of hostwall's kind can hold."""
     found: dict[str, tuple[int, list[bytes], list[float]]] = {}
     packets: dict[str, dict[tuple[int, int], int]] = {}
     for item in contents.sets:
@@ -105,7 +110,7 @@ def decode_contents(contents: Contents) -> TableContents:
         if counted or _declares_counter(item):
             packets.setdefault(logical_set_name(name), {}).update(counted)
     sets = {name: _interval_set(family, keys, left) for name, (family, keys, left) in found.items()}
-    return TableContents(counters, sets, packets)
+    return TableContents(decode_counters(contents), sets, packets)
 
 
 def _interval_set(family: int, records: list[bytes], left: list[float]) -> IntervalSet:

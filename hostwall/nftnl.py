@@ -197,11 +197,11 @@ class NetlinkTable:
         """
         return self._consistent(self._read_snapshot)
 
-    def contents(self) -> Contents | None:
-        """The attributes of the table's sets and named objects and every set's element
-        lists, as of one nf_tables generation as snapshot() reads them; None without the
-        table. nftelements decodes them."""
-        return self._consistent(self._read_contents)
+    def contents(self, *, elements: bool = True) -> Contents | None:
+        """The attributes of the table's sets and named objects and (with elements) every
+        set's element lists, as of one nf_tables generation as snapshot() reads them;
+        None without the table. nftelements decodes them."""
+        return self._consistent(lambda strict: self._read_contents(strict=strict, elements=elements))
 
     def _consistent(self, read: Callable[..., _Read | None]) -> _Read | None:
         reading: _Read | None = None
@@ -216,21 +216,21 @@ class NetlinkTable:
                 break
         return reading
 
-    def _read_contents(self, *, strict: bool = True) -> Contents | None:
+    def _read_contents(self, *, strict: bool = True, elements: bool = True) -> Contents | None:
         table = _c_string(self._table)
         if not any(t.get(NFTA_TABLE_NAME) == table for t in self._dump(NFT_MSG_GETTABLE, [], strict=strict)):
             return None
         sets = [item for item in self._dump(NFT_MSG_GETSET, [(NFTA_SET_TABLE, table)], strict=strict)
                 if item.get(NFTA_SET_TABLE) == table]
-        elements = {}
-        for item in sets:
+        lists = {}
+        for item in sets if elements else ():
             name = item.get(NFTA_SET_NAME, b"")
             replies = self._dump(NFT_MSG_GETSETELEM, [(NFTA_SET_ELEM_LIST_TABLE, table),
                                                       (NFTA_SET_ELEM_LIST_SET, name)], strict=strict)
-            elements[_name(item, NFTA_SET_NAME)] = [reply.get(NFTA_SET_ELEM_LIST_ELEMENTS, b"") for reply in replies]
+            lists[_name(item, NFTA_SET_NAME)] = [reply.get(NFTA_SET_ELEM_LIST_ELEMENTS, b"") for reply in replies]
         objects = [item for item in self._dump(NFT_MSG_GETOBJ, [(NFTA_OBJ_TABLE, table)], strict=strict)
                    if item.get(NFTA_OBJ_TABLE) == table]
-        return Contents(sets, elements, objects)
+        return Contents(sets, lists, objects)
 
     def _read_snapshot(self, *, strict: bool = True) -> Snapshot | None:
         table = _c_string(self._table)
