@@ -243,7 +243,7 @@ def _file_spec(model: PolicyFileModel, located: yamlsource.LocatedData) -> FileS
     services = []
     for service_name, declared in model.services.items():
         service = declared or ServiceModel()
-        allow_path = ("services", service_name, "allow")
+        allow_lines = located.item_lines(("services", service_name, "allow"), len(service.allow))
         services.append(ServiceSpec(
             name=service_name,
             line=located.line_of(("services", service_name)),
@@ -253,9 +253,8 @@ def _file_spec(model: PolicyFileModel, located: yamlsource.LocatedData) -> FileS
             widest=(service.widest.ipv4, service.widest.ipv6) if service.widest is not None else None,
             entry_counters=service.entry_counters,
             log=service.log,
-            allow=tuple(AllowSpec(located.line_of((*allow_path, index)), a.cidr, a.file, a.owner, a.reason,
-                                  a.review_by, a.expires, a.broad_ok)
-                        for index, a in enumerate(service.allow)),
+            allow=tuple(AllowSpec(line, a.cidr, a.file, a.owner, a.reason, a.review_by, a.expires, a.broad_ok)
+                        for line, a in zip(allow_lines, service.allow, strict=True)),
         ))
     settings = model.settings.model_dump() if model.settings is not None else None
     return FileSpec(settings, located.line_of(("settings",)) if settings is not None else None, tuple(services))

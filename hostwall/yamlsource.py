@@ -84,6 +84,19 @@ class LocatedData(Struct):
             node = node[part]
         return line
 
+    def item_lines(self, path: Path, count: int) -> list[int | None]:
+        """line_of(path + (index,)) for each index below count, walking to path once: a
+        policy's allow list may hold thousands of entries."""
+        node, line = self.data, self.line
+        for part in path:
+            lines = self.children.get(id(node))
+            if lines is None or part not in lines:
+                return [line] * count
+            line = lines[part]
+            node = node[part]
+        items = self.children.get(id(node), {})
+        return [items.get(index, line) for index in range(count)]
+
 
 class _Repeated(Exception):
     """A mapping or sequence reached a second time, through an alias."""

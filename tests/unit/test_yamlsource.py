@@ -80,6 +80,9 @@ def assert_agrees(text: str) -> None:
         root = yamlsource._compose(text)
         lines = model_lines(root) if root is not None else {}
         assert fast[2] == [(path, model_line_of(lines, path)) for path, _ in fast[2]], text
+        located = yamlsource.load(text)
+        for path, _ in fast[2][:200]:
+            assert located.item_lines(path, 3) == [located.line_of((*path, index)) for index in range(3)], path
 
 
 SCALARS = st.one_of(
