@@ -48,6 +48,7 @@ _NLA_TYPE_MASK = 0x3FFF
 _COUNTER_NAME = b"counter\0"
 _EXPIRY = struct.Struct(">d")
 _NLA_HEADER = struct.Struct("=HH")
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 
 
 class TableContents(Struct, frozen=True):
@@ -176,8 +177,10 @@ def _common_records(data: bytes, width: int, interval: bool) -> list[bytes] | No
     last address plus one) before each start, and perhaps nft's closing element at the
     lowest key; anything else (a range that reaches the family's last address, ranges
     that touch) is left to _intervals."""
+    # Each match is (a start's key, b"") or (b"", an end's key); the counting and checks
+    # below run as chains of map, in C.
     found = _COMMON[width].findall(data)
-    ends = sum(1 for _, end in found if end)
+    ends = sum(map(len, map(_SECOND, found))) // width
     # The matches do not overlap, so when their lengths add up to the whole they are the
     # elements themselves, each found where the one before it ends.
     if len(found) * (12 + width) + ends * 8 != len(data):
@@ -187,8 +190,8 @@ def _common_records(data: bytes, width: int, interval: bool) -> list[bytes] | No
     ascending = found[::-1]
     first = next((index for index, (start, _) in enumerate(ascending) if start), len(ascending))
     starts, stops = ascending[first::2], ascending[first + 1::2]
-    keys = [start or end for start, end in ascending[first:]]
-    if (len(starts) != len(stops) or not all(start for start, _ in starts) or not all(end for _, end in stops)
+    keys = list(map(max, ascending[first:]))  # the key each element has; b"" sorts first
+    if (len(starts) != len(stops) or not all(map(_FIRST, starts)) or not all(map(_SECOND, stops))
             or not all(map(operator.lt, keys, keys[1:]))):
         return None
     return [start + (int.from_bytes(end, "big") - 1).to_bytes(width, "big")
