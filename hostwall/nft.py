@@ -21,8 +21,6 @@ from hostwall.nftelements import decode_contents, decode_counters
 from hostwall.nftload import Message, encodable, full_load_messages
 from hostwall.nftnl import NetlinkTable
 from hostwall.ruleset import (
-    TABLE_FAMILY,
-    TABLE_NAME,
     Delta,
     Ruleset,
     TableObjects,
@@ -30,8 +28,6 @@ from hostwall.ruleset import (
     render_full_load,
     render_replacement,
 )
-
-_TABLE = f"{TABLE_FAMILY} {TABLE_NAME}"
 
 
 def _classify(message: str) -> HostwallError:
