@@ -28,23 +28,36 @@ from msgspec import Struct
 from hostwall.cidr import IntervalSet
 from hostwall.errors import KernelError
 from hostwall.kernel import Counter
-from hostwall.nftnl import Contents
+from hostwall.nftload import (
+    NFT_OBJECT_COUNTER,
+    NFT_SET_ELEM_INTERVAL_END,
+    NFT_SET_INTERVAL,
+    NFTA_COUNTER_BYTES,
+    NFTA_COUNTER_PACKETS,
+    NFTA_DATA_VALUE,
+    NFTA_EXPR_DATA,
+    NFTA_EXPR_NAME,
+    NFTA_LIST_ELEM,
+    NFTA_OBJ_DATA,
+    NFTA_OBJ_NAME,
+    NFTA_OBJ_TYPE,
+    NFTA_SET_ELEM_FLAGS,
+    NFTA_SET_ELEM_KEY,
+    NFTA_SET_ELEM_TIMEOUT,
+    NFTA_SET_FLAGS,
+    NFTA_SET_KEY_TYPE,
+    NFTA_SET_NAME,
+    TYPE_IP6ADDR,
+    TYPE_IPADDR,
+)
+from hostwall.nftnl import Contents, attribute_list, attribute_text, attributes, repeated
 from hostwall.ruleset import logical_set_name
 
-# Attribute numbers and constants from linux/netfilter/nf_tables.h, and nft's data types
-# (datatype.h) of the set keys.
-NFTA_SET_NAME, NFTA_SET_FLAGS, NFTA_SET_KEY_TYPE, NFTA_SET_EXPR, NFTA_SET_EXPRESSIONS = 2, 3, 4, 17, 18
-NFT_SET_INTERVAL = 0x4
-NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_FLAGS, NFTA_SET_ELEM_TIMEOUT, NFTA_SET_ELEM_EXPIRATION = 1, 3, 4, 5
-NFTA_SET_ELEM_EXPR, NFTA_SET_ELEM_EXPRESSIONS = 7, 11
-NFT_SET_ELEM_INTERVAL_END = 1
-NFTA_DATA_VALUE, NFTA_LIST_ELEM, NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 1, 1, 2
-NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 2, 3, 4
-NFT_OBJECT_COUNTER, NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 1, 2
-TYPE_IPADDR, TYPE_IP6ADDR = 7, 8
+# The attributes only a read meets, from linux/netfilter/nf_tables.h.
+NFTA_SET_EXPR, NFTA_SET_EXPRESSIONS = 17, 18
+NFTA_SET_ELEM_EXPIRATION, NFTA_SET_ELEM_EXPR, NFTA_SET_ELEM_EXPRESSIONS = 5, 7, 11
 _FAMILY_OF_KEY_TYPE = {TYPE_IPADDR: 4, TYPE_IP6ADDR: 6}
 _WIDTH = {4: 4, 6: 16}
-_NLA_TYPE_MASK = 0x3FFF
 _COUNTER_NAME = b"counter\0"
 _EXPIRY = struct.Struct(">d")
 _NLA_HEADER = struct.Struct("=HH")
@@ -72,8 +85,8 @@ def decode_counters(contents: Contents) -> dict[str, Counter]:
     counters = {}
     for item in contents.objects:
         if _u32(item.get(NFTA_OBJ_TYPE)) == NFT_OBJECT_COUNTER:
-            data = _attributes(item.get(NFTA_OBJ_DATA, b""))
-            counters[_text(item.get(NFTA_OBJ_NAME, b""))] = Counter(_u64(data.get(NFTA_COUNTER_PACKETS)),
+            data = attributes(item.get(NFTA_OBJ_DATA, b""))
+            counters[attribute_text(item, NFTA_OBJ_NAME)] = Counter(_u64(data.get(NFTA_COUNTER_PACKETS)),
                                                                     _u64(data.get(NFTA_COUNTER_BYTES)))
     return counters
 
@@ -87,7 +100,7 @@ def decode_contents(contents: Contents) -> TableContents:
         family = _FAMILY_OF_KEY_TYPE.get(_u32(item.get(NFTA_SET_KEY_TYPE)))
         if family is None:
             continue  # the generation marker
-        name = _text(item.get(NFTA_SET_NAME, b""))
+        name = attribute_text(item, NFTA_SET_NAME)
         width = _WIDTH[family]
         _, keys, left = found.setdefault(logical_set_name(name), (family, [], []))
         # Element lists are whole elements one after another, so the replies join into one.
@@ -216,9 +229,9 @@ def _element(blob: bytes, offset: int, end: int, name: str, width: int) -> _Elem
     attributes in blob[offset:end]."""
     key = None
     flags, left, packets = 0, math.inf, None
-    for kind, value in _attribute_list(blob[offset:end]):
+    for kind, value in attribute_list(blob, offset, end):
         if kind == NFTA_SET_ELEM_KEY:
-            key = _attributes(value).get(NFTA_DATA_VALUE)
+            key = attributes(value).get(NFTA_DATA_VALUE)
         elif kind == NFTA_SET_ELEM_FLAGS:
             flags = _u32(value)
         elif kind == NFTA_SET_ELEM_EXPIRATION or (kind == NFTA_SET_ELEM_TIMEOUT and math.isinf(left)):
@@ -234,36 +247,20 @@ def _element(blob: bytes, offset: int, end: int, name: str, width: int) -> _Elem
 def _counter_packets(data: bytes, single: bool) -> int | None:
     """The packets of the counter among an element's expressions (one expression, or a
     list of them), None without one."""
-    expressions = [data] if single else [value for kind, value in _attribute_list(data) if kind == NFTA_LIST_ELEM]
+    expressions = [data] if single else list(repeated(data, NFTA_LIST_ELEM))
     for expression in expressions:
-        attributes = _attributes(expression)
-        if attributes.get(NFTA_EXPR_NAME) == _COUNTER_NAME:
-            return _u64(_attributes(attributes.get(NFTA_EXPR_DATA, b"")).get(NFTA_COUNTER_PACKETS))
+        found = attributes(expression)
+        if found.get(NFTA_EXPR_NAME) == _COUNTER_NAME:
+            return _u64(attributes(found.get(NFTA_EXPR_DATA, b"")).get(NFTA_COUNTER_PACKETS))
     return None
 
 
 def _declares_counter(item: dict[int, bytes]) -> bool:
     """Whether a set's declaration gives its elements a counter (`counter` in nft)."""
     if NFTA_SET_EXPR in item:
-        return _attributes(item[NFTA_SET_EXPR]).get(NFTA_EXPR_NAME) == _COUNTER_NAME
-    return any(_attributes(value).get(NFTA_EXPR_NAME) == _COUNTER_NAME
-               for kind, value in _attribute_list(item.get(NFTA_SET_EXPRESSIONS, b"")) if kind == NFTA_LIST_ELEM)
-
-
-def _attribute_list(data: bytes) -> list[tuple[int, bytes]]:
-    found = []
-    offset = 0
-    while offset + 4 <= len(data):
-        length = data[offset] | data[offset + 1] << 8
-        if length < 4 or offset + length > len(data):
-            break
-        found.append(((data[offset + 2] | data[offset + 3] << 8) & _NLA_TYPE_MASK, data[offset + 4:offset + length]))
-        offset += (length + 3) & ~3
-    return found
-
-
-def _attributes(data: bytes) -> dict[int, bytes]:
-    return dict(_attribute_list(data))
+        return attributes(item[NFTA_SET_EXPR]).get(NFTA_EXPR_NAME) == _COUNTER_NAME
+    return any(attributes(value).get(NFTA_EXPR_NAME) == _COUNTER_NAME
+               for value in repeated(item.get(NFTA_SET_EXPRESSIONS, b""), NFTA_LIST_ELEM))
 
 
 def _u32(value: bytes | None) -> int:
@@ -272,8 +269,3 @@ def _u32(value: bytes | None) -> int:
 
 def _u64(value: bytes | None) -> int:
     return int.from_bytes(value, "big") if value is not None and len(value) == 8 else 0
-
-
-def _text(value: bytes) -> str:
-    return value.rstrip(b"\0").decode(errors="replace")
-

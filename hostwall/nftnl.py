@@ -167,7 +167,7 @@ class NetlinkTable:
                         continue
                     if message_flags & NLM_F_DUMP_INTR and strict:
                         raise _Interrupted
-                    replies.append(_attributes(data, start + _NFGENMSG.size, end))
+                    replies.append(attributes(data, start + _NFGENMSG.size, end))
                 if not flags & NLM_F_DUMP and replies:
                     return replies
         except TimeoutError as exc:
@@ -227,7 +227,8 @@ class NetlinkTable:
             name = item.get(NFTA_SET_NAME, b"")
             replies = self._dump(NFT_MSG_GETSETELEM, [(NFTA_SET_ELEM_LIST_TABLE, table),
                                                       (NFTA_SET_ELEM_LIST_SET, name)], strict=strict)
-            lists[_name(item, NFTA_SET_NAME)] = [reply.get(NFTA_SET_ELEM_LIST_ELEMENTS, b"") for reply in replies]
+            lists[attribute_text(item, NFTA_SET_NAME)] = [reply.get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")
+                                                          for reply in replies]
         objects = [item for item in self._dump(NFT_MSG_GETOBJ, [(NFTA_OBJ_TABLE, table)], strict=strict)
                    if item.get(NFTA_OBJ_TABLE) == table]
         return Contents(sets, lists, objects)
@@ -250,16 +251,16 @@ class NetlinkTable:
             structure.extend(label + " " + " ".join(item.get(a, b"").hex() for a in wanted) for item in items[label])
         named_sets = []
         for item in items["set"]:
-            name = _name(item, NFTA_SET_NAME)
+            name = attribute_text(item, NFTA_SET_NAME)
             if name == GENERATION_SET:
                 comment = _udata_comment(item.get(NFTA_SET_USERDATA, b""), NFTNL_UDATA_SET_COMMENT)
             if not int.from_bytes(item.get(NFTA_SET_FLAGS, b"\0\0\0\0"), "big") & NFT_SET_ANONYMOUS:
                 named_sets.append(name)
-        counters = [_name(item, NFTA_OBJ_NAME)
+        counters = [attribute_text(item, NFTA_OBJ_NAME)
                     for item in self._dump(NFT_MSG_GETOBJ, [(NFTA_OBJ_TABLE, table)], strict=strict)
                     if item.get(NFTA_OBJ_TABLE) == table
                     and int.from_bytes(item.get(NFTA_OBJ_TYPE, b"\0\0\0\0"), "big") == NFT_OBJECT_COUNTER]
-        objects = TableObjects(tuple(_name(item, NFTA_CHAIN_NAME) for item in items["chain"]),
+        objects = TableObjects(tuple(attribute_text(item, NFTA_CHAIN_NAME) for item in items["chain"]),
                                tuple(named_sets), tuple(counters))
         digest = hashlib.sha256("\n".join(sorted(structure)).encode()).hexdigest()
         return Snapshot(comment=comment, structure=digest, generation=self._generation_marker(strict),
@@ -274,9 +275,9 @@ class NetlinkTable:
         values = []
         for reply in replies:
             elements = reply.get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")
-            for element in _repeated(elements, NFTA_LIST_ELEM):
-                key = _attributes(element, 0, len(element)).get(NFTA_SET_ELEM_KEY, b"")
-                value = _attributes(key, 0, len(key)).get(NFTA_DATA_VALUE, b"")
+            for element in repeated(elements, NFTA_LIST_ELEM):
+                key = attributes(element, 0, len(element)).get(NFTA_SET_ELEM_KEY, b"")
+                value = attributes(key, 0, len(key)).get(NFTA_DATA_VALUE, b"")
                 if len(value) == struct.calcsize(_MARKER_FORMAT):
                     values.append(struct.unpack(_MARKER_FORMAT, value)[0])
         return values[0] if len(values) == 1 else None
@@ -288,9 +289,9 @@ class NetlinkTable:
                                                   (NFTA_SET_ELEM_LIST_SET, _c_string(set_name))])
         keys = []
         for reply in replies:
-            for element in _repeated(reply.get(NFTA_SET_ELEM_LIST_ELEMENTS, b""), NFTA_LIST_ELEM):
-                key = _attributes(element, 0, len(element)).get(NFTA_SET_ELEM_KEY, b"")
-                keys.append(_attributes(key, 0, len(key)).get(NFTA_DATA_VALUE, b""))
+            for element in repeated(reply.get(NFTA_SET_ELEM_LIST_ELEMENTS, b""), NFTA_LIST_ELEM):
+                key = attributes(element, 0, len(element)).get(NFTA_SET_ELEM_KEY, b"")
+                keys.append(attributes(key, 0, len(key)).get(NFTA_DATA_VALUE, b""))
         return keys
 
     def counter_packets(self, name: str) -> int | None:
@@ -299,7 +300,7 @@ class NetlinkTable:
         for item in self._dump(NFT_MSG_GETOBJ, [(NFTA_OBJ_TABLE, table)]):
             if item.get(NFTA_OBJ_TABLE) == table and item.get(NFTA_OBJ_NAME) == _c_string(name):
                 data = item.get(NFTA_OBJ_DATA, b"")
-                packets = _attributes(data, 0, len(data)).get(NFTA_COUNTER_PACKETS)
+                packets = attributes(data, 0, len(data)).get(NFTA_COUNTER_PACKETS)
                 return int.from_bytes(packets, "big") if packets is not None else None
         return None
 
@@ -473,15 +474,17 @@ def _message(kind: int, flags: int, sequence: int, payload: bytes) -> bytes:
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, flags, sequence, 0) + payload
 
 
-def _attributes(data: bytes, offset: int, end: int) -> dict[int, bytes]:
+def attributes(data: bytes, offset: int = 0, end: int | None = None) -> dict[int, bytes]:
     """The netlink attributes in data[offset:end], by type (the last one of a type wins)."""
     result: dict[int, bytes] = {}
-    for kind, value in _attribute_list(data, offset, end):
+    for kind, value in attribute_list(data, offset, end):
         result[kind] = value
     return result
 
 
-def _attribute_list(data: bytes, offset: int, end: int) -> Iterator[tuple[int, bytes]]:
+def attribute_list(data: bytes, offset: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(type, value) of each netlink attribute in data[offset:end], in order."""
+    end = len(data) if end is None else end
     while offset + _NLA.size <= end:
         length, kind = _NLA.unpack_from(data, offset)
         if length < _NLA.size or offset + length > end:
@@ -490,8 +493,9 @@ def _attribute_list(data: bytes, offset: int, end: int) -> Iterator[tuple[int, b
         offset += (length + 3) & ~3
 
 
-def _repeated(data: bytes, kind: int) -> Iterator[bytes]:
-    return (value for found, value in _attribute_list(data, 0, len(data)) if found == kind)
+def repeated(data: bytes, kind: int) -> Iterator[bytes]:
+    """The values of the attributes of one type in data (a nested list's items)."""
+    return (value for found, value in attribute_list(data) if found == kind)
 
 
 def _messages(buffer: bytes, sequence: int) -> Iterator[tuple[int, int, bytes, int, int]]:
@@ -506,7 +510,8 @@ def _messages(buffer: bytes, sequence: int) -> Iterator[tuple[int, int, bytes, i
         offset += (length + 3) & ~3
 
 
-def _name(item: dict[int, bytes], attribute: int) -> str:
+def attribute_text(item: dict[int, bytes], attribute: int) -> str:
+    """A string attribute of item without its NUL ("" when absent)."""
     return item.get(attribute, b"").rstrip(b"\0").decode(errors="replace")
 
 
