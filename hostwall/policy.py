@@ -565,9 +565,20 @@ def _read_file(
     return _Unvalidated(name, digest, loaded)
 
 
-def _validated(content: _Unvalidated, problems: list[Problem], cache: ListCache | None) -> FileSpec | None:
-    from hostwall.policyfile import validate_document
+def validate_document(name: str, document: LocatedData) -> FileSpec | list[Problem]:
+    """A policy file's FileSpec, or what is wrong with it; the models (and pydantic's
+    import) only for a file whose values are not all plainly valid."""
+    from hostwall.policyplain import plain_file_spec
 
+    spec = plain_file_spec(document)
+    if spec is not None:
+        return spec
+    from hostwall.policyfile import validate_document as validate_with_models
+
+    return validate_with_models(name, document)
+
+
+def _validated(content: _Unvalidated, problems: list[Problem], cache: ListCache | None) -> FileSpec | None:
     result = validate_document(content.name, content.document)
     if isinstance(result, list):
         problems.extend(result)

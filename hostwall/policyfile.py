@@ -1,8 +1,10 @@
 """The policy file's models (pydantic): validation of one file, its errors in an
 operator's words, and the FileSpec that loading merges (hostwall.policyspec).
 
-Only a policy file that the cache of validated files does not hold is validated here,
-so an apply whose files are unchanged never imports pydantic or YAML.
+Only a policy file that the cache of validated files does not hold, and that holds a
+value hostwall.policyplain cannot judge without the models (one they would coerce, or
+an error to word), is validated here: an apply whose files are unchanged never imports
+YAML, and one whose values are all plainly valid never imports pydantic.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """One policy file as validated: plain data that loading merges, and that a cache keeps
 by the file's content so that an unchanged file needs neither YAML nor the models.
 
-The models (hostwall.policyfile, pydantic) validate a file and turn it into a FileSpec;
-hostwall.policy merges FileSpecs, whether just validated or read back from the cache.
+The models (hostwall.policyfile, pydantic) validate a file and turn it into a FileSpec,
+or hostwall.policyplain does when every value is plainly valid; hostwall.policy merges
+FileSpecs, whether just validated or read back from the cache.
 """
 
 from __future__ import annotations

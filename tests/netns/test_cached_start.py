@@ -52,7 +52,8 @@ def test_a_list_line_change_imports_only_what_the_delta_needs(
     (policy_dir / "partners.txt").write_text("\n".join(lines) + "\n")
     first, loaded = applied(lab, policy_dir, state_dir, "first")
     assert first["method"] == "full"
-    assert {"pydantic", "yaml", "hostwall.policyfile"} <= set(loaded)  # a cold cache validates
+    # A cold cache validates the file; its values are plainly valid, so without the models.
+    assert "yaml" in loaded and not {"pydantic", "hostwall.policyfile"} & set(loaded)
 
     lines[7] = "192.0.2.77/32"
     (policy_dir / "partners.txt").write_text("\n".join(lines) + "\n")
@@ -68,5 +69,5 @@ def test_a_list_line_change_imports_only_what_the_delta_needs(
     (policy_dir / "partners.txt").write_text("\n".join(lines) + "\n")
     again, loaded = applied(lab, policy_dir, state_dir, "policy file edited")
     assert again["method"] == "delta"
-    assert {"pydantic", "yaml", "hostwall.policyfile"} <= set(loaded) and "nftables" not in loaded
+    assert "yaml" in loaded and not {"pydantic", "nftables"} & set(loaded)
     assert "192.0.2.78" in nft("list", "table", "inet", "hostwall").stdout

@@ -41,9 +41,9 @@ def reaped(pid: int) -> bool:
 
 def refuse_validation(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if a policy file is validated (it should come from the cache)."""
-    import hostwall.policyfile
+    import hostwall.policy
 
     def refuse(name: str, document: object) -> object:
         raise AssertionError(f"validated {name} again although its bytes were cached")
 
-    monkeypatch.setattr(hostwall.policyfile, "validate_document", refuse)
+    monkeypatch.setattr(hostwall.policy, "validate_document", refuse)
