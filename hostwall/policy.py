@@ -538,7 +538,8 @@ def _read_file(
     file: Path, root: Path, problems: list[Problem], sources: dict[str, bytes], cache: ListCache | None = None,
 ) -> FileSpec | _Unvalidated | None:
     """The file as validated before, from the cache (which skips YAML and the models:
-    most of an apply's start-up), else its YAML loaded, for _validated."""
+    most of an apply's start-up), else its YAML loaded and, when every value is plainly
+    valid, validated; else its YAML for the models (_validated)."""
     name = str(file)
     try:
         raw = read_regular(file, root, MAX_POLICY_BYTES)
@@ -562,23 +563,21 @@ def _read_file(
     if isinstance(loaded, Problem):
         problems.append(loaded)
         return None
-    return _Unvalidated(name, digest, loaded)
-
-
-def validate_document(name: str, document: LocatedData) -> FileSpec | list[Problem]:
-    """A policy file's FileSpec, or what is wrong with it; the models (and pydantic's
-    import) only for a file whose values are not all plainly valid."""
+    # A file whose values are all plainly valid needs neither the models nor pydantic's
+    # import (hostwall.policyplain); the models validate the rest.
     from hostwall.policyplain import plain_file_spec
 
-    spec = plain_file_spec(document)
-    if spec is not None:
-        return spec
-    from hostwall.policyfile import validate_document as validate_with_models
-
-    return validate_with_models(name, document)
+    spec = plain_file_spec(loaded)
+    if spec is None:
+        return _Unvalidated(name, digest, loaded)
+    if cache is not None:
+        cache.keep_validated(digest, spec)
+    return spec
 
 
 def _validated(content: _Unvalidated, problems: list[Problem], cache: ListCache | None) -> FileSpec | None:
+    from hostwall.policyfile import validate_document
+
     result = validate_document(content.name, content.document)
     if isinstance(result, list):
         problems.extend(result)

@@ -16,8 +16,8 @@ import pytest
 from unit_support import damage as damage_file
 from unit_support import refuse_validation
 
-import hostwall.policy
 import hostwall.policyfile
+import hostwall.yamlsource
 from hostwall import __version__
 from hostwall.errors import PolicyError, Problem
 from hostwall.policy import Policy, load_policy
@@ -157,14 +157,14 @@ def test_a_damaged_or_misplaced_validated_file_is_a_miss(
         path.write_bytes(body + hashlib.sha256(body).digest())
     assert cache.validated(key) is None
     validated: list[str] = []
-    original = hostwall.policy.validate_document
+    original = hostwall.yamlsource.document
 
-    def counting(name: str, document: LocatedData) -> FileSpec | list[Problem]:
-        validated.append(name)
-        return original(name, document)
+    def counting(name: str, text: str) -> LocatedData | Problem:
+        validated.append(name)  # a file is validated only once its YAML is loaded
+        return original(name, text)
 
     uncached = load_policy(root, now=NOW)
-    monkeypatch.setattr(hostwall.policy, "validate_document", counting)
+    monkeypatch.setattr(hostwall.yamlsource, "document", counting)
     same_policy(load_policy(root, now=NOW, cache=cache), uncached)
     assert validated == [str(root / "p.yaml")]
     assert cache.validated(key) is not None  # the miss validated the file and cached it again

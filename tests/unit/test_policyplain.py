@@ -19,7 +19,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hostwall import policyfile, policyplain
-from hostwall.policy import validate_document
 from hostwall.policyplain import plain_file_spec
 from hostwall.policyspec import FileSpec
 from hostwall.yamlsource import LocatedData, load
@@ -236,6 +235,6 @@ def test_what_it_leaves_the_models_still_word() -> None:
     document = load("services:\n  https:\n    allow:\n      - cidr: 192.0.2.1/24\n        owner: ops\n"
                     "        reason: office\n        review_by: 2099-01-01\n")
     assert plain_file_spec(document) is None
-    problems = validate_document("p.yaml", document)
+    problems = policyfile.validate_document("p.yaml", document)
     assert isinstance(problems, list) and len(problems) == 1
     assert problems[0].line == 4 and "192.0.2.1/24" in problems[0].message

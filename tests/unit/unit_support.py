@@ -40,10 +40,11 @@ def reaped(pid: int) -> bool:
 
 
 def refuse_validation(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if a policy file is validated (it should come from the cache)."""
-    import hostwall.policy
+    """Fail the test if a policy file is validated (it should come from the cache): a file
+    is validated, by policyplain or the models, only once its YAML is loaded."""
+    import hostwall.yamlsource
 
-    def refuse(name: str, document: object) -> object:
+    def refuse(name: str, text: str) -> object:
         raise AssertionError(f"validated {name} again although its bytes were cached")
 
-    monkeypatch.setattr(hostwall.policy, "validate_document", refuse)
+    monkeypatch.setattr(hostwall.yamlsource, "document", refuse)
