@@ -14,6 +14,7 @@ FileSpec for every document this module accepts, and to the models' field names.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime
@@ -62,8 +63,8 @@ def _file_spec(located: LocatedData) -> FileSpec:
     if type(services) is not dict:
         raise _NotPlain
     settings = document.get("settings")
-    dates: dict[str, date] = _Parsed(_review_date)
-    moments: dict[str, datetime] = _Parsed(_expiry)
+    # Each distinct text parsed once: a policy repeats its review dates thousands of times.
+    dates, moments = functools.cache(_review_date), functools.cache(_expiry)
     return FileSpec(
         None if settings is None else _settings(settings),
         None if settings is None else located.line_of(("settings",)),
@@ -75,18 +76,6 @@ def _mapping(value: Any, keys: frozenset[str]) -> dict[Any, Any]:
     if type(value) is not dict or not value.keys() <= keys:
         raise _NotPlain
     return value
-
-
-class _Parsed(dict[str, Any]):
-    """Each distinct text parsed once: a policy repeats its review dates thousands of times."""
-
-    def __init__(self, parse: Callable[[str], Any]) -> None:
-        super().__init__()
-        self._parse = parse
-
-    def __missing__(self, text: str) -> Any:
-        value = self[text] = self._parse(text)
-        return value
 
 
 def _review_date(text: str) -> date:
@@ -137,8 +126,8 @@ def _flag(mapping: Mapping[str, Any], name: str, default: bool | None) -> bool |
     return value
 
 
-def _service(located: LocatedData, name: Any, definition: Any, dates: dict[str, date],
-             moments: dict[str, datetime]) -> ServiceSpec:
+def _service(located: LocatedData, name: Any, definition: Any, dates: Callable[[str], date],
+             moments: Callable[[str], datetime]) -> ServiceSpec:
     if type(name) is not str:
         raise _NotPlain
     service = {} if definition is None else _mapping(definition, SERVICE_KEYS)
@@ -198,8 +187,8 @@ def _log(value: Any) -> Any:
     raise _NotPlain
 
 
-def _allow(entries: list[Any], lines: list[int | None], dates: dict[str, date],
-           moments: dict[str, datetime]) -> tuple[AllowSpec, ...]:
+def _allow(entries: list[Any], lines: list[int | None], dates: Callable[[str], date],
+           moments: Callable[[str], datetime]) -> tuple[AllowSpec, ...]:
     specs = []
     for line, entry in zip(lines, entries, strict=True):
         if type(entry) is not dict or not entry.keys() <= ALLOW_KEYS:
@@ -225,6 +214,6 @@ def _allow(entries: list[Any], lines: list[int | None], dates: dict[str, date],
         review_by, expires = get("review_by"), get("expires")
         if type(review_by) is not str or (expires is not None and type(expires) is not str):
             raise _NotPlain
-        specs.append(AllowSpec(line, cidr, file, owner, reason, dates[review_by],
-                               None if expires is None else moments[expires], broad_ok))
+        specs.append(AllowSpec(line, cidr, file, owner, reason, dates(review_by),
+                               None if expires is None else moments(expires), broad_ok))
     return tuple(specs)
