@@ -32,6 +32,7 @@ FILE_KEYS = frozenset({"services", "settings"})
 SERVICE_KEYS = frozenset({"ports", "protocols", "action", "widest", "entry_counters", "log", "allow"})
 ALLOW_KEYS = frozenset({"cidr", "file", "owner", "reason", "review_by", "expires", "broad_ok", "broad_reason"})
 WIDEST_BOUNDS = {"ipv4": (24, 0, 32), "ipv6": (48, 0, 128)}
+WIDEST_KEYS = frozenset(WIDEST_BOUNDS)
 SETTINGS_BOUNDS = {"log_group": (100, 0, 65535), "log_rate": (10, 1, 100000), "log_burst": (20, 1, 100000)}
 SETTINGS_KEYS = frozenset({*SETTINGS_BOUNDS, "strict_source", "owners"})
 LOG_RATES = range(1, 100001)
@@ -175,7 +176,7 @@ def _choices(value: Any, choices: frozenset[str]) -> Any:
 def _widest(value: Any) -> tuple[int, int] | None:
     if value is None:
         return None
-    widest = _mapping(value, frozenset(WIDEST_BOUNDS))
+    widest = _mapping(value, WIDEST_KEYS)
     return _bounded(widest, "ipv4", *WIDEST_BOUNDS["ipv4"]), _bounded(widest, "ipv6", *WIDEST_BOUNDS["ipv6"])
 
 
