@@ -89,6 +89,13 @@ def parse_cidr(text: str) -> IPNetwork:
     return network
 
 
+# "" (no prefix length) or "/N" in its one canonical spelling -> the host bits' mask.
+_HOSTMASKS = {
+    bits: {"": 0} | {f"/{length}": (1 << (bits - length)) - 1 for length in range(1, bits + 1)}
+    for bits in (32, 128)
+}
+
+
 def parse_interval(text: str, expires: float = PERMANENT) -> Interval:
     """parse_cidr's verdict as an Interval, fast for the common case.
 
@@ -99,31 +106,20 @@ def parse_interval(text: str, expires: float = PERMANENT) -> Interval:
     which rejects it with the precise message or accepts the rare odd form.
     """
     address, slash, length = text.partition("/")
-    family, packing = (6, socket.AF_INET6) if ":" in address else (4, socket.AF_INET)
-    bits = 32 if family == 4 else 128
+    if ":" in address:
+        family, packing, hostmasks = 6, socket.AF_INET6, _HOSTMASKS[128]
+    else:
+        family, packing, hostmasks = 4, socket.AF_INET, _HOSTMASKS[32]
+    # A prefix length in any other spelling (leading zeros, signs, other digits, /0) is
+    # not in the table and goes to parse_cidr.
+    hostmask = hostmasks.get(slash + length)
     try:
         value = int.from_bytes(socket.inet_pton(packing, address), "big")
     except (OSError, ValueError):  # ValueError: an embedded NUL, which C cannot be given
         return Interval.of(parse_cidr(text), expires)
-    if slash:
-        # The length check keeps int() from raising its own ValueError on thousands of digits.
-        if not (length.isascii() and length.isdigit() and length[0] != "0" and len(length) <= 3
-                and int(length) <= bits):
-            return Interval.of(parse_cidr(text), expires)
-        prefixlen = int(length)
-    else:
-        prefixlen = bits
-    hostmask = (1 << (bits - prefixlen)) - 1
-    if value & hostmask or (family == 6 and value >> 32 in (0, 0xFFFF)):
+    if hostmask is None or value & hostmask or (family == 6 and value >> 32 in (0, 0xFFFF)):
         return Interval.of(parse_cidr(text), expires)
     return Interval(family, value, value | hostmask, expires)
-
-
-# "" (no prefix length) or "/N" in its one canonical spelling -> the host bits' mask.
-_HOSTMASKS = {
-    bits: {"": 0} | {f"/{length}": (1 << (bits - length)) - 1 for length in range(1, bits + 1)}
-    for bits in (32, 128)
-}
 
 
 def parse_list_lines(

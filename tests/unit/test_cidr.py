@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import math
+from collections.abc import Callable
 
 import pytest
 from hypothesis import example, given, settings
@@ -238,6 +239,31 @@ def test_merge_covers_exactly_the_input_with_the_longest_expiry(intervals: list[
         assert before.last < after.first, (before, after)
         if before.expires == after.expires:
             assert before.last + 1 < after.first, (before, after)
+
+
+def _verdict(decide: Callable[[], Interval]) -> Interval | str:
+    try:
+        return decide()
+    except CidrError as exc:
+        return str(exc)
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(st.one_of(
+    st.builds(lambda a, n: f"{ipaddress.IPv4Address(a)}/{n}", st.integers(0, 2**32 - 1), st.integers(0, 33)),
+    st.builds(lambda a, n: f"{ipaddress.IPv6Address(a)}/{n}", st.integers(0, 2**128 - 1), st.integers(0, 129)),
+    st.builds(lambda a, n: f"{ipaddress.IPv4Address(a & ~((1 << 32 - n) - 1))}/{n}", st.integers(0, 2**32 - 1),
+              st.integers(0, 32)),
+    st.builds(lambda a, n: f"{ipaddress.IPv6Address(a & ~((1 << 128 - n) - 1))}/{n}", st.integers(0, 2**128 - 1),
+              st.integers(0, 128)),
+    st.builds(lambda a, n: f"::{'ffff:' if n else ''}{ipaddress.IPv4Address(a)}", st.integers(0, 2**32 - 1),
+              st.booleans()),
+    st.sampled_from(["10.0.0.0/08", "10.0.0.0/", "10.0.0.0/+8", "10.0.0.0/ 8", "10.0.0.0/8/8", "10.0.0.0/\u0668",
+                     "10.0.0.1\x00", "::/0", "0.0.0.0/0", "::1", "::", "::/128", "2001:db8::/032", "fe80::1%eth0/64"]),
+    st.text(alphabet="0123456789abcdef:./ %", max_size=24),
+))
+def test_parse_interval_decides_as_parse_cidr_does(text: str) -> None:
+    assert _verdict(lambda: parse_interval(text, 5.0)) == _verdict(lambda: Interval.of(parse_cidr(text), 5.0))
 
 
 def _one_at_a_time(line: str) -> Interval | str | None:
