@@ -8,12 +8,12 @@ FileSpecs, whether just validated or read back from the cache.
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import date, datetime
 from typing import Any, Literal
 
 from msgspec import Struct
+from msgspec import json as msgspec_json
 
 from hostwall import __version__
 
@@ -101,17 +101,18 @@ class FileSpec(Struct, frozen=True):
     services: tuple[ServiceSpec, ...]
 
     def to_json(self) -> bytes:
-        return json.dumps({"semantics": SPEC_SEMANTICS, "version": __version__, "settings": self.settings,
-                           "settings_line": self.settings_line,
-                           "services": [_service_json(s) for s in self.services]},
-                          separators=(",", ":")).encode()
+        # msgspec's encoder and decoder: a 12.5k-entry file's form is about 1 MB, and the
+        # standard library's took 20-40 ms each way.
+        return msgspec_json.encode({"semantics": SPEC_SEMANTICS, "version": __version__, "settings": self.settings,
+                                    "settings_line": self.settings_line,
+                                    "services": [_service_json(s) for s in self.services]})
 
     @classmethod
     def from_json(cls, data: bytes) -> FileSpec:
-        """ValueError (also for a KeyError or TypeError inside) unless data is what
-        to_json wrote with this version's semantics."""
+        """ValueError (msgspec's DecodeError is one; also for a KeyError or TypeError
+        inside) unless data is what to_json wrote with this version's semantics."""
         try:
-            document = json.loads(data)
+            document = msgspec_json.decode(data)
             if (document["semantics"], document["version"]) != (SPEC_SEMANTICS, __version__):
                 raise ValueError("validated by another version of the policy rules")
             return cls(document["settings"], document["settings_line"],
