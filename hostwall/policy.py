@@ -39,7 +39,16 @@ from hostwall.cidr import (
 )
 from hostwall.clock import now_utc
 from hostwall.errors import PolicyError, Problem
-from hostwall.policyspec import AllowSpec, FileSpec, PortRange, Protocol, ServiceSpec
+from hostwall.policyspec import (
+    SETTINGS_BOUNDS,
+    WIDEST_BOUNDS,
+    Action,
+    AllowSpec,
+    FileSpec,
+    PortRange,
+    Protocol,
+    ServiceSpec,
+)
 
 if TYPE_CHECKING:
     from hostwall.forked import Child
@@ -258,8 +267,8 @@ class Entries(Sequence[Entry]):
 class Widest(Struct, frozen=True):
     """The widest prefix per family that audit accepts without broad_ok."""
 
-    ipv4: int = 24
-    ipv6: int = 48
+    ipv4: int = WIDEST_BOUNDS["ipv4"].default
+    ipv6: int = WIDEST_BOUNDS["ipv6"].default
 
     def of(self, family: int) -> int:
         return self.ipv4 if family == 4 else self.ipv6
@@ -269,7 +278,7 @@ class Service(Struct, frozen=True):
     name: str
     ports: tuple[PortRange, ...]
     protocols: tuple[Protocol, ...]
-    action: Literal["drop", "reject"]
+    action: Action
     entries: Sequence[Entry]  # a tuple, or Entries when file: lists contribute
     defined_in: str
     widest: Widest = Widest()
@@ -289,9 +298,9 @@ class Service(Struct, frozen=True):
 
 
 class Settings(Struct, frozen=True):
-    log_group: int = 100
-    log_rate: int = 10
-    log_burst: int = 20
+    log_group: int = SETTINGS_BOUNDS["log_group"].default
+    log_rate: int = SETTINGS_BOUNDS["log_rate"].default
+    log_burst: int = SETTINGS_BOUNDS["log_burst"].default
     strict_source: bool = False
     owners: tuple[str, ...] | None = None  # who may own entries; None: anyone
 

@@ -43,7 +43,19 @@ from pydantic import (
 from hostwall import yamlsource
 from hostwall.cidr import parse_interval
 from hostwall.errors import Problem
-from hostwall.policyspec import AllowSpec, FileSpec, Protocol, ServiceSpec, parse_port, shown
+from hostwall.policyspec import (
+    LOG_RATES,
+    SETTINGS_BOUNDS,
+    WIDEST_BOUNDS,
+    Action,
+    AllowSpec,
+    Bounds,
+    FileSpec,
+    Protocol,
+    ServiceSpec,
+    parse_port,
+    shown,
+)
 
 
 class _Strict(BaseModel):
@@ -97,15 +109,19 @@ class AllowEntryModel(_Strict):
         return self
 
 
+def _bounded(bounds: Bounds) -> Any:
+    return Field(default=bounds.default, ge=bounds.low, le=bounds.high)
+
+
 class WidestModel(_Strict):
-    ipv4: Annotated[int, Field(ge=0, le=32)] = 24
-    ipv6: Annotated[int, Field(ge=0, le=128)] = 48
+    ipv4: int = _bounded(WIDEST_BOUNDS["ipv4"])
+    ipv6: int = _bounded(WIDEST_BOUNDS["ipv6"])
 
 
 class ServiceModel(_Strict):
     ports: list[Any] | None = None
     protocols: list[Protocol] | None = None
-    action: Literal["drop", "reject"] | None = None
+    action: Action | None = None
     widest: WidestModel | None = None
     entry_counters: bool | None = None
     # Drop logging of this service: "off", or records per second (the burst stays
@@ -118,9 +134,10 @@ class ServiceModel(_Strict):
     def _log_off_or_rate(cls, value: Any) -> Any:
         if value is False or value == "off":
             return "off"
-        if value is None or (type(value) is int and 1 <= value <= 100000):
+        if value is None or (type(value) is int and value in LOG_RATES):
             return value
-        raise ValueError(f"log is off or a rate in records per second (1-100000), not {value!r}")
+        raise ValueError(f"log is off or a rate in records per second ({LOG_RATES.start}-{LOG_RATES.stop - 1}), "
+                         f"not {value!r}")
 
     @field_validator("ports")
     @classmethod
@@ -141,9 +158,9 @@ class ServiceModel(_Strict):
 
 
 class SettingsModel(_Strict):
-    log_group: Annotated[int, Field(ge=0, le=65535)] = 100
-    log_rate: Annotated[int, Field(ge=1, le=100000)] = 10
-    log_burst: Annotated[int, Field(ge=1, le=100000)] = 20
+    log_group: int = _bounded(SETTINGS_BOUNDS["log_group"])
+    log_rate: int = _bounded(SETTINGS_BOUNDS["log_rate"])
+    log_burst: int = _bounded(SETTINGS_BOUNDS["log_burst"])
     # Drop packets to protected ports whose source the host would not route back out of
     # the interface they came in on (reverse-path check): an allowed address spoofed from
     # another link. Off by default: asymmetric routing (several uplinks) breaks it.

@@ -18,26 +18,33 @@ import functools
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from hostwall.cidr import parse_interval
-from hostwall.policyspec import AllowSpec, FileSpec, ServiceSpec, parse_port
+from hostwall.policyspec import (
+    LOG_RATES,
+    SETTINGS_BOUNDS,
+    WIDEST_BOUNDS,
+    Action,
+    AllowSpec,
+    Bounds,
+    FileSpec,
+    Protocol,
+    ServiceSpec,
+    parse_port,
+)
 
 if TYPE_CHECKING:  # importing yamlsource imports PyYAML, which a cached start does without
     from hostwall.yamlsource import LocatedData
 
-# The models' fields (hostwall.policyfile), in their order, with the defaults and bounds
-# that apply to values of the declared type.
+# The models' fields (hostwall.policyfile); their bounds and literals are policyspec's.
 FILE_KEYS = frozenset({"services", "settings"})
 SERVICE_KEYS = frozenset({"ports", "protocols", "action", "widest", "entry_counters", "log", "allow"})
 ALLOW_KEYS = frozenset({"cidr", "file", "owner", "reason", "review_by", "expires", "broad_ok", "broad_reason"})
-WIDEST_BOUNDS = {"ipv4": (24, 0, 32), "ipv6": (48, 0, 128)}
 WIDEST_KEYS = frozenset(WIDEST_BOUNDS)
-SETTINGS_BOUNDS = {"log_group": (100, 0, 65535), "log_rate": (10, 1, 100000), "log_burst": (20, 1, 100000)}
 SETTINGS_KEYS = frozenset({*SETTINGS_BOUNDS, "strict_source", "owners"})
-LOG_RATES = range(1, 100001)
-PROTOCOLS = frozenset({"tcp", "udp"})
-ACTIONS = frozenset({"drop", "reject"})
+PROTOCOLS = frozenset(get_args(Protocol))
+ACTIONS = frozenset(get_args(Action))
 
 # The canonical spellings, which both the models and the standard library read the same
 # way; ASCII digits only (\d would take other scripts' digits).
@@ -102,7 +109,7 @@ def _expiry(text: str) -> datetime:
 def _settings(value: Any) -> dict[str, Any]:
     settings = _mapping(value, SETTINGS_KEYS)
     # model_dump's order: the fields' order.
-    dumped: dict[str, Any] = {name: _bounded(settings, name, *bounds) for name, bounds in SETTINGS_BOUNDS.items()}
+    dumped: dict[str, Any] = {name: _bounded(settings, name, bounds) for name, bounds in SETTINGS_BOUNDS.items()}
     dumped["strict_source"] = _flag(settings, "strict_source", False)
     owners = settings.get("owners")
     if owners is not None:
@@ -113,9 +120,9 @@ def _settings(value: Any) -> dict[str, Any]:
     return dumped
 
 
-def _bounded(mapping: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
-    value = mapping.get(name, default)
-    if type(value) is not int or not low <= value <= high:
+def _bounded(mapping: Mapping[str, Any], name: str, bounds: Bounds) -> int:
+    value = mapping.get(name, bounds.default)
+    if type(value) is not int or not bounds.low <= value <= bounds.high:
         raise _NotPlain
     return value
 
@@ -177,7 +184,7 @@ def _widest(value: Any) -> tuple[int, int] | None:
     if value is None:
         return None
     widest = _mapping(value, WIDEST_KEYS)
-    return _bounded(widest, "ipv4", *WIDEST_BOUNDS["ipv4"]), _bounded(widest, "ipv6", *WIDEST_BOUNDS["ipv6"])
+    return _bounded(widest, "ipv4", WIDEST_BOUNDS["ipv4"]), _bounded(widest, "ipv6", WIDEST_BOUNDS["ipv6"])
 
 
 def _log(value: Any) -> Any:

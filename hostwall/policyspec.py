@@ -18,6 +18,23 @@ from msgspec import json as msgspec_json
 from hostwall import __version__
 
 Protocol = Literal["tcp", "udp"]
+Action = Literal["drop", "reject"]
+
+
+class Bounds(Struct, frozen=True):
+    """An int a policy file may set: its default and the range allowed."""
+
+    default: int
+    low: int
+    high: int
+
+
+# The models (hostwall.policyfile) and the plain check (hostwall.policyplain) both take
+# these, so that the two cannot disagree on a bound.
+WIDEST_BOUNDS = {"ipv4": Bounds(24, 0, 32), "ipv6": Bounds(48, 0, 128)}
+SETTINGS_BOUNDS = {"log_group": Bounds(100, 0, 65535), "log_rate": Bounds(10, 1, 100000),
+                   "log_burst": Bounds(20, 1, 100000)}
+LOG_RATES = range(1, 100001)  # a service's own drop-log rate, records per second
 # Bump whenever what a validated policy file means changes (a validator, a default, a
 # field), so that files validated by an earlier version are validated again. The
 # release is part of the check as well: an upgrade validates every file once more even
@@ -82,7 +99,7 @@ class ServiceSpec(Struct, frozen=True):
     line: int | None
     ports: tuple[PortRange, ...] | None = None
     protocols: tuple[Protocol, ...] | None = None
-    action: Literal["drop", "reject"] | None = None
+    action: Action | None = None
     widest: tuple[int, int] | None = None  # (ipv4, ipv6)
     entry_counters: bool | None = None
     log: Literal["off"] | int | None = None

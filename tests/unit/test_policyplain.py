@@ -14,6 +14,7 @@ import copy
 from datetime import date
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -58,7 +59,7 @@ EDGES = st.one_of(st.sampled_from(OTHER_TYPES + TEXTS + DATES + MOMENTS + CIDRS 
                   st.lists(st.sampled_from(PORTS + TEXTS), max_size=2),
                   st.sampled_from(["drop", "reject", "accept", "tcp", "udp", "TCP", "off", "on", "partners.txt"]))
 KNOWN_KEYS = sorted({*policyplain.FILE_KEYS, *policyplain.SERVICE_KEYS, *policyplain.ALLOW_KEYS,
-                     *policyplain.SETTINGS_KEYS, *policyplain.WIDEST_BOUNDS, "comment", "https"})
+                     *policyplain.SETTINGS_KEYS, *policyplain.WIDEST_KEYS, "comment", "https"})
 
 
 def field_of(path: tuple[Any, ...]) -> str:
@@ -217,6 +218,21 @@ def test_the_keys_and_defaults_are_the_models() -> None:
     assert spec is not None
     assert spec.settings == policyfile.SettingsModel().model_dump()
     assert spec.services[0].widest == (policyfile.WidestModel().ipv4, policyfile.WidestModel().ipv6)
+
+
+@pytest.mark.parametrize(("where", "low", "high"), [
+    (("settings", "log_group"), 0, 65535), (("settings", "log_rate"), 1, 100000),
+    (("settings", "log_burst"), 1, 100000), (("services", "https", "log"), 1, 100000),
+    (("services", "https", "widest", "ipv4"), 0, 32), (("services", "https", "widest", "ipv6"), 0, 128),
+])
+def test_both_paths_hold_each_number_to_its_range(where: tuple[str, ...], low: int, high: int) -> None:
+    """The bounds both paths share (policyspec), at their edges and one past them."""
+    for value, valid in ((low, True), (high, True), (low - 1, False), (high + 1, False)):
+        document = copy.deepcopy(CANONICAL)
+        dict_at(document, where[:-1])[where[-1]] = value
+        spec = assert_as_the_models_decide(LocatedData(document))
+        assert (spec is not None) == valid, (where, value)
+        assert isinstance(policyfile.validate_document("p.yaml", LocatedData(document)), FileSpec) == valid
 
 
 def test_lines_are_the_models_lines() -> None:
