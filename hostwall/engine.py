@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,6 +86,26 @@ class ExpiredEntry(Struct, frozen=True):
     service: str
     interval: Interval
     expired_at: float
+
+
+class _Beside:
+    """work in a thread of its own, started at once; wait() joins it and raises what it raised."""
+
+    def __init__(self, work: Callable[[], object]) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(work,), name="hostwall-record")
+        self._thread.start()
+
+    def _run(self, work: Callable[[], object]) -> None:
+        try:
+            work()
+        except BaseException as error:  # noqa: BLE001 - raised again by wait(), in the caller's thread
+            self._error = error
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _expired(recorded: Ruleset | None, now: float) -> tuple[ExpiredEntry, ...]:
@@ -292,8 +313,13 @@ class Engine:
                 return "delta"
         # Recorded without its text as well: the backend builds the load from the ruleset
         # (nftload), and rendering 100k elements as text would cost more than sending them.
-        stage(None)
-        self._backend.load(desired, number, now)
+        # The record waits on the disk (fsync) while the batch is built, so it is written
+        # beside the building, and the kernel gets the batch only once it is complete.
+        recording = _Beside(lambda: stage(None))
+        try:
+            self._backend.load(desired, number, now, before_commit=recording.wait)
+        finally:
+            recording.wait()
         self._record_loaded(number, desired)
         return "full"
 

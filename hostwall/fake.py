@@ -11,6 +11,7 @@ import hashlib
 import ipaddress
 import math
 import re
+from collections.abc import Callable
 
 from msgspec import Struct, field
 
@@ -58,8 +59,11 @@ class FakeBackend(Struct):
         self.table = None if transaction == render_removal() else _parse_full_load(transaction)
         self.submitted += 1
 
-    def load(self, ruleset: Ruleset, generation: int, now: float) -> None:
-        self.submit(render_full_load(ruleset, generation, now))
+    def load(self, ruleset: Ruleset, generation: int, now: float,
+             before_commit: Callable[[], None] = lambda: None) -> None:
+        transaction = render_full_load(ruleset, generation, now)
+        before_commit()
+        self.submit(transaction)
 
     def read_table(self, *, elements: bool) -> KernelTable | None:
         if self.table is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from msgspec import Struct, field
@@ -59,9 +59,12 @@ class Backend(Protocol):
     def submit(self, transaction: str) -> None:
         """Run one transaction; on any error nothing of it is applied."""
 
-    def load(self, ruleset: Ruleset, generation: int, now: float) -> None:
+    def load(self, ruleset: Ruleset, generation: int, now: float,
+             before_commit: Callable[[], None] = lambda: None) -> None:
         """A full load of ruleset as generation: the transaction submit() would run for
-        render_full_load(ruleset, generation, now), however it is sent."""
+        render_full_load(ruleset, generation, now), however it is sent. before_commit
+        runs once, after the transaction is built and before the kernel can hold any of
+        it; when it raises, nothing is sent."""
 
     def read_table(self, *, elements: bool) -> KernelTable | None:
         """The hostwall table, or None when the kernel has none. Without elements it is cheap."""

@@ -4,6 +4,7 @@ deltas through nftnl's netlink."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from msgspec.structs import replace
@@ -101,18 +102,24 @@ class NftBackend:
             except KernelRejected as replaced:
                 raise replaced from in_place
 
-    def load(self, ruleset: Ruleset, generation: int, now: float) -> None:
+    def load(self, ruleset: Ruleset, generation: int, now: float,
+             before_commit: Callable[[], None] = lambda: None) -> None:
         """A full load of ruleset as generation: the same transaction as submit() of
         render_full_load(), built as netlink messages without libnftables (nftload says
         why), or through libnftables for what nftload does not encode and whenever the
-        kernel refuses the in-place replacement."""
+        kernel refuses the in-place replacement. before_commit runs once, before anything
+        is sent."""
         if not encodable(ruleset):
-            self.submit(render_full_load(ruleset, generation, now))
+            transaction = render_full_load(ruleset, generation, now)
+            before_commit()
+            self.submit(transaction)
             return
         snapshot = self._netlink.snapshot()
         existing = snapshot.objects if snapshot is not None else TableObjects()
+        messages = full_load_messages(ruleset, generation, now, existing)
+        before_commit()
         try:
-            self._submit_messages(full_load_messages(ruleset, generation, now, existing))
+            self._submit_messages(messages)
         except KernelRejected as in_place:
             # As in submit(): the base chain was changed by hand, or the table changed between
             # reading it and the commit.

@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from mnl_dump import batch
+from msgspec.structs import replace
 from netns_support import COMMAND_TIMEOUT, RejectingBackend, run_nft
 from reference import GeneratedPolicy, examples, policies
 
 from hostwall.cidr import Interval
 from hostwall.compile import compile_policy
-from hostwall.errors import KernelRejected
+from hostwall.errors import KernelRejected, StateError
 from hostwall.nft import NftBackend
 from hostwall.nftload import encodable, full_load_messages
 from hostwall.nftnl import NetlinkTable
@@ -167,3 +168,35 @@ def test_fast_path_and_libnftables_list_the_same_table_for_random_policies(
     check()
     # The examples covered the netlink path, with and without expiring entries.
     assert {(True, True), (True, False)} <= shapes, shapes
+
+
+def counted(ruleset: Ruleset) -> Ruleset:
+    """The same ruleset with per-element counters, which only libnftables loads."""
+    return replace(ruleset, services=tuple(replace(service, entry_counters=True) for service in ruleset.services))
+
+
+@pytest.mark.parametrize("path", ["netlink", "libnftables"])
+def test_before_commit_runs_while_the_kernel_still_holds_the_previous_load(
+    namespace: str, fast: NftBackend, path: str
+) -> None:
+    now = time.time()
+    variant = counted if path == "libnftables" else (lambda ruleset: ruleset)
+    first, second = variant(hand_made(now, strict_source=False)), variant(hand_made(now, strict_source=True))
+    assert encodable(second) is (path == "netlink")
+    fast.load(first, 1, now)
+    loaded_first = _EXPIRES.sub("", run_nft(namespace, "-a", "list", "ruleset").stdout)
+    seen: list[str] = []
+
+    fast.load(second, 2, now, before_commit=lambda: seen.append(
+        _EXPIRES.sub("", run_nft(namespace, "-a", "list", "ruleset").stdout)))
+
+    assert seen == [loaded_first]
+    loaded_second = _EXPIRES.sub("", run_nft(namespace, "-a", "list", "ruleset").stdout)
+    assert "generation=2 " in loaded_second
+
+    def refuse() -> None:
+        raise StateError("cannot record generation 3: disk full")
+
+    with pytest.raises(StateError, match="disk full"):
+        fast.load(first, 3, now, before_commit=refuse)
+    assert _EXPIRES.sub("", run_nft(namespace, "-a", "list", "ruleset").stdout) == loaded_second

@@ -225,6 +225,69 @@ def test_kernel_rejection_leaves_kernel_and_state_as_before(setup: Setup) -> Non
     assert setup.engine.apply(setup.policy(POLICY_V2), user="bob", message="retry").generation == 2
 
 
+# --- the record beside the build -------------------------------------------------------------
+
+
+class SlowRecord:
+    """StateDir.stage, delayed, so that a kernel reached before the record is complete
+    would see it unfinished; it notes which thread wrote it and when it finished."""
+
+    def __init__(self, setup: Setup, monkeypatch: pytest.MonkeyPatch, *, fail: bool = False) -> None:
+        self.threads: list[threading.Thread] = []
+        self.finished = threading.Event()
+        stage = setup.state.stage
+
+        def slow_stage(*args: object, **kwargs: object) -> object:
+            self.threads.append(threading.current_thread())
+            threading.Event().wait(0.2)
+            if fail:
+                raise StateError("cannot record generation: disk full")
+            result = stage(*args, **kwargs)  # type: ignore[arg-type]
+            self.finished.set()
+            return result
+
+        monkeypatch.setattr(setup.state, "stage", slow_stage)
+
+
+def test_a_full_load_reaches_the_kernel_only_once_its_generation_is_recorded(
+        setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    record = SlowRecord(setup, monkeypatch)
+    seen: list[tuple[bool, str]] = []
+    submit = FakeBackend.submit
+
+    def checking_submit(backend: FakeBackend, transaction: str) -> None:
+        generation = setup.state.generation(1)  # reads and hash-checks the record
+        seen.append((record.finished.is_set(), generation.ruleset().digest))
+        submit(backend, transaction)
+
+    monkeypatch.setattr(FakeBackend, "submit", checking_submit)
+    desired = setup.policy(POLICY_V1)
+    result = setup.engine.apply(desired, user="alice", message="first")
+
+    assert result.method == "full"
+    assert seen == [(True, compile_policy(desired).digest)]
+    # Written beside the build, not by the thread that builds and sends the batch.
+    assert [thread is threading.main_thread() for thread in record.threads] == [False]
+    assert setup.state.current().generation == 1
+
+
+def test_a_record_that_fails_sends_nothing_and_leaves_the_state_as_before(
+        setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    setup.engine.apply(setup.policy(POLICY_V1), user="alice", message="first")
+    table = copy.deepcopy(setup.backend.table)
+    current = (setup.state.path / "current.json").read_bytes()
+    SlowRecord(setup, monkeypatch, fail=True)
+
+    with pytest.raises(StateError, match="disk full"):
+        # A change of structure (a service gone, another added): a full load, not a delta.
+        setup.engine.apply(setup.policy(POLICY_V2), user="bob", message="second")
+
+    assert setup.backend.submitted == 1
+    assert setup.backend.table == table
+    assert setup.generation_dirs() == ["00000001"]
+    assert (setup.state.path / "current.json").read_bytes() == current
+
+
 def test_kernel_rejection_of_the_first_load_records_nothing(setup: Setup) -> None:
     setup.backend.reject_next = "nf_tables: table busy"
 
