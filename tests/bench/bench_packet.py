@@ -4,7 +4,7 @@ loaded, against no firewall at all, a one-rule-per-address ruleset (what ufw-sty
 tools produce) and hostwall's earlier set layout.
 
     sudo .venv/bin/python tests/bench/bench_packet.py [--entries N] [--rounds R] [--seconds S]
-        [--pairs P] [--pair-seconds S] [--json PATH]
+        [--pairs P] [--pair-seconds S] [--floor] [--json PATH]
 
 Each connection is SYN, SYN/ACK, ACK, RST (the client closes with a reset, so that no
 port waits in TIME_WAIT): three packets to 443 cross the server's prerouting hook.
@@ -38,7 +38,9 @@ the kernel unregisters a dormant table's hooks, so its packets take exactly the 
 no firewall, and switching takes one small transaction instead of a reload. P pairs of
 short windows, in alternating order (dormant first, then active first), and the figure
 is the median of the pairs' ratios. The first and the last pair check the table's
-accept counter: it must not move while dormant and must move while active.
+accept counter: it must not move while dormant and must move while active. With
+--floor, each pair has a third window in which only an empty base chain on hostwall's
+hook (a table of its own) is active: the floor under any nftables ruleset there.
 
 Only namespaces named hwbench-* are created, and deleted at the end, also on failure.
 """
@@ -81,6 +83,9 @@ PORT = 443
 # hostwall's table and base chain on its hook and priority, with nothing in the chain.
 EMPTY_CHAIN = (f"table inet {TABLE_NAME} {{\n\tchain {INGRESS_CHAIN} {{\n"
                f"\t\ttype filter hook prerouting priority {INGRESS_PRIORITY}; policy accept;\n\t}}\n}}\n")
+# The same beside hostwall's table, for the pairs' floor windows.
+FLOOR_TABLE = "hwbench_floor"
+FLOOR_CHAIN = EMPTY_CHAIN.replace(f"table inet {TABLE_NAME} ", f"table inet {FLOOR_TABLE} ")
 # A connection that fails although the client is allowed is the load's (a full accept
 # queue, a SYN retransmitted past the client's 1 s timeout), one in a hundred thousand
 # or so; a firewall that drops the client fails every one.
@@ -164,36 +169,41 @@ def accepted_packets(server: str, counter: str) -> int:
     return int(found[1])
 
 
-def set_dormant(server: str, dormant: bool) -> None:
+def set_dormant(server: str, table: str, dormant: bool) -> None:
     # `add table` without flags clears them: the table's hooks are registered again.
-    run(in_netns(server, "nft", "add", "table", "inet", TABLE_NAME, *(["{ flags dormant; }"] if dormant else [])))
+    run(in_netns(server, "nft", "add", "table", "inet", table, *(["{ flags dormant; }"] if dormant else [])))
 
 
 def paired(loadgen: Path, server: str, client: str, server_ip: str, counter: str,
-           pairs: int, seconds: float, processes: int) -> list[tuple[float, float]]:
-    """(dormant, active) connection rates of hostwall's loaded table, pair by pair."""
-    results: list[tuple[float, float]] = []
+           pairs: int, seconds: float, processes: int, floor: bool) -> list[dict[str, float]]:
+    """Connection rates of hostwall's loaded table, pair by pair: "dormant" (no table's
+    hook registered), "active" (hostwall's), and with floor, "floor" (only the empty
+    base chain of FLOOR_TABLE's)."""
+    states = ["dormant", "active", *(["floor"] if floor else [])]
+    results: list[dict[str, float]] = []
     for index in range(pairs):
-        rates: dict[bool, float] = {}
+        rates: dict[str, float] = {}
         # nft reads the whole table to list one counter (0.7 s at 100k), so the first
         # and the last pair check that the switch works.
         checked = index in (0, pairs - 1)
-        for dormant in (True, False) if index % 2 == 0 else (False, True):
-            set_dormant(server, dormant)
+        for state in states[index % len(states):] + states[:index % len(states)]:
+            set_dormant(server, TABLE_NAME, state != "active")
+            if floor:
+                set_dormant(server, FLOOR_TABLE, state != "floor")
             before = accepted_packets(server, counter) if checked else 0
             rate, failures = measure(loadgen, client, server_ip, seconds, processes)
             counted = accepted_packets(server, counter) - before if checked else None
-            if dormant and counted:
+            if state != "active" and counted:
                 raise RuntimeError(f"the dormant table counted {counted} packets: its hooks are still registered")
-            if not dormant and counted is not None and counted < rate * seconds:
+            if state == "active" and counted is not None and counted < rate * seconds:
                 raise RuntimeError(f"the active table counted {counted} packets for {rate * seconds:.0f} connections")
             if failures > TOLERATED_FAILURES * rate * seconds:
                 raise RuntimeError(f"{failures} connections failed (the client must be allowed)")
-            rates[dormant] = rate
-        results.append((rates[True], rates[False]))
-        print(f"  pair {index + 1} dormant {rates[True]:>8.0f}  active {rates[False]:>8.0f}  "
-              f"{rates[False] / rates[True]:.3f}", flush=True)
-    set_dormant(server, False)
+            rates[state] = rate
+        results.append(rates)
+        print(f"  pair {index + 1} " + "  ".join(f"{state} {rates[state]:>8.0f}" for state in states)
+              + "  " + " ".join(f"{rates[state] / rates['dormant']:.3f}" for state in states[1:]), flush=True)
+    set_dormant(server, TABLE_NAME, False)
     return results
 
 
@@ -214,6 +224,8 @@ def main() -> int:
     parser.add_argument("--conditions", default="", help="only these conditions (comma-separated) besides none")
     parser.add_argument("--pairs", type=int, default=30, help="dormant/active pairs of hostwall's table (0: none)")
     parser.add_argument("--pair-seconds", type=float, default=1.0, help="per window of a pair")
+    parser.add_argument("--floor", action="store_true",
+                        help="add to each pair a window with only an empty base chain on the hook")
     args = parser.parse_args()
     if not (1 <= args.rounds <= 20 and 0.5 <= args.seconds <= 30 and 1 <= args.processes <= 16
             and (args.pairs == 0 or 2 <= args.pairs <= 200) and 0.2 <= args.pair_seconds <= 10):
@@ -239,7 +251,7 @@ def main() -> int:
         for name, text in texts.items():
             (work / f"{name}.nft").write_text(text)
         (work / "paired.nft").write_text(recorded_transaction(work / "state"))
-        budget = (args.seconds + 5) * len(texts) * args.rounds + (args.pair_seconds + 2) * 2 * args.pairs + 60
+        budget = (args.seconds + 5) * len(texts) * args.rounds + (args.pair_seconds + 2) * 3 * args.pairs + 60
         listener = subprocess.Popen(in_netns(server, str(loadgen), "server", str(PORT), str(budget)),
                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
@@ -258,12 +270,15 @@ def main() -> int:
                         raise RuntimeError(f"{name}: {failures} connections failed (the client must be allowed)")
                     rates[name].append(rate)
                     print(f"  round {round_ + 1} {name:<9} {rate:>10.0f} connections/s", flush=True)
-            pairs: list[tuple[float, float]] = []
+            pairs: list[dict[str, float]] = []
             if args.pairs:
                 run(in_netns(server, "nft", "flush", "ruleset"))
                 run(in_netns(server, "nft", "-f", str(work / "paired.nft")))
+                if args.floor:
+                    (work / "floor.nft").write_text(FLOOR_CHAIN)
+                    run(in_netns(server, "nft", "-f", str(work / "floor.nft")))
                 pairs = paired(loadgen, server, client, lab.server_ipv4, HTTPS_ACCEPTED, args.pairs,
-                               args.pair_seconds, args.processes)
+                               args.pair_seconds, args.processes, args.floor)
         finally:
             listener.kill()  # by its PID (the Popen object); it ends by itself at its deadline too
             listener.wait(timeout=30)
@@ -292,15 +307,24 @@ def main() -> int:
           for condition, (name, target, note) in described.items() if condition in rates),
     ]
     if pairs:
-        ratios = [active / dormant for dormant, active in pairs]
+        ratios = [pair["active"] / pair["dormant"] for pair in pairs]
         pair_ratio = median(ratios)
+        quartiles = statistics.quantiles(ratios, n=4)
         figures.append(Figure(
-            "4 packet path", f"hostwall {size} policy loaded, against its table dormant", median([a for _, a in pairs]),
-            "conn/s", median([d for d, _ in pairs]), "the same table dormant (no hook)", target=">= 0.97x",
-            met=pair_ratio >= 0.97,
+            "4 packet path", f"hostwall {size} policy loaded, against its table dormant",
+            median([pair["active"] for pair in pairs]), "conn/s", median([pair["dormant"] for pair in pairs]),
+            "the same table dormant (no hook)", target=">= 0.97x", met=pair_ratio >= 0.97,
             note=f"median of {len(pairs)} pairs' ratios {pair_ratio:.3f} (decides; quartiles "
-                 f"{statistics.quantiles(ratios, n=4)[0]:.3f}-{statistics.quantiles(ratios, n=4)[2]:.3f}), "
-                 f"{args.pair_seconds:g} s windows", extra={"pair_ratio": pair_ratio}))
+                 f"{quartiles[0]:.3f}-{quartiles[2]:.3f}), {args.pair_seconds:g} s windows",
+            extra={"pair_ratio": pair_ratio}))
+        if args.floor:
+            floor_ratios = [pair["floor"] / pair["dormant"] for pair in pairs]
+            quartiles = statistics.quantiles(floor_ratios, n=4)
+            figures.append(Figure(
+                "4 packet path", "an empty base chain on the same hook, in the same pairs",
+                median([pair["floor"] for pair in pairs]), "conn/s", median([pair["dormant"] for pair in pairs]),
+                "no hook", note=f"median of the pairs' ratios {median(floor_ratios):.3f} (quartiles "
+                f"{quartiles[0]:.3f}-{quartiles[2]:.3f}): the floor", extra={"pair_ratio": median(floor_ratios)}))
     write_figures(args.json, figures, {"rates": rates, "pairs": pairs})
     for figure in figures:
         ratio = f"{figure.ratio:.3f}" if figure.ratio is not None else ""
