@@ -22,7 +22,7 @@ from msgspec import Struct
 from msgspec.structs import force_setattr
 
 from hostwall.cidr import LOW_IPV6, Interval, IntervalSet, format_address
-from hostwall.policyspec import PortRange
+from hostwall.policyspec import Action, PortRange
 
 TABLE_FAMILY = "inet"
 TABLE_NAME = "hostwall"
@@ -66,7 +66,7 @@ class ServiceRules(Struct, frozen=True):
     name: str
     ports: tuple[PortRange, ...]
     protocols: tuple[str, ...]
-    action: Literal["drop", "reject"]
+    action: Action
     v4: Sequence[Interval] = ()
     v6: Sequence[Interval] = ()
     entry_counters: bool = False
