@@ -10,8 +10,9 @@ own network namespaces (hwbench-*) and removes them at the end, also on failure:
            (bench_apply.py; --large adds 300k)
   delta    2 one entry of a 100k set changed, vs a full reload and vs nft add element
            (bench_delta.py)
-  packet   4 TCP connections/s with the 100k policy vs no firewall, the earlier set layout
-           and 10k one-rule-per-address rules (bench_packet.py)
+  packet   4 TCP connections/s with the 100k policy vs no firewall (decided by pairs against
+           its table made dormant), the earlier set layout and 10k one-rule-per-address
+           rules (bench_packet.py)
   droplog  5 a 200k-datagram flood at 50k/s and as fast as sent, against the agent
            and journald (bench_droplog.py)
   cli      6 `hostwall --help` and `hostwall validate` start-up (bench_cli.py)
@@ -88,7 +89,7 @@ def command_for(name: str, output: Path, args: argparse.Namespace) -> list[str]:
         repeat = "1" if args.quick else "3"
         return [python, str(HERE / "bench_delta.py"), "--scenario", "v4", "--repeat", repeat, "--json", str(output)]
     if name == "packet":
-        quick = ["--entries", "10000", "--rounds", "1", "--seconds", "2"] if args.quick else []
+        quick = ["--entries", "10000", "--rounds", "1", "--seconds", "2", "--pairs", "4"] if args.quick else []
         return [python, str(HERE / "bench_packet.py"), "--json", str(output), *quick]
     if name == "droplog":
         quick = ["--packets", "20000"] if args.quick else []
