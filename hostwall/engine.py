@@ -89,7 +89,8 @@ class ExpiredEntry(Struct, frozen=True):
 
 
 class _Beside:
-    """work in a thread of its own, started at once; wait() joins it and raises what it raised."""
+    """work in a thread of its own, started at once; wait() joins it and raises what it raised.
+    concurrent.futures does the same, but importing it takes about 14 ms of every apply."""
 
     def __init__(self, work: Callable[[], object]) -> None:
         self._error: BaseException | None = None

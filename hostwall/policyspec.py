@@ -34,7 +34,8 @@ class Bounds(Struct, frozen=True):
 WIDEST_BOUNDS = {"ipv4": Bounds(24, 0, 32), "ipv6": Bounds(48, 0, 128)}
 SETTINGS_BOUNDS = {"log_group": Bounds(100, 0, 65535), "log_rate": Bounds(10, 1, 100000),
                    "log_burst": Bounds(20, 1, 100000)}
-LOG_RATES = range(1, 100001)  # a service's own drop-log rate, records per second
+# A service's own drop-log rate (records per second) takes the place of settings' log_rate.
+LOG_RATES = range(SETTINGS_BOUNDS["log_rate"].low, SETTINGS_BOUNDS["log_rate"].high + 1)
 # Bump whenever what a validated policy file means changes (a validator, a default, a
 # field), so that files validated by an earlier version are validated again. The
 # release is part of the check as well: an upgrade validates every file once more even
