@@ -187,6 +187,84 @@ def test_a_document_with_one_edge_is_read_as_libyaml_reads_it_or_left_to_it(text
     assert_read_as_libyaml_reads_it_or_left(text)
 
 
+RUN_KEYS = ["cidr", "owner", "reason", "review_by", "expires", "x-y", "_k"]
+
+
+@st.composite
+def run_documents(draw: st.DrawFn) -> str:
+    """An inline allowlist as tools write it: a sequence of mappings of one shape (the same
+    keys in the same order), with now and then an item of another shape, a comment or
+    blank line between items, and another key or service after it."""
+    keys = draw(st.lists(st.sampled_from(RUN_KEYS), min_size=1, max_size=4, unique=True))
+    column = draw(st.sampled_from([6, 8, 2]))
+    beside = draw(st.integers(0, 4)) == 0  # the sequence at its key's column
+    items = column - 2 if beside else column
+    lines = [f"{' ' * (column - 2)}allow:"] if column == 2 else ["services:", "  https:", f"{' ' * (column - 2)}allow:"]
+    for _ in range(draw(st.integers(2, 9))):
+        shape = list(keys)
+        odd = draw(st.integers(0, 11))
+        if odd == 0:
+            shape.append(draw(st.sampled_from(["broad_ok", "a", "owner"])))  # one more key, or a repeated one
+        elif odd == 1 and len(shape) > 1:
+            shape.pop()
+        elif odd == 2:
+            lines.append(draw(st.sampled_from(["", "# a comment", f"{' ' * items}# a comment"])))
+        for index, key in enumerate(shape):
+            value = draw(SAFE_VALUES if draw(st.integers(0, 15)) else st.sampled_from(EDGY_VALUES))
+            lead = "- " if index == 0 else "  "
+            lines.append(f"{' ' * items}{lead}{key}: {value}")
+    lines += draw(st.sampled_from([[], ["  postgres:", "    ports: [5432]"], [f"{' ' * (column - 2)}log: off"],
+                                   ["settings:", "  log_rate: 10"]]))
+    lines = edited(draw, lines, EDITS) if draw(st.integers(0, 3)) == 0 else lines
+    return "\n".join(lines) + draw(st.sampled_from(["\n", "\n", ""]))
+
+
+def line_path_only(text: str) -> LocatedData | None:
+    saved = yamlblock._SHAPES_A_DOCUMENT
+    yamlblock._SHAPES_A_DOCUMENT = 0
+    try:
+        return block(text)
+    finally:
+        yamlblock._SHAPES_A_DOCUMENT = saved
+
+
+@examples(400)
+@given(run_documents())
+def test_runs_of_items_of_one_shape_are_read_as_libyaml_and_the_line_path_read_them(text: str) -> None:
+    located = block(text)
+    by_lines = line_path_only(text)
+    assert (located is None) == (by_lines is None), text
+    if located is not None and by_lines is not None:
+        assert outcome(lambda _: located, text) == outcome(lambda _: by_lines, text), text
+    assert_read_as_libyaml_reads_it_or_left(text)
+
+
+def test_a_long_inline_allowlist_is_read_a_run_at_a_time() -> None:
+    items = "".join(f"      - cidr: 192.0.2.{i}/32\n        owner: ops\n        reason: r {i}\n" for i in range(50))
+    text = f"services:\n  https:\n    allow:\n{items}      - cidr: 198.51.100.0/24\n        owner: x\n" \
+           f"        reason: r\n        expires: 2030-01-01T00:00:00Z\n  postgres:\n    allow:\n{items}"
+    shapes = [shape for *_, shape in yamlblock._pieces(text) if shape is not None]
+    # Each sequence's first item goes the line path; the item with a fourth key ends the
+    # first run and is read as the line path reads it.
+    assert [shape.keys for shape in shapes] == [("cidr", "owner", "reason")] * 2
+    located = block(text)
+    assert located is not None
+    assert outcome(lambda _: located, text) == outcome(thorough, text)
+    https = located.data["services"]["https"]["allow"]
+    assert len(https) == 51 and https[50]["expires"] == "2030-01-01T00:00:00Z"
+    assert located.line_of(("services", "https", "allow", 50, "expires")) == 3 + 150 + 4
+    assert located.line_of(("services", "postgres", "allow", 49, "reason")) == 3 + 150 + 4 + 2 + 150
+
+
+def test_past_its_shapes_a_document_is_read_line_by_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "a:\n" + "".join(f"  - k{n}: {i}\n    v: x\n" for n in range(4) for i in range(3))
+    monkeypatch.setattr(yamlblock, "_SHAPES_A_DOCUMENT", 2)
+    assert len([shape for *_, shape in yamlblock._pieces(text) if shape is not None]) == 2
+    located = block(text)
+    assert located is not None
+    assert outcome(lambda _: located, text) == outcome(thorough, text)
+
+
 DECLINED = {
     "mapping value inside a value": "a: b: c\n",
     "comment without a space before it": "a: b#c\n",
