@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,7 @@ import hostwall.yamlsource
 from hostwall import __version__
 from hostwall.errors import PolicyError, Problem
 from hostwall.policy import Policy, load_policy
-from hostwall.policyspec import FileSpec
+from hostwall.policyspec import SPEC_SEMANTICS, AllowSpec, FileSpec, ServiceSpec
 from hostwall.state import ListCacheDir
 from hostwall.yamlsource import LocatedData
 
@@ -151,8 +151,10 @@ def test_a_damaged_or_misplaced_validated_file_is_a_miss(
         assert cache.validated("cd" * 32) is None
     else:
         body = path.read_bytes()[:-32]
-        body = body.replace(b'"semantics":1', b'"semantics":0') if damage == "other semantics" else \
-            body.replace(f'"version":"{__version__}"'.encode(), b'"version":"0.0.1"')
+        if damage == "other semantics":
+            body = body.replace(f'"semantics":{SPEC_SEMANTICS}'.encode(), b'"semantics":0')
+        else:
+            body = body.replace(f'"version":"{__version__}"'.encode(), b'"version":"0.0.1"')
         assert body != path.read_bytes()[:-32]
         path.write_bytes(body + hashlib.sha256(body).digest())
     assert cache.validated(key) is None
@@ -196,6 +198,18 @@ def test_the_cached_form_round_trips_every_field(write_files: WriteFiles) -> Non
     assert [s["name"] for s in document["services"]] == ["https", "admin", "postgres"]
     with pytest.raises(ValueError):
         FileSpec.from_json(b'{"semantics": 1}')
+
+
+def test_the_cached_form_keeps_each_expiry_as_written() -> None:
+    written = ["2030-01-01T10:00:00+02:00", "2030-01-01T10:00:00.5-05:30", "2030-01-01T10:00:00Z"]
+    allow = tuple(AllowSpec(4 + index, f"192.0.2.{index}/32", None, "ops", "r", date(2031, 1, 1),
+                            datetime.fromisoformat(text), index == 1)
+                  for index, text in enumerate(written))
+    spec = FileSpec({"log_rate": 5, "owners": ["ops"]}, 1, (ServiceSpec("https", 2, allow=allow),))
+    back = FileSpec.from_json(spec.to_json())
+    assert back == spec
+    assert [a.expires.isoformat() for a in back.services[0].allow if a.expires] == \
+        [datetime.fromisoformat(text).isoformat() for text in written]
 
 
 def test_an_unchanged_policy_loads_without_pydantic_or_yaml(write_files: WriteFiles, tmp_path: Path) -> None:
