@@ -471,9 +471,10 @@ def _load_policy(
     # are parsed side by side (_Ahead), also while the models validate the files; the
     # problems keep each file's order.
     read = []
+    checked: dict[str, Interval] = {}  # each inline CIDR the plain check parsed, for the entries
     for file in files:
         file_problems: list[Problem] = []
-        read.append((file, _read_file(file, root, file_problems, sources, cache), file_problems))
+        read.append((file, _read_file(file, root, file_problems, sources, cache, checked), file_problems))
     ahead.start(read, root, cache)
     for file, content, file_problems in read:
         problems.extend(file_problems)
@@ -517,7 +518,8 @@ def _load_policy(
                     draft.defined_in = f"{name}:{service_line}"
             for index, allow in enumerate(service.allow):
                 origin = Origin(name, allow.line, f"services.{service_name}.allow[{index}]")
-                for part in _expand_entry(allow, origin, file, root, problems, sources, cache, progress, ahead):
+                for part in _expand_entry(allow, origin, file, root, problems, sources, cache, progress, ahead,
+                                          checked):
                     if part.expires is not None and part.expires <= now:
                         expired.extend((part,) if isinstance(part, Entry) else part.entries)
                     else:
@@ -545,6 +547,7 @@ class _Unvalidated(Struct, frozen=True):
 
 def _read_file(
     file: Path, root: Path, problems: list[Problem], sources: dict[str, bytes], cache: ListCache | None = None,
+    checked: dict[str, Interval] | None = None,
 ) -> FileSpec | _Unvalidated | None:
     """The file as validated before, from the cache (which skips YAML and the models:
     most of an apply's start-up), else its YAML loaded and, when every value is plainly
@@ -576,7 +579,7 @@ def _read_file(
     # import (hostwall.policyplain); the models validate the rest.
     from hostwall.policyplain import plain_file_spec
 
-    spec = plain_file_spec(loaded)
+    spec = plain_file_spec(loaded, checked)
     if spec is None:
         return _Unvalidated(name, digest, loaded)
     if cache is not None:
@@ -599,12 +602,16 @@ def _validated(content: _Unvalidated, problems: list[Problem], cache: ListCache 
 def _expand_entry(
     allow: AllowSpec, origin: Origin, policy_file: Path, root: Path, problems: list[Problem],
     sources: dict[str, bytes], cache: ListCache | None = None, progress: Progress | None = None,
-    ahead: _Ahead | None = None,
+    ahead: _Ahead | None = None, checked: dict[str, Interval] | None = None,
 ) -> list[Entry] | list[ListFile]:
     if allow.cidr is not None:
         expires = allow.expires.timestamp() if allow.expires is not None else PERMANENT
-        return [Entry(parse_interval(allow.cidr, expires), allow.owner, allow.reason, allow.review_by,
-                      allow.expires, origin, allow.broad_ok)]
+        known = checked.get(allow.cidr) if checked is not None else None
+        if known is None:
+            interval = parse_interval(allow.cidr, expires)
+        else:
+            interval = known if expires == known.expires else Interval(known.family, known.first, known.last, expires)
+        return [Entry(interval, allow.owner, allow.reason, allow.review_by, allow.expires, origin, allow.broad_ok)]
     assert allow.file is not None
     list_path = (policy_file.parent / allow.file)
     read = ahead.reads.get(str(list_path)) if ahead is not None else None

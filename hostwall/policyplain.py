@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any, get_args
 
-from hostwall.cidr import parse_interval
+from hostwall.cidr import Interval, parse_interval
 from hostwall.policyspec import (
     LOG_RATES,
     SETTINGS_BOUNDS,
@@ -57,15 +57,16 @@ class _NotPlain(Exception):
     """A value the models would have to decide on: coerce it, or refuse it."""
 
 
-def plain_file_spec(located: LocatedData) -> FileSpec | None:
-    """The FileSpec the models would give for the document, or None when they must decide."""
+def plain_file_spec(located: LocatedData, checked: dict[str, Interval] | None = None) -> FileSpec | None:
+    """The FileSpec the models would give for the document, or None when they must decide.
+    checked (when given) gets the interval of each CIDR checked, so that it is parsed once."""
     try:
-        return _file_spec(located)
+        return _file_spec(located, {} if checked is None else checked)
     except _NotPlain:
         return None
 
 
-def _file_spec(located: LocatedData) -> FileSpec:
+def _file_spec(located: LocatedData, checked: dict[str, Interval]) -> FileSpec:
     document = _mapping(located.data, FILE_KEYS)
     services = document.get("services", {})
     if type(services) is not dict:
@@ -76,7 +77,7 @@ def _file_spec(located: LocatedData) -> FileSpec:
     return FileSpec(
         None if settings is None else _settings(settings),
         None if settings is None else located.line_of(("settings",)),
-        tuple(_service(located, name, definition, dates, moments) for name, definition in services.items()),
+        tuple(_service(located, name, definition, dates, moments, checked) for name, definition in services.items()),
     )
 
 
@@ -135,7 +136,7 @@ def _flag(mapping: Mapping[str, Any], name: str, default: bool | None) -> bool |
 
 
 def _service(located: LocatedData, name: Any, definition: Any, dates: Callable[[str], date],
-             moments: Callable[[str], datetime]) -> ServiceSpec:
+             moments: Callable[[str], datetime], checked: dict[str, Interval]) -> ServiceSpec:
     if type(name) is not str:
         raise _NotPlain
     service = {} if definition is None else _mapping(definition, SERVICE_KEYS)
@@ -151,7 +152,7 @@ def _service(located: LocatedData, name: Any, definition: Any, dates: Callable[[
         widest=_widest(service.get("widest")),
         entry_counters=_flag(service, "entry_counters", None),
         log=_log(service.get("log")),
-        allow=_allow(allow, located.item_lines(("services", name, "allow"), len(allow)), dates, moments),
+        allow=_allow(allow, located.item_lines(("services", name, "allow"), len(allow)), dates, moments, checked),
     )
 
 
@@ -196,7 +197,7 @@ def _log(value: Any) -> Any:
 
 
 def _allow(entries: list[Any], lines: list[int | None], dates: Callable[[str], date],
-           moments: Callable[[str], datetime]) -> tuple[AllowSpec, ...]:
+           moments: Callable[[str], datetime], checked: dict[str, Interval]) -> tuple[AllowSpec, ...]:
     specs = []
     for line, entry in zip(lines, entries, strict=True):
         if type(entry) is not dict or not entry.keys() <= ALLOW_KEYS:
@@ -209,7 +210,7 @@ def _allow(entries: list[Any], lines: list[int | None], dates: Callable[[str], d
             if file is not None or type(cidr) is not str:
                 raise _NotPlain
             try:
-                parse_interval(cidr)
+                checked[cidr] = parse_interval(cidr)
             except ValueError:  # what the models' validator refuses
                 raise _NotPlain from None
         elif type(file) is not str:
