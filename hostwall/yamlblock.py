@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Iterator
+from operator import itemgetter
 from typing import Any
 
 # A plain scalar: no indicator first, then no comment start, no mapping indicator (a
@@ -46,6 +47,8 @@ _LINE = re.compile(
 )
 
 Lines = dict[Any, int]
+# A run's item: its first line, and its keys' offsets from it (yamlsource.Lines).
+ItemLines = tuple[int, dict[str, int]]
 # Lines are taken apart a slice of the text at a time, so that the matches of a large
 # document do not all exist at once.
 _SLICE_CHARACTERS = 65536
@@ -81,7 +84,7 @@ class _Shape:
     """Items of one column and key order: the expressions for one such item (its values
     as groups) and for a run of them, and the keys' offsets from the item's first line."""
 
-    __slots__ = ("column", "item", "keys", "lines", "run")
+    __slots__ = ("column", "item", "keys", "lines", "offsets", "run")
 
     def __init__(self, column: int, keys: tuple[str, ...]) -> None:
         def item(value: str) -> str:
@@ -91,6 +94,7 @@ class _Shape:
         self.column = column
         self.keys = keys
         self.lines = len(keys)
+        self.offsets = {key: offset for offset, key in enumerate(keys)}
         self.item = re.compile(item(f"({_VALUE})"))
         # Possessive: a run never gives an item back, so nothing is kept for backtracking.
         self.run = re.compile(f"(?:{item(_VALUE)}){{{_SHORTEST_RUN},}}+")
@@ -160,12 +164,13 @@ class _Block:
 
 
 def read_block(
-    text: str, scalar: Callable[[str], Any], max_nodes: int, max_depth: int
-) -> tuple[dict[str, Any], int, dict[int, Lines]] | None:
+    text: str, scalar: Callable[[str], Any], strings: Callable[[list[str]], bool], max_nodes: int, max_depth: int,
+) -> tuple[dict[str, Any], int, dict[int, Lines | ItemLines]] | None:
     """(data, the root's line, the lines of the children of each mapping and sequence by
     the id of the dict or list built) of a block document whose root is a mapping, as
     yamlsource.LocatedData holds them; None for anything else. scalar(text) is a plain
-    scalar's value (the loader's implicit tags); a key must stay a str."""
+    scalar's value (the loader's implicit tags); a key must stay a str. strings(texts):
+    True only if each of them is its own value, scalar(text) == text as a str."""
     if not text.isascii() or "\t" in text or "\r" in text or "\0" in text:
         return None
     # A line is at most three nodes (an item's mapping, a key, its value), and a flow
@@ -174,14 +179,14 @@ def read_block(
     if budget < 0:
         return None
     values = _Values(scalar)
-    children: dict[int, Lines] = {}
+    children: dict[int, Lines | ItemLines] = {}
     stack: list[_Block] = []
     waiting: tuple[_Block, str] | None = None  # a key given no value on its own line
     root_line = 0
     block: _Block | None = None  # the innermost open block
     for start, stop, first_line, shape in _pieces(text):
         if shape is not None:
-            block = _take_run(text, start, stop, first_line, shape, stack, values, children)
+            block = _take_run(text, start, stop, first_line, shape, stack, values, children, strings)
             if block is None:  # pragma: no cover - the item before the run is its first
                 return None
             continue
@@ -262,7 +267,8 @@ def read_block(
 
 
 def _take_run(text: str, start: int, stop: int, first_line: int, shape: _Shape, stack: list[_Block],
-              values: _Values, children: dict[int, Lines]) -> _Block | None:
+              values: _Values, children: dict[int, Lines | ItemLines], strings: Callable[[list[str]], bool]
+              ) -> _Block | None:
     """The items of a run, from text[start:stop], appended to the sequence open below the
     item before them, as the line path would append them; the block of the last one,
     left open as the line path leaves it.
@@ -278,15 +284,21 @@ def _take_run(text: str, start: int, stop: int, first_line: int, shape: _Shape, 
     rows = shape.item.findall(text, start, stop)
     if shape.lines == 1:
         rows = [(row,) for row in rows]
-    item_lines, count, line = sequence.lines, shape.lines, first_line
+    # Most columns (addresses, owners, reasons, dates) hold only text that no implicit
+    # tag could match, which is its own value: checked a column at a time, once for each
+    # distinct text, the items are then made of the texts as they are.
+    as_they_are = all(strings(list(set(map(itemgetter(column), rows)))) for column in range(shape.lines))
+    item_lines, count, line, offsets = sequence.lines, shape.lines, first_line, shape.offsets
     mapping: dict[str, Any] = {}
     for row in rows:
-        mapping = dict(zip(keys, map(values.__getitem__, row), strict=False))
+        mapping = dict(zip(keys, row if as_they_are else map(values.__getitem__, row), strict=False))
         item_lines[len(items)] = line
         items.append(mapping)
-        children[id(mapping)] = dict(zip(keys, range(line, line + count), strict=False))
+        children[id(mapping)] = (line, offsets)
         line += count
+    # The line path may add keys to the last item: its lines become its own.
     last = _Block(shape.column + 2, mapping)
-    last.lines = children[id(mapping)]
+    last.lines = {key: line - count + offset for key, offset in offsets.items()}
+    children[id(mapping)] = last.lines
     stack.append(last)
     return last

@@ -64,6 +64,12 @@ class YamlError(ValueError):
         self.line = line
 
 
+# The lines of a mapping's keys or a sequence's items; or, for an item of a run of one
+# shape (hostwall.yamlblock), its first line and each key's offset from it, which every
+# item of the run shares.
+Lines = dict[Any, int] | tuple[int, dict[Any, int]]
+
+
 class LocatedData(Struct):
     data: Any
     line: int | None = None  # of the document's root node
@@ -71,17 +77,16 @@ class LocatedData(Struct):
     # the id of the dict or list built (data keeps each alive), then by key (the line of
     # the key) or index. line_of walks data along a path, so paths are made only for the
     # lines that are asked for.
-    children: dict[int, dict[Any, int]] = field(default_factory=dict)
+    children: dict[int, Lines] = field(default_factory=dict)
 
     def line_of(self, path: Path) -> int | None:
         """The line of the deepest known node on the way to path."""
         node, line = self.data, self.line
         for part in path:
-            lines = self.children.get(id(node))
-            if lines is None or part not in lines:
+            known = _line(self.children.get(id(node)), part)
+            if known is None:
                 break
-            line = lines[part]
-            node = node[part]
+            line, node = known, node[part]
         return line
 
     def item_lines(self, path: Path, count: int) -> list[int | None]:
@@ -89,13 +94,20 @@ class LocatedData(Struct):
         policy's allow list may hold thousands of entries."""
         node, line = self.data, self.line
         for part in path:
-            lines = self.children.get(id(node))
-            if lines is None or part not in lines:
+            known = _line(self.children.get(id(node)), part)
+            if known is None:
                 return [line] * count
-            line = lines[part]
-            node = node[part]
-        items = self.children.get(id(node), {})
-        return [items.get(index, line) for index in range(count)]
+            line, node = known, node[part]
+        items = self.children.get(id(node))
+        return [items.get(index, line) for index in range(count)] if type(items) is dict else [line] * count
+
+
+def _line(lines: Lines | None, part: str | int) -> int | None:
+    if isinstance(lines, tuple):
+        first, offsets = lines
+        offset = offsets.get(part)
+        return None if offset is None else first + offset
+    return None if lines is None else lines.get(part)
 
 
 class _Repeated(Exception):
@@ -118,7 +130,7 @@ def document(name: str, text: str) -> LocatedData | Problem:
 
 
 def load(text: str) -> LocatedData:
-    block = read_block(text, _plain_scalars(), MAX_NODES, MAX_DEPTH)
+    block = read_block(text, _plain_scalars(), _all_strings, MAX_NODES, MAX_DEPTH)
     if block is not None:
         return LocatedData(*block)
     try:
@@ -165,6 +177,24 @@ _MAYBE_TAGGED = re.compile("|".join(sorted({
 })))
 
 
+# Every character that the implicit tags' expressions can match (tests/unit/test_yamlblock.py
+# reads them off the expressions): a text with any other, such as the "/" of every CIDR
+# or most letters, is a string.
+_TAGGABLE_CHARACTERS = "\t !&*+-.0123456789:<=ABCDEFILNORSTUYZ_abcdefilnorstuxy~"
+_ONLY_TAGGABLE = re.compile(f"^[{re.escape(_TAGGABLE_CHARACTERS)}]*$", re.MULTILINE)
+
+
+def _all_strings(texts: list[str]) -> bool:
+    """Whether each of texts (of one line each) is its own value, a str: a timestamp stays
+    one, and so does every text no implicit tag matches. A column of 10k addresses is one
+    scan for lines an expression could match at all, instead of 10k tries of them."""
+    if not texts:
+        return True
+    value = _plain_scalars()
+    return all(type(own := value(text)) is str and own == text
+               for text in set(_ONLY_TAGGABLE.findall("\n".join(texts))))
+
+
 def _plain_scalars() -> Callable[[str], Any]:
     """The value of a plain scalar's text as _load_plain makes it, by its implicit tag."""
     resolve, node, maybe_tagged = _Loader("").resolve, yaml.ScalarNode, _MAYBE_TAGGED.match
@@ -204,7 +234,7 @@ def _load_plain(text: str) -> LocatedData:
             raise _NotPlain
         resolve, scalar_node, scalar = loader.resolve, yaml.ScalarNode, _scalar
         max_nodes, max_depth = MAX_NODES, MAX_DEPTH
-        children: dict[int, dict[Any, int]] = {}
+        children: dict[int, Lines] = {}
         stack: list[list[Any]] = []
         nodes = 0
         while True:
@@ -302,7 +332,7 @@ def _check_expansion(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int
 
 
 def _build(
-    node: yaml.Node, children: dict[int, dict[Any, int]], budget: list[int], depth: int,
+    node: yaml.Node, children: dict[int, Lines], budget: list[int], depth: int,
     seen: set[int] | None,
 ) -> Any:
     """The data of node; with seen, _Repeated when a mapping or sequence comes round again."""

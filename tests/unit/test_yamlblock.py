@@ -26,7 +26,8 @@ from hostwall.yamlsource import LocatedData
 
 
 def block(text: str) -> LocatedData | None:
-    read = read_block(text, yamlsource._plain_scalars(), yamlsource.MAX_NODES, yamlsource.MAX_DEPTH)
+    read = read_block(text, yamlsource._plain_scalars(), yamlsource._all_strings, yamlsource.MAX_NODES,
+                      yamlsource.MAX_DEPTH)
     return None if read is None else LocatedData(*read)
 
 
@@ -373,6 +374,43 @@ def test_a_policy_in_the_block_shape_is_read_without_the_parser(monkeypatch: pyt
 def test_a_scalar_no_implicit_tag_could_match_is_a_string_to_the_safe_loader(text: str) -> None:
     if yamlsource._MAYBE_TAGGED.match(text) is None:
         assert yaml.SafeLoader("").resolve(yaml.ScalarNode, text, (True, False)) == "tag:yaml.org,2002:str"
+
+
+@examples(300)
+@given(st.lists(st.sampled_from(EDGY_VALUES + EDGY_KEYS) | st.text("0123456789.:-+_eExXoObBtTnNyYlL~=<>!&* /",
+                                                                    max_size=14), max_size=6))
+def test_a_column_is_all_strings_only_if_each_of_its_scalars_is_its_own_text(texts: list[str]) -> None:
+    value = yamlsource._plain_scalars()
+    assert yamlsource._all_strings(texts) == all(type(value(text)) is str and value(text) == text for text in texts)
+
+
+def test_the_taggable_characters_are_every_character_an_implicit_tag_can_match() -> None:
+    from re import _constants as sre  # type: ignore[attr-defined]
+    from re import _parser
+
+    def characters(items: Any) -> set[str]:
+        found: set[str] = set()
+        for op, argument in items:
+            if op is sre.LITERAL:
+                found.add(chr(argument))
+            elif op is sre.IN:
+                assert all(kind in (sre.LITERAL, sre.RANGE) for kind, _ in argument), argument  # no negation
+                for kind, value in argument:
+                    found.update(chr(value) if kind is sre.LITERAL else map(chr, range(value[0], value[1] + 1)))
+            elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+                found |= characters(argument[2])
+            elif op is sre.SUBPATTERN:
+                found |= characters(argument[3])
+            elif op is sre.BRANCH:
+                found = found.union(*(characters(branch) for branch in argument[1]))
+            else:
+                assert op is sre.AT, (op, argument)  # nothing that matches any character
+        return found
+
+    expressions = [e for resolvers in yamlsource._Loader.yaml_implicit_resolvers.values() for _, e in resolvers]
+    assert expressions
+    matched = set().union(*(characters(_parser.parse(e.pattern, e.flags)) for e in expressions))
+    assert matched == set(yamlsource._TAGGABLE_CHARACTERS)
 
 
 def test_every_implicit_tag_is_in_the_combined_expression() -> None:
