@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hostwall.cidr import Interval, IntervalSet, merge_intervals
+from hostwall.cidr import Interval, IntervalSet
 from hostwall.policy import Entries, Policy, Service
 from hostwall.ruleset import Ruleset, ServiceRules
 
@@ -38,11 +38,11 @@ def _merged(service: Service, family: int) -> IntervalSet:
     """
     entries = service.entries
     if not isinstance(entries, Entries):
-        return IntervalSet.of(family, merge_intervals(e.interval for e in entries if e.interval.family == family))
+        return IntervalSet.merged(family, [e.interval for e in entries if e.interval.family == family])
     lists = sorted((part.intervals(family) for part in entries.lists), key=len, reverse=True)
     extra: list[Interval] = [e.interval for e in entries.inline if e.interval.family == family]
     if not lists:
-        return IntervalSet.of(family, merge_intervals(extra))
+        return IntervalSet.merged(family, extra)
     for other in lists[1:]:
         extra.extend(other)
     return lists[0].merged_with(extra)

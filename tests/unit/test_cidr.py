@@ -15,6 +15,7 @@ from hostwall.cidr import (
     PERMANENT,
     CidrError,
     Interval,
+    IntervalSet,
     merge_intervals,
     merge_same_expiry,
     merged_records,
@@ -304,6 +305,15 @@ def test_parse_list_lines_decides_as_parse_interval_does(lines: list[str]) -> No
             assert isinstance(expected, Interval), (line, expected)
             assert next(decided[expected.family]) == range_key(expected.family, expected.first, expected.last)
     assert next(decided[4], None) is None and next(decided[6], None) is None
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.sampled_from([4, 6]), st.lists(small_intervals(), max_size=16), st.booleans())
+def test_a_merged_set_is_the_set_of_merge_intervals(family: int, drawn: list[Interval], permanent: bool) -> None:
+    intervals = [Interval(family, i.first, i.last, PERMANENT if permanent else i.expires) for i in drawn]
+    merged = IntervalSet.merged(family, intervals)
+    expected = IntervalSet.of(family, merge_intervals(intervals))
+    assert (merged.ranges, merged.expiries, merged.ordered) == (expected.ranges, expected.expiries, expected.ordered)
 
 
 def _reference_records(family: int, pairs: list[tuple[int, int]]) -> bytes:
