@@ -89,7 +89,8 @@ class _Shape:
     def __init__(self, column: int, keys: tuple[str, ...]) -> None:
         def item(value: str) -> str:
             pad = " " * column
-            return "".join((f"{pad}- {keys[0]}: {value}\n", *(f"{pad}  {key}: {value}\n" for key in keys[1:])))
+            names = [re.escape(key) for key in keys]  # only _KEY's characters; escaped all the same
+            return "".join((f"{pad}- {names[0]}: {value}\n", *(f"{pad}  {name}: {value}\n" for name in names[1:])))
 
         self.column = column
         self.keys = keys
