@@ -37,6 +37,7 @@ from hostwall.errors import HostwallError, PolicyError
 from hostwall.kernel import Counter
 from hostwall.nflog import LoggedPacket, ReadResult
 from hostwall.packet import PacketError, decode
+from hostwall.plan import Drift
 from hostwall.policy import BUILTIN_SERVICES, Policy, Service, Settings
 from hostwall.state import HEARTBEAT_SECONDS, AgentState, StateDir, atomic_write, note_reverted, reverted_digest
 
@@ -429,8 +430,12 @@ class Agent:
                                f"{fields['HOSTWALL_OBSERVED']} by the ruleset ({first.entry})",
                                MESSAGE_ID_VERIFY, PRIORITY_WARNING, fields))
 
-    def _reassert(self, generation: int) -> None:
-        self._engine.rollback(generation, wait=30)
+    def _reassert(self, generation: int, *, full: bool = True, seen: Drift | None = None) -> None:
+        if self._engine.reassert(generation, wait=30, full=full) is None:
+            return  # a command changed the state or the kernel since the drift was seen
+        if seen is not None:
+            self._record(f"drift: {'; '.join(seen.reasons)}", MESSAGE_ID_DRIFT, PRIORITY_WARNING,
+                         generation=generation)
         self.counters.drift_repairs += 1
         self._record(f"the kernel's table drifted from generation {generation}; loaded it again",
                      MESSAGE_ID_DRIFT, PRIORITY_WARNING, generation=generation)
@@ -444,9 +449,7 @@ class Agent:
             if current is None:
                 self._apply(closed_policy(), "fail closed: the table is gone and nothing is recorded")
                 return
-            self._record(f"drift: {'; '.join(drift.reasons)}", MESSAGE_ID_DRIFT, PRIORITY_WARNING,
-                         generation=current.generation)
-            self._reassert(current.generation)
+            self._reassert(current.generation, full=full, seen=drift)
         except HostwallError as error:
             # Another command may hold the lock for a while; the next check tries again.
             self._record(f"drift check failed: {error}", MESSAGE_ID_DRIFT, PRIORITY_WARNING)

@@ -350,14 +350,33 @@ class Engine:
     ) -> RollbackResult:
         with self._state.locked(wait):
             current = self._state.current()
-            earlier = self._state.pending()
             target = to if to is not None else self._previous_number(current)
-            if guard is not None:
-                guard(self._state.generation(target).ruleset())
-            rendered_because = self._load_generation(target)
-            pending = self._arm_or_clear_confirmation(target, current, earlier, confirm_within)
-            return RollbackResult(target, current.generation if current else None, rendered_because is None,
-                                  pending, rendered_because)
+            return self._roll_back(target, current, confirm_within, guard)
+
+    def reassert(self, generation: int, *, wait: float = 0.0, full: bool = True) -> RollbackResult | None:
+        """Load the current generation again over a kernel that drifted from it, as
+        rollback to it does; None, doing nothing, when under the state lock it is no
+        longer the current generation or the kernel no longer drifts from it. A drift
+        seen without the lock may be another command's work in progress (a disable or an
+        apply between its change to the kernel and its record), which a repair must not
+        undo. full: check every element again (status), not only the labels."""
+        with self._state.locked(wait):
+            current = self._state.current()
+            if current is None or current.generation != generation:
+                return None
+            if not (self.status().drift if full else self.quick_drift()):
+                return None
+            return self._roll_back(generation, current, None, None)
+
+    def _roll_back(self, target: int, current: Current | None, confirm_within: float | None,
+                   guard: Callable[[Ruleset], None] | None) -> RollbackResult:
+        earlier = self._state.pending()
+        if guard is not None:
+            guard(self._state.generation(target).ruleset())
+        rendered_because = self._load_generation(target)
+        pending = self._arm_or_clear_confirmation(target, current, earlier, confirm_within)
+        return RollbackResult(target, current.generation if current else None, rendered_because is None,
+                              pending, rendered_because)
 
     def _load_generation(self, number: int) -> str | None:
         """Load a recorded generation: None when its stored text was replayed byte for

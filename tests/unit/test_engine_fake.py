@@ -352,6 +352,51 @@ def test_status_reports_a_missing_table(setup: Setup) -> None:
     assert status.services == ()
 
 
+@pytest.mark.parametrize("full", [True, False])
+def test_reassert_loads_the_current_generation_again_over_drift(setup: Setup, full: bool) -> None:
+    setup.engine.apply(setup.policy(POLICY_V1), user="alice", message="first")
+    setup.backend.table = None
+
+    result = setup.engine.reassert(1, full=full)
+
+    assert result is not None and result.generation == 1
+    assert not setup.engine.status().drift
+    assert setup.engine.reassert(1, full=full) is None  # nothing drifts any more: nothing is loaded
+    assert setup.backend.submitted == 2
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_a_drift_seen_before_a_disable_is_not_repaired_over_it(setup: Setup, full: bool) -> None:
+    # The agent saw the table gone while a disable was between removing it and recording
+    # generation 2; its repair of generation 1 runs once the disable holds no lock.
+    setup.engine.apply(setup.policy(POLICY_V1), user="alice", message="first")
+    seen = setup.engine.status().drift if full else setup.engine.quick_drift()
+    assert not seen
+    setup.engine.disable(user="bob", message="OPS-9")
+    submitted = setup.backend.submitted
+
+    assert setup.engine.reassert(1, full=full) is None
+
+    assert setup.backend.table is None and setup.backend.submitted == submitted
+    current = setup.state.current()
+    assert current is not None and (current.generation, current.disabled) == (2, True)
+
+
+def test_a_drift_seen_from_an_earlier_generation_is_not_repaired_with_it(setup: Setup) -> None:
+    # Generation 2 was applied after the drift from generation 1 was seen, and its own
+    # table drifts since: loading generation 1 would undo the apply.
+    setup.engine.apply(setup.policy(POLICY_V1), user="alice", message="first")
+    setup.engine.apply(setup.policy(POLICY_V2), user="bob", message="second")
+    setup.backend.table = None
+    submitted = setup.backend.submitted
+
+    assert setup.engine.reassert(1) is None
+
+    assert setup.backend.submitted == submitted
+    current = setup.state.current()
+    assert current is not None and current.generation == 2
+
+
 def test_status_of_a_fresh_host_is_not_loaded_and_not_drift(setup: Setup) -> None:
     status = setup.engine.status()
     assert (status.loaded, status.recorded_generation, bool(status.drift)) == (False, None, False)
