@@ -5,7 +5,7 @@ sequences of plain scalars, one entry a line, as tools write long inline allowli
 libyaml parses fast, but hands every event to Python as an object with two marks: a
 10k-entry inline policy is 125k events and about 0.4 s. Here one regular expression
 takes every line apart at C speed and one loop builds the data, with the same lines,
-tags and values as yamlsource's event path, in a half to a third of that time. A long
+tags and values as yamlnodes' event path, in a half to a third of that time. A long
 run of sequence items of one shape (an inline allowlist: the same keys in the same
 order, one "key: value" a line) is taken apart an item at a time by an expression made
 for that shape, which takes another third off.
@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator
 from operator import itemgetter
 from typing import Any
 
+from hostwall.yamlcore import ChildLines, Lines
+
 # A plain scalar: no indicator first, then no comment start, no mapping indicator (a
 # colon before a space or the end) and no runs of spaces. Each step is a run of safe
 # characters, so the expression does not backtrack character by character.
@@ -46,9 +48,6 @@ _LINE = re.compile(
     re.MULTILINE,
 )
 
-Lines = dict[Any, int]
-# A run's item: its first line, and its keys' offsets from it (yamlsource.Lines).
-ItemLines = tuple[int, dict[str, int]]
 # Lines are taken apart a slice of the text at a time, so that the matches of a large
 # document do not all exist at once.
 _SLICE_CHARACTERS = 65536
@@ -166,7 +165,7 @@ class _Block:
 
 def read_block(
     text: str, scalar: Callable[[str], Any], strings: Callable[[list[str]], bool], max_nodes: int, max_depth: int,
-) -> tuple[dict[str, Any], int, dict[int, Lines | ItemLines]] | None:
+) -> tuple[dict[str, Any], int, dict[int, ChildLines]] | None:
     """(data, the root's line, the lines of the children of each mapping and sequence by
     the id of the dict or list built) of a block document whose root is a mapping, as
     yamlsource.LocatedData holds them; None for anything else. scalar(text) is a plain
@@ -180,7 +179,7 @@ def read_block(
     if budget < 0:
         return None
     values = _Values(scalar)
-    children: dict[int, Lines | ItemLines] = {}
+    children: dict[int, ChildLines] = {}
     stack: list[_Block] = []
     waiting: tuple[_Block, str] | None = None  # a key given no value on its own line
     root_line = 0
@@ -268,7 +267,7 @@ def read_block(
 
 
 def _take_run(text: str, start: int, stop: int, first_line: int, shape: _Shape, stack: list[_Block],
-              values: _Values, children: dict[int, Lines | ItemLines], strings: Callable[[list[str]], bool]
+              values: _Values, children: dict[int, ChildLines], strings: Callable[[list[str]], bool]
               ) -> _Block | None:
     """The items of a run, from text[start:stop], appended to the sequence open below the
     item before them, as the line path would append them; the block of the last one,

@@ -20,14 +20,13 @@ from hypothesis import strategies as st
 from reference import examples
 from test_yamlsource import SHARED_EDITS, LineEdit, documents, edited, outcome, thorough
 
-from hostwall import yamlblock, yamlsource
+from hostwall import yamlblock, yamlcore, yamlnodes, yamlsource
 from hostwall.yamlblock import read_block
 from hostwall.yamlsource import LocatedData
 
 
 def block(text: str) -> LocatedData | None:
-    read = read_block(text, yamlsource._plain_scalars(), yamlsource._all_strings, yamlsource.MAX_NODES,
-                      yamlsource.MAX_DEPTH)
+    read = read_block(text, yamlcore.plain_scalar, yamlcore.all_strings, yamlcore.MAX_NODES, yamlcore.MAX_DEPTH)
     return None if read is None else LocatedData(*read)
 
 
@@ -363,8 +362,8 @@ def test_a_policy_in_the_block_shape_is_read_without_the_parser(monkeypatch: pyt
     def refuse(*_: object) -> None:
         raise AssertionError("libyaml was asked")
 
-    monkeypatch.setattr(yamlsource, "_load_plain", refuse)
-    monkeypatch.setattr(yamlsource, "_compose", refuse)
+    monkeypatch.setattr(yamlnodes, "_load_plain", refuse)
+    monkeypatch.setattr(yamlnodes, "_compose", refuse)
     assert outcome(yamlsource.load, POLICY) == expected
     assert expected[0] == "ok"
 
@@ -372,7 +371,7 @@ def test_a_policy_in_the_block_shape_is_read_without_the_parser(monkeypatch: pyt
 @examples(300)
 @given(st.sampled_from(EDGY_VALUES + EDGY_KEYS) | st.text("0123456789.:-+_eExXoObBtTnNyYlL~=<>!&* /", max_size=14))
 def test_a_scalar_no_implicit_tag_could_match_is_a_string_to_the_safe_loader(text: str) -> None:
-    if yamlsource._MAYBE_TAGGED.match(text) is None:
+    if yamlcore.MAYBE_TAGGED.match(text) is None:
         assert yaml.SafeLoader("").resolve(yaml.ScalarNode, text, (True, False)) == "tag:yaml.org,2002:str"
 
 
@@ -380,8 +379,8 @@ def test_a_scalar_no_implicit_tag_could_match_is_a_string_to_the_safe_loader(tex
 @given(st.lists(st.sampled_from(EDGY_VALUES + EDGY_KEYS) | st.text("0123456789.:-+_eExXoObBtTnNyYlL~=<>!&* /",
                                                                     max_size=14), max_size=6))
 def test_a_column_is_all_strings_only_if_each_of_its_scalars_is_its_own_text(texts: list[str]) -> None:
-    value = yamlsource._plain_scalars()
-    assert yamlsource._all_strings(texts) == all(type(value(text)) is str and value(text) == text for text in texts)
+    value = yamlcore.plain_scalar
+    assert yamlcore.all_strings(texts) == all(type(value(text)) is str and value(text) == text for text in texts)
 
 
 def test_the_taggable_characters_are_every_character_an_implicit_tag_can_match() -> None:
@@ -407,15 +406,16 @@ def test_the_taggable_characters_are_every_character_an_implicit_tag_can_match()
                 assert op is sre.AT, (op, argument)  # nothing that matches any character
         return found
 
-    expressions = [e for resolvers in yamlsource._Loader.yaml_implicit_resolvers.values() for _, e in resolvers]
+    expressions = [e for resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.values() for _, e in resolvers]
     assert expressions
     matched = set().union(*(characters(_parser.parse(e.pattern, e.flags)) for e in expressions))
-    assert matched == set(yamlsource._TAGGABLE_CHARACTERS)
+    assert matched == set(yamlcore.TAGGABLE_CHARACTERS)
 
 
 def test_every_implicit_tag_is_in_the_combined_expression() -> None:
-    expressions = {e.pattern for resolvers in yamlsource._Loader.yaml_implicit_resolvers.values() for _, e in resolvers}
-    assert expressions and all(pattern in yamlsource._MAYBE_TAGGED.pattern for pattern in expressions)
+    resolvers = yaml.resolver.Resolver.yaml_implicit_resolvers.values()
+    expressions = {e.pattern for table in resolvers for _, e in table}
+    assert expressions and all(pattern in yamlcore.MAYBE_TAGGED.pattern for pattern in expressions)
 
 
 @examples(300)
@@ -445,6 +445,6 @@ def test_a_document_taken_apart_a_slice_at_a_time_reads_as_one_taken_whole(text:
 def test_a_document_past_the_limits_is_left_to_libyaml(limit: str, value: int, text: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     expected = outcome(thorough, text)
-    monkeypatch.setattr(yamlsource, limit, value)
+    monkeypatch.setattr(yamlcore, limit, value)
     assert block(text) is None
     assert outcome(yamlsource.load, text) == outcome(thorough, text) != expected

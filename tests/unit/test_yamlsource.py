@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from reference import examples
 
-from hostwall import yamlsource
+from hostwall import yamlcore, yamlnodes, yamlsource
 from hostwall.yamlsource import LocatedData, YamlError
 
 Path = tuple[Any, ...]
@@ -27,11 +27,11 @@ Path = tuple[Any, ...]
 
 def thorough(text: str) -> LocatedData:
     """What load does when a document has aliases: check the expansion, then build."""
-    root = yamlsource._compose(text)
+    root = yamlnodes._compose(text)
     if root is None:
         return LocatedData({})
-    yamlsource._check_expansion(root, {}, set(), 0)
-    return yamlsource._located(root, seen=None)
+    yamlnodes._check_expansion(root, {}, set(), 0)
+    return LocatedData(*yamlnodes._located(root, seen=None))
 
 
 def model_lines(node: yaml.Node, path: Path = (), lines: dict[Path, int] | None = None) -> dict[Path, int]:
@@ -42,7 +42,7 @@ def model_lines(node: yaml.Node, path: Path = (), lines: dict[Path, int] | None 
             model_lines(child, (*path, index), lines)
     elif isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
-            key = yamlsource._build(key_node, {}, [1], 0, None)
+            key = yamlnodes._build(key_node, {}, [1], 0, None)
             lines[(*path, key)] = key_node.start_mark.line + 1
             model_lines(value_node, (*path, key), lines)
     return lines
@@ -77,7 +77,7 @@ def assert_agrees(text: str) -> None:
     fast = outcome(yamlsource.load, text)
     assert fast == outcome(thorough, text), text
     if fast[0] == "ok":
-        root = yamlsource._compose(text)
+        root = yamlnodes._compose(text)
         lines = model_lines(root) if root is not None else {}
         assert fast[2] == [(path, model_line_of(lines, path)) for path, _ in fast[2]], text
         located = yamlsource.load(text)
@@ -168,7 +168,7 @@ def test_tricky_documents_agree(name: str) -> None:
 def test_the_expansion_check_still_comes_before_any_build_error() -> None:
     with pytest.raises(YamlError) as caught:
         yamlsource.load(CASES["duplicate key then deep nesting"])
-    assert (str(caught.value), caught.value.line) == (f"nesting deeper than {yamlsource.MAX_DEPTH} levels", 3)
+    assert (str(caught.value), caught.value.line) == (f"nesting deeper than {yamlcore.MAX_DEPTH} levels", 3)
 
 
 def test_an_alias_deeper_than_its_anchor_is_still_too_deep() -> None:
@@ -196,7 +196,7 @@ def test_an_alias_bomb_is_refused_before_it_is_built() -> None:
 def test_a_document_without_aliases_over_the_node_limit_gets_the_expansion_message(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(yamlsource, "MAX_NODES", 10)
+    monkeypatch.setattr(yamlcore, "MAX_NODES", 10)
     with pytest.raises(YamlError, match="aliases expand the document to more than 10 nodes"):
         yamlsource.load("a: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n")
 
@@ -220,17 +220,17 @@ def tags(node: yaml.Node | None, seen: set[int] | None = None) -> Iterator[tuple
 @given(documents())
 def test_tags_resolved_once_per_plain_scalar_are_the_safe_loaders(text: str) -> None:
     try:
-        expected = list(tags(yaml.compose(text, Loader=yamlsource._SafeLoader)))
+        expected = list(tags(yaml.compose(text, Loader=yamlnodes._SafeLoader)))
     except yaml.YAMLError:
         return
-    assert list(tags(yaml.compose(text, Loader=yamlsource._Loader))) == expected
+    assert list(tags(yaml.compose(text, Loader=yamlnodes._Loader))) == expected
 
 
 @examples(300)
 @given(st.lists(st.one_of(SCALARS.map(str), st.text("0123456789.:-+_eE xXoObBtTnNyY~", max_size=12)), max_size=6),
        st.booleans())
 def test_a_plain_scalar_gets_the_same_tag_the_first_time_and_after(values: list[str], quoted: bool) -> None:
-    loader, reference = yamlsource._Loader(""), yamlsource._SafeLoader("")
+    loader, reference = yamlnodes._Loader(""), yamlnodes._SafeLoader("")
     for value in values + values:
         implicit = (not quoted, quoted)
         assert loader.resolve(yaml.ScalarNode, value, implicit) == reference.resolve(yaml.ScalarNode, value, implicit)
@@ -240,7 +240,7 @@ def test_a_document_without_aliases_is_walked_once(monkeypatch: pytest.MonkeyPat
     def refuse(*_: object) -> int:
         raise AssertionError("the expansion check ran")
 
-    monkeypatch.setattr(yamlsource, "_check_expansion", refuse)
+    monkeypatch.setattr(yamlnodes, "_check_expansion", refuse)
     located = yamlsource.load("services:\n  https:\n    allow:\n    - cidr: 192.0.2.1/32\n      owner: &o t\n"
                               "      reason: *o\n")
     assert located.data == {"services": {"https": {"allow": [{"cidr": "192.0.2.1/32", "owner": "t", "reason": "t"}]}}}
@@ -251,7 +251,7 @@ def test_a_document_without_aliases_is_walked_once(monkeypatch: pytest.MonkeyPat
 @given(documents())
 def test_the_event_build_agrees_with_the_node_build_or_leaves_the_document_to_it(text: str) -> None:
     try:
-        plain = yamlsource._load_plain(text)
+        plain = LocatedData(*yamlnodes._load_plain(text))
     except Exception:  # noqa: BLE001 - not plain: load composes it (the tests above)
         return
     assert outcome(lambda _: plain, text) == outcome(thorough, text), text
@@ -277,7 +277,7 @@ def test_a_plain_document_is_built_from_its_events_alone(text: str, monkeypatch:
     def refuse(*_: object) -> None:
         raise AssertionError("the node graph was composed")
 
-    monkeypatch.setattr(yamlsource, "_compose", refuse)
+    monkeypatch.setattr(yamlnodes, "_compose", refuse)
     assert outcome(yamlsource.load, text) == expected
 
 
@@ -286,12 +286,12 @@ def test_a_plain_document_is_built_from_its_events_alone(text: str, monkeypatch:
                                   "merge key without an alias"])
 def test_documents_with_more_than_plain_data_are_composed(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     composed = []
-    compose = yamlsource._compose
+    compose = yamlnodes._compose
 
     def counted(text: str) -> yaml.Node | None:
         composed.append(text)
         return compose(text)
 
-    monkeypatch.setattr(yamlsource, "_compose", counted)
+    monkeypatch.setattr(yamlnodes, "_compose", counted)
     assert_agrees(CASES[name])
     assert composed
