@@ -7,7 +7,6 @@ it was created in; the adapters create their sockets and make their calls inside
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,11 +16,12 @@ from hostwall.errors import NetnsNotFound, PermissionDenied
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/run/netns"
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
+    # ctypes is loaded only here, for --netns: it costs about 2 ms of every start.
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
         errno = ctypes.get_errno()
         if errno == 1:
             raise PermissionDenied("entering a network namespace needs CAP_SYS_ADMIN (run as root)")

@@ -72,12 +72,6 @@ def _by_first_character() -> dict[str, list[tuple[str, re.Pattern[str]]]]:
 # The same dict as PyYAML's Resolver.yaml_implicit_resolvers.
 IMPLICIT_RESOLVERS = _by_first_character()
 
-# Whether any implicit tag could match a text at all: the expressions in one, each with
-# its own flags. Most scalars of a large policy are distinct addresses that none matches.
-MAYBE_TAGGED = re.compile("|".join(sorted({
-    f"(?{'x' if expression.flags & re.VERBOSE else ''}:{expression.pattern})" for _, expression, _ in _IMPLICIT
-})))
-
 # Every character that the implicit tags' expressions can match (the test reads them off
 # the expressions): a text with any other, such as the "/" of every CIDR or most
 # letters, is a string.
@@ -118,7 +112,7 @@ def scalar(tag: str, value: str) -> Any:
 
 def plain_scalar(text: str) -> Any:
     """The value of a plain scalar's text, by its implicit tag."""
-    tag = resolve(text) if MAYBE_TAGGED.match(text) else STR
+    tag = resolve(text)
     return text if tag == STR else scalar(tag, text)
 
 

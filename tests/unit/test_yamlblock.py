@@ -369,13 +369,6 @@ def test_a_policy_in_the_block_shape_is_read_without_the_parser(monkeypatch: pyt
 
 
 @examples(300)
-@given(st.sampled_from(EDGY_VALUES + EDGY_KEYS) | st.text("0123456789.:-+_eExXoObBtTnNyYlL~=<>!&* /", max_size=14))
-def test_a_scalar_no_implicit_tag_could_match_is_a_string_to_the_safe_loader(text: str) -> None:
-    if yamlcore.MAYBE_TAGGED.match(text) is None:
-        assert yaml.SafeLoader("").resolve(yaml.ScalarNode, text, (True, False)) == "tag:yaml.org,2002:str"
-
-
-@examples(300)
 @given(st.lists(st.sampled_from(EDGY_VALUES + EDGY_KEYS) | st.text("0123456789.:-+_eExXoObBtTnNyYlL~=<>!&* /",
                                                                     max_size=14), max_size=6))
 def test_a_column_is_all_strings_only_if_each_of_its_scalars_is_its_own_text(texts: list[str]) -> None:
@@ -410,12 +403,6 @@ def test_the_taggable_characters_are_every_character_an_implicit_tag_can_match()
     assert expressions
     matched = set().union(*(characters(_parser.parse(e.pattern, e.flags)) for e in expressions))
     assert matched == set(yamlcore.TAGGABLE_CHARACTERS)
-
-
-def test_every_implicit_tag_is_in_the_combined_expression() -> None:
-    resolvers = yaml.resolver.Resolver.yaml_implicit_resolvers.values()
-    expressions = {e.pattern for table in resolvers for _, e in table}
-    assert expressions and all(pattern in yamlcore.MAYBE_TAGGED.pattern for pattern in expressions)
 
 
 @examples(300)
