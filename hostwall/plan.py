@@ -43,9 +43,16 @@ class Joined(Sequence[Interval]):
     def __getitem__(self, index: int | slice) -> Interval | list[Interval]:
         if isinstance(index, slice):
             start, stop, step = index.indices(len(self))
-            if step < 0:
+            if step != 1:
                 return list(self)[index]
-            return list(itertools.islice(self, start, max(start, stop), step))
+            # Each part sliced on its own: a plan shows the first few entries of a set of
+            # 100k, and an IntervalSet's slice decodes only its own records.
+            window: list[Interval] = []
+            for part in self._parts:
+                if start < len(part) and stop > 0:
+                    window.extend(part[max(start, 0):stop])
+                start, stop = start - len(part), stop - len(part)
+            return window
         if index < 0:
             index += len(self)
         for part in self._parts:

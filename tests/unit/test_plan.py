@@ -28,3 +28,21 @@ def test_joined_reads_like_the_concatenated_list(parts: list[list[Interval]], in
             pass
         else:
             raise AssertionError(f"index {index} of {len(whole)} did not raise")
+
+
+def test_a_slice_decodes_only_the_records_it_holds() -> None:
+    decoded: list[int] = []
+
+    class Watched(IntervalSet):
+        __slots__ = ()
+
+        def bounds(self) -> tuple[list[int], list[int]]:
+            decoded.append(len(self))
+            return super().bounds()
+
+    many = Watched(4, IntervalSet.of(4, [Interval(4, 2 * n, 2 * n) for n in range(1000)]).ranges, ordered=True)
+    joined = Joined([[Interval(4, 5000, 5000)], many, many])
+    assert joined[:20] == [Interval(4, 5000, 5000), *(Interval(4, 2 * n, 2 * n) for n in range(19))]
+    assert joined[999:1003] == [Interval(4, 1996, 1996), Interval(4, 1998, 1998), Interval(4, 0, 0),
+                                Interval(4, 2, 2)]
+    assert decoded == []  # no part was decoded whole
