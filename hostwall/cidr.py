@@ -358,6 +358,9 @@ def family_max(family: int) -> int:
 
 
 _ADDRESS_BYTES = {4: 4, 6: 16}
+# Byte maps for IntervalSet._wider_flags: any non-zero byte to 1; 0 and 1 swapped.
+_NONZERO = bytes([0] + [1] * 255)
+_FLIPPED = bytes([1, 0] + [0] * 254)
 _EXPIRY = struct.Struct(">d")
 # Big-endian IEEE doubles of positive numbers sort like the numbers, +inf last.
 PERMANENT_BYTES = _EXPIRY.pack(PERMANENT)
@@ -458,28 +461,35 @@ class IntervalSet(Sequence[Interval]):
     def partition_singles(self) -> tuple[IntervalSet, IntervalSet]:
         """(the intervals that are single addresses, the wider ones), each in this order.
 
-        Compared and picked as 64-bit words at C speed (map, itertools.compress), not
-        decoded: a full load of a 100k set partitions it, and decoding cost 0.1 s."""
-        words = memoryview(self.ranges).cast("Q")
-        if self.family == 4:
-            # One word per record; its two halves are the first and the last address.
-            halves = memoryview(self.ranges).cast("I")
-            single = list(map(operator.eq, halves[0::2], halves[1::2]))
-        else:
-            single = list(map(operator.and_, map(operator.eq, words[0::4], words[2::4]),
-                              map(operator.eq, words[1::4], words[3::4])))
-        count = sum(single)
+        Found on the whole records as one integer and picked as 64-bit words at C speed
+        (itertools.compress), not decoded: a full load of a 100k set partitions it, and
+        decoding cost 0.1 s, comparing address by address 10 ms."""
+        wider = self._wider_flags()
+        count = wider.count(0)
         if count in (0, len(self)):
             empty = IntervalSet(self.family, ordered=True)
             return (self, empty) if count else (empty, self)
-        wider = list(map(operator.not_, single))
-        return self._pick(single), self._pick(wider)
+        return self._pick(wider.translate(_FLIPPED)), self._pick(wider)
 
-    def _pick(self, mask: list[bool]) -> IntervalSet:
-        """The records whose mask entry is true."""
+    def _wider_flags(self) -> bytes:
+        """One byte a record: 1 where its first and last address differ, else 0."""
+        width, size = _ADDRESS_BYTES[self.family], self.record_size
+        # Little-endian, so that byte k of the records is byte k of the integer: shifted
+        # by an address, each record's first address meets its last in one XOR.
+        whole = int.from_bytes(self.ranges, "little")
+        differing = int.from_bytes((whole ^ whole >> 8 * width).to_bytes(len(self.ranges), "little")
+                                   .translate(_NONZERO), "little")
+        span = 1
+        while span < width:  # byte k becomes the OR of bytes k .. k + width - 1
+            differing |= differing >> 8 * span
+            span *= 2
+        return differing.to_bytes(len(self.ranges), "little")[::size]
+
+    def _pick(self, mask: bytes) -> IntervalSet:
+        """The records whose mask byte is not zero."""
         per_record = self.record_size // 8
         columns = memoryview(self.ranges).cast("Q")
-        picked = bytearray(8 * per_record * sum(mask))
+        picked = bytearray(8 * per_record * (len(mask) - mask.count(0)))
         view = memoryview(picked).cast("Q")
         for word in range(per_record):
             view[word::per_record] = array("Q", itertools.compress(columns[word::per_record], mask))

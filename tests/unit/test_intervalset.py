@@ -253,3 +253,17 @@ def test_partition_singles_splits_in_order_and_hosts_render_as_addresses(
     assert list(wider) == [i for i in items if i.first != i.last]
     assert host_texts(singles, 500.0) == [render_host(i, 500.0) for i in singles]
     assert all("/" not in text for text in host_texts(singles, 500.0))
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_range_is_wider_whichever_byte_of_its_addresses_differs(family: int) -> None:
+    width = 4 if family == 4 else 16
+    base = 0x20010DB8 << (8 * width - 32)
+    items = []
+    for position in range(width):  # from the last byte to the first
+        first = base + (position << 8 * (width - 1) if position else 0) + 2 * position * 256
+        items += [Interval(family, first, first), Interval(family, first + 1, first + 1 + (1 << 8 * position))]
+    items.sort()
+    singles, wider = IntervalSet.of(family, items).partition_singles()
+    assert list(singles) == [i for i in items if i.first == i.last] and len(singles) == width
+    assert list(wider) == [i for i in items if i.first != i.last] and len(wider) == width
