@@ -17,6 +17,10 @@ over https (443) and postgres (5432),
   overlap  the same with 10% of the entries inside earlier ones, at 100k
   inline   every entry in YAML with owner, reason and review date, at 10k
 
+For the inline policy, its floor as well: a fresh interpreter importing every module
+that apply imported (read off -X importtime) and nothing else, alternating with nft -f
+and a bare interpreter. No Python apply of that policy starts faster.
+
 Rollback: with generation 1 (100k) and a later full load of the same entries with
 another log rate in the kernel, `hostwall rollback --to 1` against nft -f of the
 clearing commands for that table plus generation 1's recorded text.
@@ -106,6 +110,36 @@ def profile_apply(netns_name: str, work: Path, policy: Path) -> dict[str, Any]:
         shutil.rmtree(state, ignore_errors=True)
 
 
+def start_up_floor(netns_name: str, work: Path, policy: Path, repeat: int) -> tuple[float, float, float, int]:
+    """(the interpreter importing what an apply of policy imports, nft -f of that apply's
+    text, the interpreter alone, the importing process's peak kB), medians of alternating
+    runs: what a Python apply of this policy costs before its first step of work."""
+    drop_table(netns_name)
+    state = work / "state-floor"
+    traced = run([sys.executable, "-X", "importtime", *hostwall(netns_name, policy, state, "apply", "-m", "bench")[1:]])
+    shutil.rmtree(state)
+    # -X importtime names every module as its import ends, in order.
+    names = [line.rpartition("|")[2].strip() for line in traced.stderr.splitlines() if line.startswith("import time:")]
+    names = list(dict.fromkeys(name for name in names if all(part.isidentifier() for part in name.split("."))))
+    importer = work / "imports.py"
+    importer.write_text("import importlib\n"
+                        f"for name in {names!r}:\n"
+                        "    try:\n"
+                        "        importlib.import_module(name)\n"
+                        "    except ImportError:  # another platform's module, tried and not found\n"
+                        "        pass\n")
+    runs: dict[str, list[float]] = {"imports": [], "nft": [], "bare": [], "kb": []}
+    for _ in range(repeat):
+        imported = measure_process([sys.executable, str(importer)])
+        drop_table(netns_name)
+        limit = measure_process(in_netns(netns_name, "nft", "-f", str(work / "limit.nft")))
+        runs["imports"].append(imported.seconds)
+        runs["kb"].append(imported.max_rss_kb)
+        runs["nft"].append(limit.seconds)
+        runs["bare"].append(measure_process([sys.executable, "-c", "pass"]).seconds)
+    return median(runs["imports"]), median(runs["nft"]), median(runs["bare"]), int(median(runs["kb"]))
+
+
 def rollback(netns_name: str, work: Path, n: int, repeat: int, details: dict[str, object]) -> tuple[float, float]:
     entries = generate_entries(n)
     policy, state = work / "policy", work / "state-rollback"
@@ -178,6 +212,12 @@ def main() -> int:
             if args.profile and figure.met is False:
                 figure.extra["profile"] = profile_apply(netns_name, work, policy)
                 print(format_profile(figure.extra["profile"]), flush=True)
+            if not variant["lists"]:
+                floor, limit, bare, floor_kb = start_up_floor(netns_name, work, policy, args.repeat)
+                figures.append(ratio_figure(
+                    group, "  its floor: the interpreter and that apply's imports, no work", floor, limit,
+                    "nft -f of its text", "s", note=f"the interpreter alone {bare * 1000:.0f} ms; "
+                    f"peak RSS {floor_kb // 1024} MB", extra={"interpreter": bare, "peak_kb": floor_kb}))
             shutil.rmtree(policy)
         seconds, limit = rollback(netns_name, work, target_n, args.repeat, details)
         figures.append(ratio_figure("3 rollback", f"hostwall rollback to a {size_label(target_n)} generation",
