@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+# Every reader reads them as yamlcore.MAX_NODES and yamlcore.MAX_DEPTH, so that one value
+# holds for all of them.
 MAX_NODES = 2_000_000
 MAX_DEPTH = 64
 

@@ -50,6 +50,8 @@ Read = tuple[Any, int | None, dict[int, ChildLines]]
 
 
 def load(text: str) -> Read:
+    """(data, the root's line, the lines of the children) of any document; YamlError for
+    what is wrong with it."""
     try:
         return _load_plain(text)
     except Exception:  # noqa: BLE001 - not plain, or not valid: the node path decides and says why
