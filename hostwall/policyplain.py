@@ -34,7 +34,7 @@ from hostwall.policyspec import (
     parse_port,
 )
 
-if TYPE_CHECKING:  # importing yamlsource imports PyYAML, which a cached start does without
+if TYPE_CHECKING:  # importing yamlsource compiles its readers' expressions, which a cached start does without
     from hostwall.yamlsource import LocatedData
 
 # The models' fields (hostwall.policyfile); their bounds and literals are policyspec's.
