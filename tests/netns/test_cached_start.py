@@ -1,7 +1,7 @@
 """A one-entry change loads only what it uses: with the policy file unchanged since the last
 apply, `hostwall apply` takes the validated file and the parsed list from the state
-directory's cache, imports neither pydantic, YAML nor the libnftables binding, and still
-loads exactly the changed element; a changed policy file is validated again."""
+directory's cache, imports neither pydantic, a YAML reader nor the libnftables binding,
+and still loads exactly the changed element; a changed policy file is validated again."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from netns_support import COMMAND_TIMEOUT, Cli, Nft
 
 from hostwall.lab import Lab
 
-HEAVY = ("pydantic", "yaml", "nftables", "hostwall.policyfile", "hostwall.cli.export", "hostwall.verify")
+HEAVY = ("pydantic", "yaml", "hostwall.yamlsource", "nftables", "hostwall.policyfile", "hostwall.cli.export",
+         "hostwall.verify")
 # The real CLI, reporting which of HEAVY it imported once the command has finished.
 PROBE = f"""
 import atexit, sys
@@ -52,8 +53,9 @@ def test_a_list_line_change_imports_only_what_the_delta_needs(
     (policy_dir / "partners.txt").write_text("\n".join(lines) + "\n")
     first, loaded = applied(lab, policy_dir, state_dir, "first")
     assert first["method"] == "full"
-    # A cold cache validates the file; its values are plainly valid, so without the models.
-    assert "yaml" in loaded and not {"pydantic", "hostwall.policyfile"} & set(loaded)
+    # A cold cache reads and validates the file: it is in the block shape and its values are
+    # plainly valid, so without PyYAML or the models.
+    assert "hostwall.yamlsource" in loaded and not {"yaml", "pydantic", "hostwall.policyfile"} & set(loaded)
 
     lines[7] = "192.0.2.77/32"
     (policy_dir / "partners.txt").write_text("\n".join(lines) + "\n")
@@ -69,5 +71,5 @@ def test_a_list_line_change_imports_only_what_the_delta_needs(
     (policy_dir / "partners.txt").write_text("\n".join(lines) + "\n")
     again, loaded = applied(lab, policy_dir, state_dir, "policy file edited")
     assert again["method"] == "delta"
-    assert "yaml" in loaded and not {"pydantic", "nftables"} & set(loaded)
+    assert "hostwall.yamlsource" in loaded and not {"yaml", "pydantic", "nftables"} & set(loaded)
     assert "192.0.2.78" in nft("list", "table", "inet", "hostwall").stdout
