@@ -7,9 +7,11 @@ it was created in; the adapters create their sockets and make their calls inside
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from hostwall.errors import NetnsNotFound, PermissionDenied
 
@@ -17,11 +19,18 @@ CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/run/netns"
 
 
-def _setns(fd: int) -> None:
-    # ctypes is loaded only here, for --netns: it costs about 2 ms of every start.
+@functools.cache
+def _libc() -> Any:
+    # ctypes is loaded only for --netns, once: it costs about 2 ms of every start.
     import ctypes
 
-    if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    import ctypes
+
+    if _libc().setns(fd, CLONE_NEWNET) != 0:
         errno = ctypes.get_errno()
         if errno == 1:
             raise PermissionDenied("entering a network namespace needs CAP_SYS_ADMIN (run as root)")
